@@ -1,0 +1,213 @@
+"""The ``taskvec`` command line.
+
+Engine commands live here; data/training/evaluation commands come from
+:mod:`taskvec.cli_tasks` and the pipeline's (lineage, promotion, rollback…)
+from ``pipeline.cli`` when the pipeline extras are installed. Every user error
+is one line on stderr (``error: …``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from taskvec.errors import TaskvecError
+
+app = typer.Typer(
+    name="taskvec",
+    help="Task arithmetic for Hugging Face models: extract, combine and apply task vectors, and run the audited edit pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Method = Annotated[str, typer.Option("--method", "-m", help="sum | ties | dare | dare_ties | magnitude.")]
+Density = Annotated[Optional[float], typer.Option("--density", "-k", help="TIES/magnitude: kept fraction in (0, 1] (mergekit's density).")]
+Drop = Annotated[Optional[float], typer.Option("--drop", "-p", help="DARE: drop probability p in [0, 1).")]
+Seed = Annotated[int, typer.Option("--seed", help="DARE random seed.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Admit pickle .bin checkpoints (loaded with weights_only=True).")]
+ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Shard output weights above this size, e.g. 5GB.")]
+
+
+def _options(method: str, density: float | None, drop: float | None, seed: int):
+    from taskvec.engine import MergeOptions
+
+    return MergeOptions(method=method, density=1.0 if density is None else density, drop=0.0 if drop is None else drop, seed=seed)
+
+
+def _vectors(args: list[str]) -> list[tuple[str, float]]:
+    from taskvec.vector import parse_vector_arg
+
+    return [parse_vector_arg(a) for a in args]
+
+
+def _dtype(name: str):
+    from taskvec.io import parse_dtype
+
+    return parse_dtype(name)
+
+
+@app.command()
+def extract(
+    base: Annotated[str, typer.Argument(help="Base (pre-trained) model folder or hub id.")],
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned model folder or hub id (same architecture and init).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file (.safetensors).")],
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only tensors matching this glob (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors matching this glob (repeatable), e.g. 'classifier.*'.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
+    allow_pickle: AllowPickle = False,
+    quiet: Quiet = False,
+) -> None:
+    """Extract τ = θ_finetuned − θ_base into a task-vector file."""
+    from taskvec.engine import extract as run
+
+    res = run(base, finetuned, out, include=include or (), exclude=exclude or (), dtype=_dtype(dtype), allow_pickle=allow_pickle, progress=not quiet)
+    typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
+
+
+@app.command()
+def combine(
+    vectors: Annotated[list[str], typer.Argument(help="Vectors as PATH[:LAMBDA]; λ defaults to 1, negative negates. Analogy: C:1 B:1 A:-1.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file.")],
+    method: Method = "sum",
+    density: Density = None,
+    drop: Drop = None,
+    seed: Seed = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype.")] = "float32",
+    quiet: Quiet = False,
+) -> None:
+    """Combine task vectors into one (sum, negation, analogy, TIES, DARE…)."""
+    from taskvec.engine import combine as run
+
+    res = run(_vectors(vectors), out, options=_options(method, density, drop, seed), dtype=_dtype(dtype), progress=not quiet)
+    typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
+
+
+@app.command()
+def apply(
+    base: Annotated[str, typer.Argument(help="Base model folder or hub id the vectors were taken from.")],
+    vectors: Annotated[list[str], typer.Argument(help="Vectors as PATH[:LAMBDA].")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    method: Method = "sum",
+    density: Density = None,
+    drop: Drop = None,
+    seed: Seed = 0,
+    max_shard_size: ShardSize = "5GB",
+    allow_pickle: AllowPickle = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write θ_base + merge(λ·τ) as a complete Hugging Face model folder."""
+    from taskvec.engine import apply as run
+    from taskvec.engine import parse_size
+
+    ledger = run(base, _vectors(vectors), out, options=_options(method, density, drop, seed), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet)
+    typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}  edits {len(ledger['edits'])}")
+
+
+@app.command()
+def merge(
+    base: Annotated[str, typer.Argument(help="Base model folder or hub id.")],
+    finetuned: Annotated[list[str], typer.Argument(help="Fine-tuned models as PATH[:LAMBDA].")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    method: Method = "sum",
+    density: Density = None,
+    drop: Drop = None,
+    seed: Seed = 0,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="Only merge tensors matching this glob.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep the base's value for tensors matching this glob.")] = None,
+    max_shard_size: ShardSize = "5GB",
+    allow_pickle: AllowPickle = False,
+    quiet: Quiet = False,
+) -> None:
+    """Extract and apply in one streaming pass (like mergekit's task_arithmetic/ties/dare)."""
+    from taskvec.engine import merge as run
+    from taskvec.engine import parse_size
+
+    pairs = _vectors(finetuned)
+    ledger = run(base, pairs, out, options=_options(method, density, drop, seed), include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet)
+    typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
+
+
+@app.command()
+def compress(
+    vector: Annotated[Path, typer.Argument(help="Task-vector file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file.")],
+    density: Annotated[Optional[float], typer.Option("--density", "-k", help="Keep the top fraction (0, 1] by magnitude.")] = None,
+    drop: Drop = None,
+    seed: Seed = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
+    quiet: Quiet = False,
+) -> None:
+    """Store a vector sparsified (top-k or DARE) and/or in half precision; report the error."""
+    from taskvec.engine import compress as run
+
+    r = run(vector, out, density=density, drop=drop, seed=seed, dtype=_dtype(dtype), progress=not quiet)
+    typer.echo(
+        f"wrote {r['path']}  sha256 {r['sha256'][:12]}  {r['storage']} {r['dtype']}  kept {r['kept_fraction']:.2%}  "
+        f"size {r['output_bytes'] / r['input_bytes']:.2%} of input  rel-L2 error {r['relative_l2_error']:.3e}  max |err| {r['max_abs_error']:.3e}"
+    )
+
+
+@app.command("inspect")
+def inspect_cmd(
+    vectors: Annotated[list[Path], typer.Argument(help="One or more task-vector files.")],
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also save the cosine / sign-conflict heatmap here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Norms per layer, sparsity, and cosine / sign-conflict matrices between vectors."""
+    from taskvec.inspection import format_report, inspect_vectors, save_heatmap
+
+    report = inspect_vectors(vectors)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if png:
+        save_heatmap(report, png)
+        typer.echo(f"wrote {png}")
+
+
+def _register_extensions() -> None:
+    try:
+        from taskvec import cli_tasks
+    except ImportError:
+        pass
+    else:
+        cli_tasks.register(app)
+    try:
+        from pipeline import cli as pipeline_cli
+    except ImportError:
+        pass
+    else:
+        pipeline_cli.register(app)
+
+
+_register_extensions()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into one line and exit status 2."""
+    from typer._click import exceptions as click_exc
+
+    try:
+        rv = app(args=argv, prog_name="taskvec", standalone_mode=False)
+    except TaskvecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click_exc.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exc.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Typed parameters for tasks, fine-tuning, evaluation and the λ search.
+
+``params.yaml`` is validated into :class:`Params` with pydantic v2. Every model
+refuses unknown keys and wrong types (``extra="forbid"``), so a typo in the file
+fails loudly instead of silently falling back to a default. :func:`load_params`
+turns any problem into a one-line :class:`~taskvec.errors.TaskvecError` that
+names the offending key, e.g. ``params.yaml: train.steps: Input should be a
+valid integer``.
+
+Extending: pipeline sections (edit/merge/register, ...) are added as new fields
+on :class:`Params` (or a subclass passed to ``load_params(path, model=...)``),
+each typed by its own ``_Strict`` model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
+
+from taskvec.errors import TaskvecError
+
+DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
+SPLITS = ("train", "validation", "test")
+
+
+class _Strict(BaseModel):
+    """Base for every parameter model: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RowCaps(_Strict):
+    """Optional per-split row caps (``None`` = use every row)."""
+
+    train: PositiveInt | None = None
+    validation: PositiveInt | None = None
+    test: PositiveInt | None = None
+
+    def get(self, split: str) -> int | None:
+        return getattr(self, split)
+
+
+class TaskSpec(_Strict):
+    """One task: where its data lives and what its labels are.
+
+    ``source`` is a local mirror folder (``../shared/data/sst2``) or a Hugging
+    Face hub dataset id (``stanfordnlp/sst2``); see :mod:`taskvec.data` for how
+    it is resolved. ``labels`` are the class names in class-index order.
+    ``descriptions`` (one per label) replace the label names as the text that
+    the zero-shot head embeds. ``kind: mlm`` tasks are unlabelled text used for
+    masked-language-model fine-tuning and declare no labels.
+    """
+
+    name: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] = Field(default_factory=list)
+    descriptions: list[str] | None = None
+    kind: Literal["classification", "mlm"] = "classification"
+    max_rows: RowCaps = Field(default_factory=RowCaps)
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> TaskSpec:
+        if self.kind == "classification":
+            if len(self.labels) < 2:
+                raise ValueError("a classification task needs at least 2 labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels must be unique, got {self.labels}")
+        elif self.labels:
+            raise ValueError("an mlm task declares no labels")
+        if self.descriptions is not None and len(self.descriptions) != len(self.labels):
+            raise ValueError(
+                f"descriptions has {len(self.descriptions)} entries for {len(self.labels)} labels"
+            )
+        return self
+
+    @property
+    def head_texts(self) -> list[str]:
+        """The texts embedded to build this task's zero-shot head."""
+        return list(self.descriptions) if self.descriptions is not None else list(self.labels)
+
+
+class TrainSpec(_Strict):
+    """Fine-tuning budget. Defaults fit one MiniLM task in a few minutes on 2 CPU cores."""
+
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 32
+    max_length: PositiveInt = 64
+    lr: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    mlm_probability: float = Field(default=0.15, gt=0, lt=1)
+    seed: int = 0
+
+
+class EvalSpec(_Strict):
+    """Evaluation batch shape and per-split row caps (caps keep the λ search cheap)."""
+
+    batch_size: PositiveInt = 128
+    max_length: PositiveInt = 64
+    max_rows: RowCaps = Field(default_factory=lambda: RowCaps(validation=1000, test=None))
+    seed: int = 0
+
+
+class SearchSpec(_Strict):
+    """λ search: the paper's grid, or golden-section search on the same lattice."""
+
+    strategy: Literal["golden", "grid"] = "golden"
+    grid_points: int = Field(default=21, ge=2)
+    max_evals: PositiveInt = 8
+    lambda_min: float = 0.0
+    lambda_max: float = 1.0
+    split: Literal["validation", "test"] = "validation"
+    control_threshold: float = Field(default=0.95, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> SearchSpec:
+        if not self.lambda_min < self.lambda_max:
+            raise ValueError(f"lambda_min ({self.lambda_min}) must be below lambda_max ({self.lambda_max})")
+        return self
+
+
+class Params(_Strict):
+    """Root of ``params.yaml``. Task names default to their key under ``tasks``."""
+
+    base: str = DEFAULT_BASE
+    data_dir: str = "../shared/data"
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_tasks(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+            tasks = {}
+            for key, spec in data["tasks"].items():
+                if isinstance(spec, dict):
+                    spec = {"name": key, **spec}
+                    if spec["name"] != key:
+                        raise ValueError(f"tasks.{key}.name is {spec['name']!r}; it must equal its key")
+                tasks[key] = spec
+            data = {**data, "tasks": tasks}
+        return data
+
+    def data_root(self) -> Path:
+        """``data_dir`` as an absolute path (relative paths are relative to the params file)."""
+        return (self._root / self.data_dir).resolve()
+
+    def task(self, name: str) -> TaskSpec:
+        """The task called ``name``; a one-line error lists the known ones otherwise."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise TaskvecError(f"unknown task {name!r} (params declare: {known})") from None
+
+
+P = TypeVar("P", bound=Params)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_params(data: object, *, source: str = "params", root: Path | None = None, model: type[P] = Params) -> P:
+    """Validate an already-parsed mapping; errors name ``source`` and the offending key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TaskvecError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        params = model.model_validate(data)
+    except ValidationError as exc:
+        raise TaskvecError(f"{source}: {_first_error(exc)}") from None
+    if root is not None:
+        params._root = root
+    return params
+
+
+def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params) -> P:
+    """Read and validate a YAML params file; relative ``data_dir`` is resolved against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise TaskvecError(f"params file not found: {path}") from None
+    except OSError as exc:
+        raise TaskvecError(f"cannot read params file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TaskvecError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_params(data, source=str(path), root=path.resolve().parent, model=model)

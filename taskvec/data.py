@@ -1,0 +1,203 @@
+"""Task data: resolve a task's source, load its splits through ``datasets``, validate them.
+
+Resolution of ``TaskSpec.source`` (first match wins):
+
+1. ``source`` is an existing folder → that local mirror;
+2. ``<data_dir>/<task name>`` or ``<data_dir>/<basename of source>`` exists →
+   that mirror (so a hub id such as ``stanfordnlp/sst2`` still runs offline
+   when ``../shared/data/sst2`` is there);
+3. otherwise ``source`` is a Hugging Face hub dataset id.
+
+A mirror folder holds ``{train,validation,test}.csv`` with a header row; the
+label column holds class *names*. Every loaded split is normalised to the
+columns ``text`` (str) and, for classification tasks, ``label`` (int class
+index into ``TaskSpec.labels``), and carries a content digest for lineage:
+sha256 of the CSV bytes for mirrors, sha256 of the dataset fingerprint (plus
+the hub id and split) for hub datasets.
+
+Row caps are deterministic: the split is shuffled with ``datasets``'
+``Dataset.shuffle(seed=seed)`` and its first N rows are kept. Uncapped
+splits keep their file order.
+
+Problems are refused with a one-line :class:`~taskvec.errors.TaskvecError`
+before any training starts: missing folder or file, missing text or label
+column, unknown (or empty) label value (naming the value and the 1-based data
+row), and empty split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from taskvec.config import TaskSpec
+from taskvec.errors import TaskvecError
+
+
+@dataclass(frozen=True)
+class Split:
+    """One loaded split: normalised rows plus lineage."""
+
+    task: str
+    name: str
+    dataset: datasets.Dataset
+    digest: str
+    origin: str
+    rows_total: int
+
+    def lineage(self) -> dict[str, object]:
+        """JSON-able description of where these rows came from."""
+        return {
+            "task": self.task,
+            "split": self.name,
+            "origin": self.origin,
+            "sha256": self.digest,
+            "rows_total": self.rows_total,
+            "rows_used": len(self.dataset),
+        }
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved task source: a mirror folder or a hub dataset id."""
+
+    kind: str  # "mirror" | "hub"
+    location: str
+
+
+def resolve_source(spec: TaskSpec, data_dir: str | Path) -> Source:
+    """Apply the resolution order documented in the module docstring."""
+    direct = Path(spec.source).expanduser()
+    if direct.is_dir():
+        return Source("mirror", str(direct.resolve()))
+    root = Path(data_dir).expanduser()
+    for candidate in (root / spec.name, root / Path(spec.source).name):
+        if candidate.is_dir():
+            return Source("mirror", str(candidate.resolve()))
+    if spec.source.startswith((".", "/", "~")) or spec.source.count("/") > 1:
+        raise TaskvecError(f"task {spec.name}: data folder not found: {spec.source}")
+    return Source("hub", spec.source)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_mirror(spec: TaskSpec, folder: Path, split: str) -> tuple[datasets.Dataset, str, str]:
+    path = folder / f"{split}.csv"
+    if not path.is_file():
+        raise TaskvecError(f"task {spec.name}: missing file {path}")
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), None) or []
+    _check_columns(spec, header, str(path))
+    # Every column is read as a string so that label names such as "1" stay names.
+    features = datasets.Features({column: datasets.Value("string") for column in header})
+    try:
+        dataset = datasets.load_dataset("csv", data_files={split: str(path)}, split=split, features=features)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; report one line
+        if _is_empty_csv(path):
+            raise TaskvecError(f"task {spec.name}: split {split} is empty ({path})") from None
+        raise TaskvecError(f"task {spec.name}: cannot read {path}: {exc}") from None
+    return dataset, _sha256_file(path), str(path)
+
+
+def _is_empty_csv(path: Path) -> bool:
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        return next(reader, None) is None
+
+
+def _read_hub(spec: TaskSpec, hub_id: str, split: str) -> tuple[datasets.Dataset, str, str]:
+    try:
+        dataset = datasets.load_dataset(hub_id, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, unknown split...
+        raise TaskvecError(f"task {spec.name}: cannot load hub dataset {hub_id} split {split}: {exc}") from None
+    _check_columns(spec, dataset.column_names, f"{hub_id}[{split}]")
+    digest = hashlib.sha256(f"{hub_id}\0{split}\0{dataset._fingerprint}".encode()).hexdigest()
+    return dataset, digest, f"hf://datasets/{hub_id}[{split}]"
+
+
+def _check_columns(spec: TaskSpec, columns: list[str], where: str) -> None:
+    needed = [spec.text_column] + ([spec.label_column] if spec.kind == "classification" else [])
+    for column in needed:
+        if column not in columns:
+            raise TaskvecError(
+                f"task {spec.name}: {where} has no column {column!r} (columns: {', '.join(columns) or 'none'})"
+            )
+
+
+def _normalise(spec: TaskSpec, dataset: datasets.Dataset, where: str) -> datasets.Dataset:
+    """Keep ``text`` (+ ``label`` as class index); refuse unknown labels naming value and row."""
+    texts = dataset.data.column(spec.text_column).to_pylist()
+    columns: dict[str, list] = {"text": ["" if text is None else str(text) for text in texts]}
+    features = {"text": datasets.Value("string")}
+    if spec.kind == "classification":
+        raw = dataset.data.column(spec.label_column).to_pylist()
+        feature = dataset.features[spec.label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            raw = [None if value is None else feature.int2str(value) for value in raw]
+        index = {name: i for i, name in enumerate(spec.labels)}
+        labels = []
+        for row, value in enumerate(raw, start=1):
+            key = None if value is None else str(value)
+            if key not in index:
+                shown = "an empty label" if key in (None, "") else f"unknown label {key!r}"
+                raise TaskvecError(
+                    f"task {spec.name}: {where} data row {row} has {shown}"
+                    f" (declared labels: {', '.join(spec.labels)})"
+                )
+            labels.append(index[key])
+        columns["label"] = labels
+        features["label"] = datasets.ClassLabel(names=list(spec.labels))
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def load_split(
+    spec: TaskSpec,
+    data_dir: str | Path,
+    split: str,
+    *,
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> Split:
+    """Load, validate and (optionally) cap one split of ``spec``.
+
+    ``max_rows`` defaults to ``spec.max_rows.<split>``; when both are set the
+    smaller one wins.
+    """
+    source = resolve_source(spec, data_dir)
+    if source.kind == "mirror":
+        raw, digest, origin = _read_mirror(spec, Path(source.location), split)
+    else:
+        raw, digest, origin = _read_hub(spec, source.location, split)
+    if len(raw) == 0:
+        raise TaskvecError(f"task {spec.name}: split {split} is empty ({origin})")
+    dataset = _normalise(spec, raw, origin)
+    caps = [cap for cap in (max_rows, spec.max_rows.get(split)) if cap is not None]
+    if caps and min(caps) < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(min(caps)))
+    return Split(spec.name, split, dataset, digest, origin, len(raw))
+
+
+def load_task(
+    spec: TaskSpec,
+    data_dir: str | Path,
+    splits: tuple[str, ...] | None = None,
+    *,
+    max_rows: dict[str, int | None] | None = None,
+    seed: int = 0,
+) -> dict[str, Split]:
+    """Load several splits (default: ``train`` for mlm tasks, all three otherwise)."""
+    if splits is None:
+        splits = ("train",) if spec.kind == "mlm" else ("train", "validation", "test")
+    caps = max_rows or {}
+    return {name: load_split(spec, data_dir, name, max_rows=caps.get(name), seed=seed) for name in splits}

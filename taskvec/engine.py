@@ -1,0 +1,534 @@
+"""The streaming engine: extract, combine, apply, merge and compress task vectors.
+
+Every operation walks the checkpoints tensor by tensor (sorted by name): read
+one tensor from each input, do the algebra of :mod:`taskvec.algebra` in
+float32, write the result, drop it. Homology (names, shapes, dtypes, base
+hash) is checked from the headers before any arithmetic, and every output is
+written to a temporary path and renamed into place only when complete.
+
+An applied model folder carries ``taskvec.json``, its *edit ledger*: the base
+model and its content hash, then the ordered list of edits (vector sha256, λ,
+method), and the content hash of the weights produced. A vector taken from a
+base may be applied to a model edited from that same base (the ledger links
+them), which is how an edit is rolled back: apply the same vector with −λ.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from taskvec import algebra
+from taskvec.errors import HomologyError, TaskvecError
+from taskvec.io import (
+    DEFAULT_SHARD_BYTES,
+    PICKLE_INDEX,
+    PICKLE_WEIGHTS,
+    SAFE_INDEX,
+    ContentHasher,
+    ShardedWriter,
+    TensorSource,
+    TensorSpec,
+    _hash_cache_put,
+    _tensor_bytes,
+    atomic_dir,
+    resolve_model,
+    torch_dtype,
+)
+from taskvec.vector import VectorFile, VectorHeader, VectorWriter, check_vectors_homologous, write_sparse_vector
+
+LEDGER_FILE = "taskvec.json"
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def select_names(names: Sequence[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
+    """Names matching any ``include`` glob (all if none) and no ``exclude`` glob."""
+    out = []
+    for n in names:
+        if include and not any(fnmatch.fnmatchcase(n, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(n, p) for p in exclude):
+            continue
+        out.append(n)
+    return out
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int → bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", str(text).lower())
+    if not m:
+        raise TaskvecError(f"bad size {text!r}: use e.g. 500MB or 5GB")
+    unit = m.group(2).rstrip("b")
+    base = 1024 if unit.endswith("i") else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
+    return int(float(m.group(1)) * base**power)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise TaskvecError(f"{what} has NaN or Inf values in tensor {name!r}")
+
+
+def _float_names(src: TensorSource) -> list[str]:
+    return sorted(n for n, i in src.infos().items() if i.is_float)
+
+
+def read_ledger(model_dir: Path) -> dict | None:
+    path = Path(model_dir) / LEDGER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise TaskvecError(f"{path}: corrupt edit ledger (not JSON)") from None
+
+
+def root_hash(src: TensorSource, model_dir: Path) -> tuple[str, str, dict | None]:
+    """(own content hash, hash of the base it descends from, valid ledger or None).
+
+    A model written by :func:`apply` descends from the base named in its
+    ledger, provided the ledger's recorded output hash matches the weights.
+    """
+    own = src.content_hash()
+    ledger = read_ledger(model_dir) if model_dir.is_dir() else None
+    if ledger and ledger.get("output_hash") == own:
+        return own, ledger["base_hash"], ledger
+    return own, own, None
+
+
+# ---------------------------------------------------------------------------
+# extract
+
+
+@dataclass
+class VectorResult:
+    path: Path
+    sha256: str
+    param_count: int
+    tensors: int
+    base_hash: str
+
+
+def extract(
+    base: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> VectorResult:
+    """τ = θ_ft − θ_base over the shared floating tensors selected by include/exclude."""
+    bdir, fdir = resolve_model(base), resolve_model(finetuned)
+    with TensorSource(bdir, allow_pickle=allow_pickle) as b, TensorSource(fdir, allow_pickle=allow_pickle) as f:
+        selected = select_names(_float_names(b), include, exclude)
+        ft_selected = select_names(_float_names(f), include, exclude)
+        extra = sorted(set(ft_selected) - set(selected))
+        if extra:
+            raise HomologyError(f"tensor {extra[0]!r} is in the fine-tuned model but not in the base (exclude it with --exclude)")
+        for name in selected:
+            bi = b.info(name)
+            if name not in f:
+                raise HomologyError(f"tensor {name!r} is in the base but not in the fine-tuned model (exclude it with --exclude)")
+            fi = f.info(name)
+            if fi.shape != bi.shape:
+                raise HomologyError(f"tensor {name!r} has shape {list(fi.shape)} in the fine-tuned model but {list(bi.shape)} in the base")
+            if fi.dtype != bi.dtype:
+                raise HomologyError(f"tensor {name!r} has dtype {fi.dtype} in the fine-tuned model but {bi.dtype} in the base")
+        if not selected:
+            raise TaskvecError("empty task vector: no floating tensors left after --include/--exclude")
+        header = VectorHeader(
+            base_model=str(base),
+            base_hash="0" * 64,
+            dtype=dtype,
+            recipe={"op": "extract", "finetuned": str(finetuned), "include": list(include), "exclude": list(exclude)},
+        )
+        selected_set = set(selected)
+        hasher = ContentHasher()
+        total = sum(b.info(n).nbytes for n in b.names())
+        with VectorWriter(out, {n: b.info(n).shape for n in selected}, header) as w, _progress(total, "extract", progress) as bar:
+            for name in sorted(b.names()):
+                t = b.read(name)
+                info = b.info(name)
+                hasher.update(name, info.dtype, info.shape, _tensor_bytes(t))
+                if name in selected_set:
+                    tb = t.to(torch.float32)
+                    _check_finite(tb, "base model", name)
+                    tau = f.read_float32(name)
+                    _check_finite(tau, "fine-tuned model", name)
+                    tau.sub_(tb)
+                    w.write(name, tau)
+                bar.update(info.nbytes)
+            base_hash = hasher.hexdigest()
+            w.set_base_hash(base_hash)
+        key = b._cache_key()
+        if key:
+            _hash_cache_put(key, base_hash)
+        return VectorResult(Path(out), w.sha256, w.param_count, len(selected), base_hash)
+
+
+# ---------------------------------------------------------------------------
+# combine
+
+
+@dataclass
+class MergeOptions:
+    method: str = "sum"
+    density: float = 1.0
+    drop: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        algebra.check_method(self.method)
+        algebra.check_density(self.density)
+        algebra.check_drop(self.drop)
+        if self.method in ("ties", "magnitude") and self.drop:
+            raise TaskvecError(f"--drop applies to dare and dare_ties, not {self.method}")
+        if self.method in ("dare", "dare_ties", "sum") and self.density != 1.0:
+            raise TaskvecError(f"--density applies to ties and magnitude, not {self.method}")
+
+    def record(self) -> dict:
+        out: dict = {"method": self.method}
+        if self.method in ("ties", "magnitude"):
+            out["density"] = self.density
+        if self.method in ("dare", "dare_ties"):
+            out.update(drop=self.drop, seed=self.seed)
+        return out
+
+    def combine(self, name: str, taus: Sequence[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
+        seeds = [algebra.tensor_seed(self.seed, i, name) for i in range(len(taus))]
+        return algebra.merge(self.method, taus, lambdas, density=self.density, drop=self.drop, seeds=seeds)
+
+
+def _open_vectors(vectors: Sequence[tuple[str | os.PathLike, float]]) -> list[VectorFile]:
+    if not vectors:
+        raise TaskvecError("no task vectors given")
+    for _, lam in vectors:
+        algebra.check_lambda(lam)
+    vfs = [VectorFile(p) for p, _ in vectors]
+    check_vectors_homologous(vfs)
+    return vfs
+
+
+def combine(
+    vectors: Sequence[tuple[str | os.PathLike, float]],
+    out: str | os.PathLike,
+    *,
+    options: MergeOptions | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> VectorResult:
+    """One vector from several: ``Σ λ τ`` (sum), analogy (λ = 1, 1, −1), TIES, DARE…"""
+    options = options or MergeOptions()
+    vfs = _open_vectors(vectors)
+    lambdas = [lam for _, lam in vectors]
+    ref = vfs[0]
+    try:
+        header = VectorHeader(
+            base_model=ref.base_model,
+            base_hash=ref.base_hash,
+            dtype=dtype,
+            recipe={"op": "combine", "inputs": [{"sha256": v.sha256, "lambda": lam} for v, lam in zip(vfs, lambdas)], **options.record()},
+        )
+        total = sum(4 * math.prod(ref.shape(n)) for n in ref.names) * len(vfs)
+        with VectorWriter(out, ref.shapes(), header) as w, _progress(total, "combine", progress) as bar:
+            for name in ref.names:
+                taus = [v.read(name) for v in vfs]
+                merged = options.combine(name, taus, lambdas)
+                _check_finite(merged, "combined vector", name)
+                w.write(name, merged)
+                bar.update(4 * merged.numel() * len(vfs))
+        return VectorResult(Path(out), w.sha256, w.param_count, len(ref.names), ref.base_hash)
+    finally:
+        for v in vfs:
+            v.close()
+
+
+# ---------------------------------------------------------------------------
+# apply and merge: write a complete model folder
+
+
+_WEIGHT_FILE = re.compile(r"(.*\.safetensors|.*\.bin|.*\.pt|.*\.pth|.*\.ckpt|.*\.h5|.*\.msgpack|.*\.onnx|.*\.gguf|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json)$")
+_SKIP = {".git", ".cache", LEDGER_FILE, SAFE_INDEX, PICKLE_INDEX, PICKLE_WEIGHTS, "onnx", "openvino"}
+
+
+def copy_model_files(src: Path, dst: Path) -> None:
+    """Copy config, tokenizer and other non-weight files (and sub-folders) of a model folder."""
+    if not src.is_dir():
+        return
+    for item in src.iterdir():
+        if item.name in _SKIP or _WEIGHT_FILE.fullmatch(item.name):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, ignore=shutil.ignore_patterns(*_SKIP))
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+def _write_model(
+    src: TensorSource,
+    src_dir: Path,
+    out: str | os.PathLike,
+    covered: set[str],
+    compute,  # (name, base float32 tensor) -> new float32 tensor
+    ledger: dict,
+    *,
+    max_shard_bytes: int,
+    progress: bool,
+    desc: str,
+) -> dict:
+    names = sorted(src.names())
+    specs = [TensorSpec(n, torch_dtype(src.info(n).dtype), src.info(n).shape) for n in names]
+    total = sum(src.info(n).nbytes for n in names)
+    hasher = ContentHasher()
+    with atomic_dir(out) as tmp:
+        copy_model_files(src_dir, tmp)
+        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+        with _progress(total, desc, progress) as bar:
+            for spec in specs:
+                t = src.read(spec.name)
+                if spec.name in covered:
+                    new = compute(spec.name, t.to(torch.float32))
+                    _check_finite(new, "edited model", spec.name)
+                    t = new.to(spec.dtype)
+                writer.write(spec.name, t)
+                info = src.info(spec.name)
+                hasher.update(spec.name, info.dtype, info.shape, _tensor_bytes(t))
+                bar.update(info.nbytes)
+        writer.close()
+        ledger = {**ledger, "output_hash": hasher.hexdigest(), "weight_files": writer.files}
+        (tmp / LEDGER_FILE).write_text(json.dumps(ledger, indent=2, sort_keys=True) + "\n")
+    return ledger
+
+
+def apply(
+    base: str | os.PathLike,
+    vectors: Sequence[tuple[str | os.PathLike, float]],
+    out: str | os.PathLike,
+    *,
+    options: MergeOptions | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> dict:
+    """θ = θ_base + merge(λ_t τ_t) written as a complete Hugging Face model folder.
+
+    Computes in float32 and stores each tensor in the base's dtype. Returns the
+    edit ledger written to ``OUT/taskvec.json``.
+    """
+    options = options or MergeOptions()
+    vfs = _open_vectors(vectors)
+    lambdas = [lam for _, lam in vectors]
+    bdir = resolve_model(base)
+    try:
+        with TensorSource(bdir, allow_pickle=allow_pickle) as b:
+            ref = vfs[0]
+            for name in ref.names:
+                if name not in b:
+                    raise HomologyError(f"tensor {name!r} of vector {ref.path.name} is not in the base model")
+                info = b.info(name)
+                if info.shape != ref.shape(name):
+                    raise HomologyError(f"tensor {name!r} has shape {list(ref.shape(name))} in vector {ref.path.name} but {list(info.shape)} in the base")
+                if not info.is_float:
+                    raise HomologyError(f"tensor {name!r} is {info.dtype} in the base, not floating point")
+            own, root, parent = root_hash(b, bdir)
+            if root != ref.base_hash:
+                raise HomologyError(
+                    f"base content hash {own[:12]} differs from the hash {ref.base_hash[:12]} recorded in vector {ref.path.name} "
+                    f"(taken from {ref.base_model}); apply it to the model it was extracted from"
+                )
+            edits = list(parent["edits"]) if parent else []
+            edits += [
+                {"vector_sha256": v.sha256, "vector": v.path.name, "lambda": lam, **options.record()}
+                for v, lam in zip(vfs, lambdas)
+            ] if options.method == "sum" else [
+                {"merge": [{"vector_sha256": v.sha256, "vector": v.path.name, "lambda": lam} for v, lam in zip(vfs, lambdas)], **options.record()}
+            ]
+            ledger = {
+                "format": 1,
+                "base_model": parent["base_model"] if parent else str(base),
+                "base_hash": root,
+                "edits": edits,
+            }
+
+            def compute(name: str, tb: torch.Tensor) -> torch.Tensor:
+                return tb.add_(options.combine(name, [v.read(name) for v in vfs], lambdas))
+
+            return _write_model(b, bdir, out, set(ref.names), compute, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
+    finally:
+        for v in vfs:
+            v.close()
+
+
+def merge(
+    base: str | os.PathLike,
+    finetuned: Sequence[tuple[str | os.PathLike, float]],
+    out: str | os.PathLike,
+    *,
+    options: MergeOptions | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Extract and apply in one pass: θ_base + merge(λ_t (θ_t − θ_base)), no vector files.
+
+    The one-command equivalent of ``mergekit``'s ``task_arithmetic`` /
+    ``ties`` / ``dare_*`` merges.
+    """
+    options = options or MergeOptions()
+    for _, lam in finetuned:
+        algebra.check_lambda(lam)
+    if not finetuned:
+        raise TaskvecError("no fine-tuned models given")
+    bdir = resolve_model(base)
+    dirs = [resolve_model(p) for p, _ in finetuned]
+    lambdas = [lam for _, lam in finetuned]
+    srcs = [TensorSource(d, allow_pickle=allow_pickle) for d in dirs]
+    try:
+        with TensorSource(bdir, allow_pickle=allow_pickle) as b:
+            covered = select_names(_float_names(b), include, exclude)
+            for (path, _), s in zip(finetuned, srcs):
+                for name in covered:
+                    if name not in s:
+                        raise HomologyError(f"tensor {name!r} is in the base but not in {path}")
+                    if s.info(name).shape != b.info(name).shape:
+                        raise HomologyError(f"tensor {name!r} has shape {list(s.info(name).shape)} in {path} but {list(b.info(name).shape)} in the base")
+                    if s.info(name).dtype != b.info(name).dtype:
+                        raise HomologyError(f"tensor {name!r} has dtype {s.info(name).dtype} in {path} but {b.info(name).dtype} in the base")
+            ledger = {
+                "format": 1,
+                "base_model": str(base),
+                "base_hash": None,
+                "edits": [{"finetuned": str(p), "lambda": lam, "include": list(include), "exclude": list(exclude), **options.record()} for p, lam in finetuned],
+            }
+            sum_fast = options.method == "sum"
+
+            def compute(name: str, tb: torch.Tensor) -> torch.Tensor:
+                if sum_fast:  # acc = base + Σ λ (ft − base), two tensors in flight
+                    acc = tb.clone()
+                    for s, lam in zip(srcs, lambdas):
+                        ft = s.read_float32(name)
+                        acc.add_(ft.sub_(tb), alpha=lam)
+                        del ft
+                    return acc
+                taus = [s.read_float32(name).sub_(tb) for s in srcs]
+                return tb.add_(options.combine(name, taus, lambdas))
+
+            return _write_model(b, bdir, out, set(covered), compute, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="merge")
+    finally:
+        for s in srcs:
+            s.close()
+
+
+# ---------------------------------------------------------------------------
+# compress: sparse and/or low-precision storage
+
+
+def compress(
+    vector: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    density: float | None = None,
+    drop: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> dict:
+    """Store a vector sparsified (top-k by magnitude, or DARE) and/or in float16/bfloat16.
+
+    Returns the reconstruction error against the input: relative L2
+    ``‖τ − τ̂‖ / ‖τ‖``, maximum absolute error, kept fraction and sizes.
+    """
+    if density is not None and drop is not None:
+        raise TaskvecError("choose one sparsifier: --density (top-k) or --drop (DARE)")
+    if density is not None:
+        algebra.check_density(density)
+    if drop is not None:
+        algebra.check_drop(drop)
+    with VectorFile(vector) as vf:
+        storage: dict = {"kind": "dense"}
+        if density is not None:
+            storage = {"kind": "sparse", "method": "topk", "density": density}
+        elif drop is not None:
+            storage = {"kind": "sparse", "method": "dare", "drop": drop, "seed": seed}
+        header = VectorHeader(
+            base_model=vf.base_model,
+            base_hash=vf.base_hash,
+            dtype=dtype,
+            recipe={"op": "compress", "input": vf.sha256, **{k: v for k, v in storage.items() if k != "kind"}, "dtype": str(dtype).removeprefix("torch.")},
+            storage=storage,
+        )
+        err2 = norm2 = 0.0
+        max_abs = 0.0
+        kept = 0
+        sparse_items = []
+        writer = None if storage["kind"] == "sparse" else VectorWriter(out, vf.shapes(), header)
+        total = 4 * vf.param_count
+        with _progress(total, "compress", progress) as bar:
+            if writer:
+                writer.__enter__()
+            try:
+                for name in vf.names:
+                    tau = vf.read(name)
+                    if density is not None:
+                        approx = algebra.magnitude_prune(tau, density)
+                    elif drop is not None:
+                        approx = algebra.dare(tau, drop, algebra.tensor_seed(seed, 0, name))
+                    else:
+                        approx = tau
+                    approx = approx.to(dtype).to(torch.float32)
+                    if writer:
+                        writer.write(name, approx)
+                        kept += approx.numel()
+                    else:
+                        idx = torch.nonzero(approx.reshape(-1)).reshape(-1)
+                        sparse_items.append((name, tuple(tau.shape), idx, approx.reshape(-1)[idx]))
+                        kept += idx.numel()
+                    diff = tau - approx
+                    err2 += float(diff.double().pow(2).sum())
+                    norm2 += float(tau.double().pow(2).sum())
+                    max_abs = max(max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+                    bar.update(4 * tau.numel())
+            except BaseException as exc:
+                if writer:
+                    writer.__exit__(type(exc), exc, None)
+                raise
+            if writer:
+                writer.__exit__(None, None, None)
+                sha = writer.sha256
+            else:
+                sha = write_sparse_vector(out, header, sparse_items, vf.names, vf.param_count)
+        return {
+            "path": str(out),
+            "sha256": sha,
+            "storage": storage["kind"],
+            "dtype": str(dtype).removeprefix("torch."),
+            "kept_fraction": kept / max(vf.param_count, 1),
+            "relative_l2_error": math.sqrt(err2 / norm2) if norm2 else 0.0,
+            "max_abs_error": max_abs,
+            "input_bytes": vf.path.stat().st_size,
+            "output_bytes": Path(out).stat().st_size,
+        }
