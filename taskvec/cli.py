@@ -8,6 +8,7 @@ is one line on stderr (``error: …``) and exit status 2.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -171,18 +172,14 @@ def inspect_cmd(
 
 
 def _register_extensions() -> None:
-    try:
-        from taskvec import cli_tasks
-    except ImportError:
-        pass
-    else:
-        cli_tasks.register(app)
-    try:
-        from pipeline import cli as pipeline_cli
-    except ImportError:
-        pass
-    else:
-        pipeline_cli.register(app)
+    for name in ("taskvec.cli_tasks", "pipeline.cli"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real import error inside the module
+                raise
+            continue  # not installed / not written yet
+        module.register(app)
 
 
 _register_extensions()
