@@ -179,6 +179,8 @@ def extract(
                     _check_finite(tau, "fine-tuned model", name)
                     tau.sub_(tb)
                     w.write(name, tau)
+                    del tb, tau
+                del t  # free before the next read: at most two tensors in flight
                 bar.update(info.nbytes)
             base_hash = hasher.hexdigest()
             w.set_base_hash(base_hash)
@@ -310,11 +312,14 @@ def _write_model(
                 t = src.read(spec.name)
                 if spec.name in covered:
                     new = compute(spec.name, t.to(torch.float32))
+                    del t
                     _check_finite(new, "edited model", spec.name)
                     t = new.to(spec.dtype)
+                    del new
                 writer.write(spec.name, t)
                 info = src.info(spec.name)
                 hasher.update(spec.name, info.dtype, info.shape, _tensor_bytes(t))
+                del t  # free before the next read
                 bar.update(info.nbytes)
         writer.close()
         ledger = {**ledger, "output_hash": hasher.hexdigest(), "weight_files": writer.files}
@@ -373,6 +378,12 @@ def apply(
             }
 
             def compute(name: str, tb: torch.Tensor) -> torch.Tensor:
+                if options.method == "sum":  # θ + λ_1 τ_1 + λ_2 τ_2 …, one vector in flight
+                    for v, lam in zip(vfs, lambdas):
+                        tau = v.read(name)
+                        tb.add_(tau, alpha=lam)
+                        del tau
+                    return tb
                 return tb.add_(options.combine(name, [v.read(name) for v in vfs], lambdas))
 
             return _write_model(b, bdir, out, set(ref.names), compute, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
@@ -427,7 +438,7 @@ def merge(
             sum_fast = options.method == "sum"
 
             def compute(name: str, tb: torch.Tensor) -> torch.Tensor:
-                if sum_fast:  # acc = base + Σ λ (ft − base), two tensors in flight
+                if sum_fast:  # acc = θ + λ_1 (θ_1 − θ) + λ_2 (θ_2 − θ) …, three tensors in flight
                     acc = tb.clone()
                     for s, lam in zip(srcs, lambdas):
                         ft = s.read_float32(name)

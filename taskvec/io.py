@@ -507,7 +507,8 @@ class StreamingWriter:
             if self._next != len(self.specs):
                 raise RuntimeError(f"{self.path}: only {self._next} of {len(self.specs)} tensors written")
             self._f.flush()
-            os.fsync(self._f.fileno())
+            if durable_writes():
+                os.fsync(self._f.fileno())
         finally:
             self._f.close()
 
@@ -580,6 +581,17 @@ class ShardedWriter:
 
 # ---------------------------------------------------------------------------
 # Atomic output
+
+
+def durable_writes() -> bool:
+    """Whether to fsync outputs before renaming them into place (``TASKVEC_FSYNC=1``).
+
+    The rename alone makes writes atomic for every reader and against a killed
+    process; fsync adds durability against power loss at a large cost in wall
+    time for GB-sized files, so it is opt-in (as in safetensors and mergekit,
+    which never fsync).
+    """
+    return os.environ.get("TASKVEC_FSYNC", "").lower() in ("1", "true", "yes")
 
 
 @contextlib.contextmanager

@@ -175,7 +175,7 @@ def test_apply_exact_formula(tiny_models, vecs, tmp_path):
     wb, wm = weights(base), weights(tmp_path / "m")
     t1, t2 = TaskVector.load(vecs[0]), TaskVector.load(vecs[1])
     for name, tau in t1.tensors.items():
-        expected = wb[name].float() + (torch.zeros_like(tau).add_(tau, alpha=0.25).add_(t2.tensors[name], alpha=-2.0))
+        expected = wb[name].float().add(tau, alpha=0.25).add(t2.tensors[name], alpha=-2.0)
         assert torch.equal(wm[name], expected), name
     # tensors outside the vector (integer buffers, if any) are copied bit for bit
     for name in set(wb) - set(t1.tensors):
