@@ -57,9 +57,14 @@ METHODS = ("sum", "ties", "dare", "dare_ties", "magnitude")
 # Parameter validation (shared by the engine and the CLI)
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_lambda(lam: float) -> float:
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam):
         raise TaskvecError(f"lambda must be a finite number, got {lam!r}")
+    if abs(lam) > _F32_MAX:
+        raise TaskvecError(f"lambda {lam!r} is beyond the float32 range")
     return float(lam)
 
 

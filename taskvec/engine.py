@@ -21,7 +21,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,15 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
 def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise TaskvecError(f"{what} has NaN or Inf values in tensor {name!r}")
+
+
+def _check_result(t: torch.Tensor, name: str, inputs: Sequence[tuple[str, Callable[[], torch.Tensor]]], what: str) -> None:
+    """A non-finite result names its cause: the first non-finite input, or an overflow."""
+    if bool(torch.isfinite(t).all()):
+        return
+    for label, read in inputs:
+        _check_finite(read(), label, name)
+    raise TaskvecError(f"{what} tensor {name!r} overflows float32 (are the λ too large?)")
 
 
 def _float_names(src: TensorSource) -> list[str]:
@@ -258,7 +267,7 @@ def combine(
             for name in ref.names:
                 taus = [v.read(name) for v in vfs]
                 merged = options.combine(name, taus, lambdas)
-                _check_finite(merged, "combined vector", name)
+                _check_result(merged, name, [(f"vector {v.path.name}", lambda v=v: v.read(name)) for v in vfs], "combined")
                 w.write(name, merged)
                 bar.update(4 * merged.numel() * len(vfs))
         return VectorResult(Path(out), w.sha256, w.param_count, len(ref.names), ref.base_hash)
@@ -294,6 +303,7 @@ def _write_model(
     out: str | os.PathLike,
     covered: set[str],
     compute,  # (name, base float32 tensor) -> new float32 tensor
+    inputs,  # name -> [(label, reader)] of the other inputs, to explain a non-finite result
     ledger: dict,
     *,
     max_shard_bytes: int,
@@ -313,7 +323,7 @@ def _write_model(
                 if spec.name in covered:
                     new = compute(spec.name, t.to(torch.float32))
                     del t
-                    _check_finite(new, "edited model", spec.name)
+                    _check_result(new, spec.name, [("base model", lambda n=spec.name: src.read(n))] + inputs(spec.name), "edited")
                     t = new.to(spec.dtype)
                     del new
                 writer.write(spec.name, t)
@@ -386,7 +396,10 @@ def apply(
                     return tb
                 return tb.add_(options.combine(name, [v.read(name) for v in vfs], lambdas))
 
-            return _write_model(b, bdir, out, set(ref.names), compute, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
+            def inputs(name: str):
+                return [(f"vector {v.path.name}", lambda v=v: v.read(name)) for v in vfs]
+
+            return _write_model(b, bdir, out, set(ref.names), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
     finally:
         for v in vfs:
             v.close()
@@ -448,7 +461,10 @@ def merge(
                 taus = [s.read_float32(name).sub_(tb) for s in srcs]
                 return tb.add_(options.combine(name, taus, lambdas))
 
-            return _write_model(b, bdir, out, set(covered), compute, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="merge")
+            def inputs(name: str):
+                return [(f"fine-tuned model {p}", lambda s=s: s.read(name)) for (p, _), s in zip(finetuned, srcs)]
+
+            return _write_model(b, bdir, out, set(covered), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="merge")
     finally:
         for s in srcs:
             s.close()

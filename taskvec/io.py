@@ -23,11 +23,15 @@ knows what a task vector is, and nothing in the algebra touches a file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -594,12 +598,55 @@ def durable_writes() -> bool:
     return os.environ.get("TASKVEC_FSYNC", "").lower() in ("1", "true", "yes")
 
 
+_HOST = socket.gethostname().replace(".", "_").replace("/", "_")
+
+
+def _temp_prefix(dest: Path) -> str:
+    """``.NAME.HOST-PID.``: lets a later writer recognise temp files of dead writers."""
+    return f".{dest.name}.{_HOST}-{os.getpid()}."
+
+
+def _reap_stale(dest: Path) -> None:
+    """Remove temp siblings of ``dest`` left by killed writers on this host."""
+    pattern = re.compile(re.escape(f".{dest.name}.{_HOST}-") + r"(\d+)\..*\.(?:tmp|old)$")
+    try:
+        siblings = list(dest.parent.iterdir())
+    except OSError:
+        return
+    for item in siblings:
+        m = pattern.match(item.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                item.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path beside ``dest``; rename it onto ``dest`` on success."""
+    """Yield a temporary file path beside ``dest``; rename it onto ``dest`` on success.
+
+    Temp files of writers that were killed (SIGKILL leaves them behind) are
+    removed by the next writer of the same destination on the same host.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    _reap_stale(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -610,11 +657,27 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; swap it into place on success.
 
-    An existing ``dest`` is replaced only after the new folder is complete.
+    An existing ``dest`` is replaced only after the new folder is complete, in
+    one atomic exchange where the OS supports it (Linux), so there is no
+    moment at which ``dest`` is missing.
     """
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
@@ -622,16 +685,17 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     if dest.exists() and not overwrite:
         raise TaskvecError(f"output folder {dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    _reap_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        if not dest.exists():
+            os.replace(tmp, dest)
+        elif not _exchange(tmp, dest):  # fallback: two renames, with a brief gap
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".old", dir=dest.parent))
             os.replace(dest, old / "x")
             os.replace(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # the failed output, or the old folder after an exchange
             shutil.rmtree(tmp, ignore_errors=True)

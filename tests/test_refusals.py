@@ -1,0 +1,849 @@
+"""The refusal suite (issue 6): bad input is refused with one clear line, a non-zero exit, nothing written.
+
+ONE table of named cases. Each case builds its bad input under ``tmp_path``
+and returns an :class:`Invocation`: the real CLI's argv (run in-process via
+``taskvec.cli.main``) or, where no CLI command reaches the check yet, a call
+into the library (whose ``TaskvecError`` the CLI would print the same way).
+Every case asserts:
+
+* exit status 2 (a user error), through ``SystemExit`` or ``TaskvecError.exit_code``;
+* stderr is exactly one non-empty line, ``error: ...``, containing a fragment
+  that names the cause;
+* nothing was written: the case's outputs and their temporary siblings
+  (``.NAME.*``) do not exist, and the whole ``tmp_path`` tree is unchanged
+  (same files, sizes and mtimes as before the command);
+* where a case touches the model registry: no new registered version.
+
+``python tests/refusal_report.py`` runs this module and prints
+"cases tried N, refused correctly M" for the README.
+
+Cases already covered one by one in ``tests/test_engine.py`` (shape, name and
+dtype mismatch, base hash, NaN, empty selection, pickle, truncated/corrupt
+vector, bad λ/density/drop/method, missing vector, different bases) are
+folded in here too, so this table is the single place that lists every
+refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from taskvec import engine
+from taskvec.cli import main as cli_main
+from taskvec.errors import TaskvecError
+from tests.conftest import make_tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_COMMANDS = {"extract", "combine", "apply", "merge", "compress"}
+
+# ---------------------------------------------------------------------------
+# The harness
+
+
+@dataclass
+class Invocation:
+    """What a case runs: CLI ``argv`` or a library ``call``; ``outputs`` must not appear."""
+
+    argv: list[str] | None = None
+    call: Callable[[], object] | None = None
+    outputs: list[Path] = field(default_factory=list)
+    registry: Callable[[], int] | None = None  # counts registered versions, if the case can register
+    timeout: float | None = None  # for cases that could hang: run the CLI as a subprocess with this limit
+
+
+@dataclass
+class Ctx:
+    """Shared inputs (built once per module) plus this case's own ``tmp`` folder."""
+
+    tmp: Path
+    base: Path
+    ft1: Path
+    ft2: Path
+    v1: Path
+    v2: Path
+    request: object = None
+
+    def store(self) -> Path:
+        """A shared MLflow registry + audit log (model ``m``, version 1 with a ledger), built on first use."""
+        return self.request.getfixturevalue("registry_store")
+
+    # -- helpers for building bad input --------------------------------------
+    def weights(self, model: Path) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in sorted(Path(model).glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    def model(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        d = self.tmp / name
+        d.mkdir()
+        save_file(tensors, d / "model.safetensors")
+        return d
+
+    def copy_vector(self, name: str, edit: Callable[[dict, dict], None], src: Path | None = None) -> Path:
+        """A copy of a task vector whose tensors/metadata ``edit(tensors, metadata)`` changed in place."""
+        src = src or self.v1
+        with safe_open(src, "pt") as f:
+            meta = dict(f.metadata())
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        edit(tensors, meta)
+        save_file(tensors, self.tmp / name, metadata=meta)
+        return self.tmp / name
+
+    def data(self, task: str, splits: dict[str, str]) -> Path:
+        """A mirror folder ``data/<task>`` with the given CSV texts."""
+        d = self.tmp / "data" / task
+        d.mkdir(parents=True, exist_ok=True)
+        for split, text in splits.items():
+            (d / f"{split}.csv").write_text(text)
+        return d
+
+    def params(self, text: str, name: str = "params.yaml") -> Path:
+        (self.tmp / name).write_text(text)
+        return self.tmp / name
+
+
+GOOD_CSV = "text,label\na fine film,positive\na dull film,negative\n"
+TASK_YAML = """\
+data_dir: data
+tasks:
+  toy:
+    source: toy
+    labels: [negative, positive]
+"""
+
+
+def good_task(ctx: Ctx, **splits: str) -> Path:
+    ctx.data("toy", {"train": GOOD_CSV, "validation": GOOD_CSV, "test": GOOD_CSV} | splits)
+    return ctx.params(TASK_YAML)
+
+
+CASES: list = []
+
+
+def case(case_id: str, expect: str, *, marks=()):
+    """Register a builder ``fn(ctx) -> Invocation`` as a refusal case expecting ``expect`` in the message."""
+
+    def deco(fn: Callable[[Ctx], Invocation]):
+        CASES.append(pytest.param(fn, expect, id=case_id, marks=list(marks)))
+        return fn
+
+    return deco
+
+
+def _extract(ctx: Ctx, base, ft, *extra) -> Invocation:
+    out = ctx.tmp / "v.safetensors"
+    return Invocation(["extract", str(base), str(ft), "-o", str(out), *map(str, extra)], outputs=[out])
+
+
+def _apply(ctx: Ctx, base, *vectors, extra=()) -> Invocation:
+    out = ctx.tmp / "out"
+    return Invocation(["apply", str(base), *map(str, vectors), "-o", str(out), *map(str, extra)], outputs=[out])
+
+
+def _combine(ctx: Ctx, *vectors, extra=()) -> Invocation:
+    out = ctx.tmp / "c.safetensors"
+    return Invocation(["combine", *map(str, vectors), "-o", str(out), *map(str, extra)], outputs=[out])
+
+
+def _finetune(ctx: Ctx, params: Path, task: str = "toy") -> Invocation:
+    out = ctx.tmp / "ft-out"
+    return Invocation(["finetune", task, "-o", str(out), "--params", str(params), "--base", str(ctx.base), "-q"], outputs=[out])
+
+
+# ---------------------------------------------------------------------------
+# Engine: homology (names, shapes, dtypes, base hash)
+
+
+@case("extract-shape-mismatch", "'embeddings.word_embeddings.weight' has shape")
+def _(ctx):
+    return _extract(ctx, ctx.base, make_tiny_bert(ctx.tmp / "wide", vocab_size=120))
+
+
+@case("extract-extra-tensor", "'extra.weight' is in the fine-tuned model but not in the base")
+def _(ctx):
+    w = ctx.weights(ctx.ft1) | {"extra.weight": torch.zeros(3)}
+    return _extract(ctx, ctx.base, ctx.model("ft", w))
+
+
+@case("extract-missing-tensor", "is in the base but not in the fine-tuned model")
+def _(ctx):
+    w = ctx.weights(ctx.ft1)
+    del w["pooler.dense.bias"]
+    return _extract(ctx, ctx.base, ctx.model("ft", w))
+
+
+@case("extract-dtype-mismatch", "has dtype F16 in the fine-tuned model but F32 in the base")
+def _(ctx):
+    w = {k: v.half() if v.is_floating_point() else v for k, v in ctx.weights(ctx.ft1).items()}
+    return _extract(ctx, ctx.base, ctx.model("ft", w))
+
+
+@case("apply-base-hash-differs", "differs from the hash")
+def _(ctx):
+    return _apply(ctx, ctx.ft2, ctx.v1)
+
+
+@case("apply-vector-shape-differs-from-base", "has shape [120, 32] in vector")
+def _(ctx):
+    wide = make_tiny_bert(ctx.tmp / "wide", vocab_size=120)
+    wide_ft = ctx.model("wide_ft", {k: v + 0.01 if v.is_floating_point() else v for k, v in ctx.weights(wide).items()})
+    vec = engine.extract(wide, wide_ft, ctx.tmp / "wide.safetensors").path
+    return _apply(ctx, ctx.base, vec)
+
+
+@case("apply-vector-tensor-not-in-base", "'extra.weight' of vector")
+def _(ctx):
+    w = ctx.weights(ctx.base) | {"extra.weight": torch.zeros(3)}
+    b2 = ctx.model("b2", w)
+    f2 = ctx.model("f2", {k: v + 0.5 if v.is_floating_point() else v for k, v in w.items()})
+    vec = engine.extract(b2, f2, ctx.tmp / "x.safetensors").path
+    return _apply(ctx, ctx.base, vec)
+
+
+@case("combine-different-bases", "must share their base model")
+def _(ctx):
+    other = engine.extract(ctx.ft1, ctx.ft2, ctx.tmp / "o.safetensors").path
+    return _combine(ctx, ctx.v1, other)
+
+
+@case("combine-different-tensors", "cover different tensors")
+def _(ctx):
+    part = engine.extract(ctx.base, ctx.ft2, ctx.tmp / "part.safetensors", include=["encoder.*"]).path
+    return _combine(ctx, ctx.v1, part)
+
+
+# ---------------------------------------------------------------------------
+# Engine: damaged files
+
+
+@case("vector-truncated", "truncated")
+def _(ctx):
+    data = ctx.v1.read_bytes()
+    (ctx.tmp / "trunc.safetensors").write_bytes(data[: len(data) - 100])
+    return _apply(ctx, ctx.base, ctx.tmp / "trunc.safetensors")
+
+
+@case("vector-shorter-than-header", "truncated safetensors file (no header)")
+def _(ctx):
+    (ctx.tmp / "tiny.safetensors").write_bytes(b"\x01\x02\x03")
+    return _combine(ctx, ctx.tmp / "tiny.safetensors")
+
+
+@case("model-truncated", "truncated safetensors file")
+def _(ctx):
+    d = ctx.tmp / "cut"
+    d.mkdir()
+    data = (ctx.ft1 / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return _extract(ctx, ctx.base, d)
+
+
+@case("vector-header-not-json", "corrupt safetensors header (not valid JSON)")
+def _(ctx):
+    data = ctx.v1.read_bytes()
+    (ctx.tmp / "bad.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
+    return _apply(ctx, ctx.base, ctx.tmp / "bad.safetensors")
+
+
+@case("vector-header-length-absurd", "corrupt safetensors header (declared length")
+def _(ctx):
+    data = ctx.v1.read_bytes()
+    (ctx.tmp / "bad.safetensors").write_bytes(struct.pack("<Q", 2**40) + data[8:])
+    return _apply(ctx, ctx.base, ctx.tmp / "bad.safetensors")
+
+
+@case("vector-header-offsets-wrong", "corrupt safetensors header")
+def _(ctx):
+    data = ctx.v1.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [s + 1 for s in header[name]["shape"]]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (ctx.tmp / "bad.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return _apply(ctx, ctx.base, ctx.tmp / "bad.safetensors")
+
+
+@case("vector-is-a-plain-model-file", "not a taskvec task vector")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.ft1 / "model.safetensors")
+
+
+@case("vector-unknown-format-version", "unsupported task-vector format version")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("v9.safetensors", lambda t, m: m.update({"taskvec.format": "9"})))
+
+
+@case("sharded-model-missing-shard", ".safetensors is missing")
+def _(ctx):
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(ctx.ft1).save_pretrained(ctx.tmp / "sh", max_shard_size="30KB")
+    shards = sorted((ctx.tmp / "sh").glob("model-*.safetensors"))
+    assert len(shards) > 1, shards
+    shards[-1].unlink()
+    return _extract(ctx, ctx.base, ctx.tmp / "sh")
+
+
+@case("apply-corrupt-edit-ledger", "corrupt edit ledger")
+def _(ctx):
+    d = ctx.tmp / "based"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((ctx.base / "model.safetensors").read_bytes())
+    (d / "taskvec.json").write_text("{oops")
+    return _apply(ctx, d, ctx.v1)
+
+
+# ---------------------------------------------------------------------------
+# Engine: values (NaN/Inf, empty)
+
+
+def _poison(ctx: Ctx, src: Path, name: str, value: float) -> Path:
+    w = ctx.weights(src)
+    key = sorted(k for k, v in w.items() if v.is_floating_point())[3]
+    w[key] = w[key].clone()
+    w[key].view(-1)[0] = value
+    return ctx.model(name, w)
+
+
+@case("finetuned-model-has-nan", "fine-tuned model has NaN or Inf values in tensor")
+def _(ctx):
+    return _extract(ctx, ctx.base, _poison(ctx, ctx.ft1, "ft", math.nan))
+
+
+@case("base-model-has-inf", "base model has NaN or Inf values in tensor")
+def _(ctx):
+    return _extract(ctx, _poison(ctx, ctx.base, "b", math.inf), ctx.ft1)
+
+
+@case("vector-has-nan", "NaN or Inf values in tensor")
+def _(ctx):
+    def edit(t, m):
+        k = json.loads(m["taskvec.names"])[0]
+        t[k] = t[k].clone()
+        t[k].view(-1)[0] = math.nan
+
+    return _apply(ctx, ctx.base, ctx.copy_vector("nan.safetensors", edit))
+
+
+@case("vector-has-inf-combine", "vector inf.safetensors has NaN or Inf values in tensor")
+def _(ctx):
+    def edit(t, m):
+        k = json.loads(m["taskvec.names"])[-1]
+        t[k] = t[k].clone()
+        t[k].view(-1)[-1] = -math.inf
+
+    return _combine(ctx, ctx.copy_vector("inf.safetensors", edit), ctx.v2)
+
+
+@case("result-overflows-to-inf", "overflows float32")
+def _(ctx):
+    def edit(t, m):
+        k = json.loads(m["taskvec.names"])[0]
+        t[k] = t[k].clone()
+        t[k].view(-1)[0] = 3e38  # finite, but 2 x 3e38 is Inf in float32
+
+    return _apply(ctx, ctx.base, f"{ctx.copy_vector('huge.safetensors', edit)}:2")
+
+
+@case("lambda-beyond-float32", "lambda")
+def _(ctx):
+    return _apply(ctx, ctx.base, f"{ctx.v1}:1e300")  # finite as a Python float, not as a float32
+
+
+@case("empty-vector-file", "empty task vector")
+def _(ctx):
+    with safe_open(ctx.v1, "pt") as f:
+        meta = dict(f.metadata())
+    meta["taskvec.names"] = "[]"
+    meta["taskvec.param_count"] = "0"
+    save_file({}, ctx.tmp / "empty.safetensors", metadata=meta)
+    return _apply(ctx, ctx.base, ctx.tmp / "empty.safetensors")
+
+
+@case("extract-everything-excluded", "empty task vector")
+def _(ctx):
+    return _extract(ctx, ctx.base, ctx.ft1, "--exclude", "*")
+
+
+# ---------------------------------------------------------------------------
+# Engine: pickle
+
+
+def _pickled_model(ctx: Ctx, payload) -> Path:
+    d = ctx.tmp / "pk"
+    d.mkdir()
+    with open(d / "pytorch_model.bin", "wb") as f:
+        pickle.dump(payload, f)
+    return d
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@case("pickle-checkpoint-refused", "pickle checkpoint refused")
+def _(ctx):
+    d = ctx.tmp / "pk"
+    d.mkdir()
+    torch.save(ctx.weights(ctx.ft1), d / "pytorch_model.bin")
+    return _extract(ctx, ctx.base, d)
+
+
+@case("pickle-allowed-but-carries-code", "cannot load pickle checkpoint with weights_only=True")
+def _(ctx):
+    return _extract(ctx, ctx.base, _pickled_model(ctx, {"embeddings.word_embeddings.weight": _RunsCode()}), "--allow-pickle")
+
+
+# ---------------------------------------------------------------------------
+# Engine: unknown ids, bad parameters
+
+
+@case("vector-not-found", "task vector not found")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.tmp / "missing.safetensors")
+
+
+@case("base-model-not-found", "model folder not found")
+def _(ctx):
+    return _apply(ctx, ctx.tmp / "no-such-model", ctx.v1)
+
+
+@case("hub-model-unresolvable-offline", "cannot resolve model 'no-such-org/no-such-model'")
+def _(ctx):
+    return _extract(ctx, "no-such-org/no-such-model", ctx.ft1)
+
+
+@case("model-folder-without-weights", "no safetensors weights found")
+def _(ctx):
+    (ctx.tmp / "empty-model").mkdir()
+    (ctx.tmp / "empty-model" / "config.json").write_text("{}")
+    return _extract(ctx, ctx.tmp / "empty-model", ctx.ft1)
+
+
+@case("unknown-merge-method", "unknown merge method 'mean'")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "mean"])
+
+
+@case("lambda-nan", "lambda must be a finite number")
+def _(ctx):
+    return _apply(ctx, ctx.base, f"{ctx.v1}:nan")
+
+
+@case("lambda-inf", "lambda must be a finite number")
+def _(ctx):
+    return _combine(ctx, ctx.v1, f"{ctx.v2}:-inf")
+
+
+@case("lambda-not-a-number", "must be a number")
+def _(ctx):
+    return _apply(ctx, ctx.base, f"{ctx.v1}:abc")
+
+
+@case("dare-p-equals-1", "DARE drop probability p must be in [0, 1)")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "dare", "--drop", "1"])
+
+
+@case("dare-p-negative", "DARE drop probability p must be in [0, 1)")
+def _(ctx):
+    return _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "dare_ties", "--drop", "-0.1"])
+
+
+@case("ties-k-zero", "density must be the kept fraction in (0, 1]")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "0"])
+
+
+@case("ties-k-above-100", "density must be the kept fraction in (0, 1]")
+def _(ctx):
+    return _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "ties", "--density", "1.01"])
+
+
+@case("ties-k-as-percent", "density must be the kept fraction in (0, 1]")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "50"])
+
+
+@case("ties-k-nan", "density must be the kept fraction in (0, 1]")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "nan"])
+
+
+@case("drop-with-ties", "--drop applies to dare and dare_ties, not ties")
+def _(ctx):
+    return _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "ties", "--drop", "0.5"])
+
+
+@case("compress-two-sparsifiers", "choose one sparsifier")
+def _(ctx):
+    out = ctx.tmp / "s.safetensors"
+    return Invocation(["compress", str(ctx.v1), "--density", "0.1", "--drop", "0.5", "-o", str(out)], outputs=[out])
+
+
+@case("unknown-dtype", "unknown dtype 'int8'")
+def _(ctx):
+    return _extract(ctx, ctx.base, ctx.ft1, "--dtype", "int8")
+
+
+@case("bad-shard-size", "bad size '5 parsecs'")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.v1, extra=["--max-shard-size", "5 parsecs"])
+
+
+@case("apply-output-is-a-file", "exists and is not a folder")
+def _(ctx):
+    (ctx.tmp / "out").write_text("keep me")
+    inv = _apply(ctx, ctx.base, ctx.v1)
+    inv.outputs = []  # the file pre-exists; the tree snapshot checks it is untouched
+    return inv
+
+
+#: cases that reach ``datasets.load_dataset``: its progress bars ("Generating train split") go to stderr
+DATASETS_BARS = pytest.mark.xfail(
+    strict=True,
+    reason="bug reported: taskvec/data.py _read_mirror lets datasets print 'Generating train split' progress bars on stderr, so the error is not one line",
+)
+
+# ---------------------------------------------------------------------------
+# Data (through `taskvec finetune`, which validates data before touching a model)
+
+
+@case("unknown-task", "unknown task 'nope' (params declare: toy)")
+def _(ctx):
+    return _finetune(ctx, good_task(ctx), "nope")
+
+
+@case("data-missing-text-column", "has no column 'text'")
+def _(ctx):
+    return _finetune(ctx, good_task(ctx, train="sentence,label\nfine,positive\n"))
+
+
+@case("data-missing-label-column", "has no column 'label'")
+def _(ctx):
+    return _finetune(ctx, good_task(ctx, train="text,target\nfine,positive\n"))
+
+
+@case("data-unknown-label", "data row 2 has unknown label 'neutral'", marks=[DATASETS_BARS])
+def _(ctx):
+    return _finetune(ctx, good_task(ctx, train="text,label\nfine,positive\nmeh,neutral\n"))
+
+
+@case("data-empty-label", "data row 1 has an empty label", marks=[DATASETS_BARS])
+def _(ctx):
+    return _finetune(ctx, good_task(ctx, train="text,label\nfine,\n"))
+
+
+@case("data-empty-split", "split train is empty", marks=[DATASETS_BARS])
+def _(ctx):
+    return _finetune(ctx, good_task(ctx, train="text,label\n"))
+
+
+@case("data-missing-split-file", "missing file")
+def _(ctx):
+    p = good_task(ctx)
+    (ctx.tmp / "data" / "toy" / "train.csv").unlink()
+    return _finetune(ctx, p)
+
+
+@case("data-folder-missing", "data folder not found")
+def _(ctx):
+    return _finetune(ctx, ctx.params("tasks:\n  toy:\n    source: ./nowhere\n    labels: [a, b]\n"))
+
+
+# ---------------------------------------------------------------------------
+# params.yaml (schema-validated with pydantic)
+
+
+@case("params-unknown-top-level-key", "bogus: Extra inputs are not permitted")
+def _(ctx):
+    return _finetune(ctx, ctx.params(TASK_YAML + "bogus: 1\n"))
+
+
+@case("params-unknown-nested-key", "train.stepz: Extra inputs are not permitted")
+def _(ctx):
+    ctx.data("toy", {"train": GOOD_CSV})
+    return _finetune(ctx, ctx.params(TASK_YAML + "train:\n  stepz: 10\n"))
+
+
+@case("params-wrong-type", "train.steps: Input should be a valid integer")
+def _(ctx):
+    ctx.data("toy", {"train": GOOD_CSV})
+    return _finetune(ctx, ctx.params(TASK_YAML + "train:\n  steps: many\n"))
+
+
+@case("params-negative-lr", "train.lr: Input should be greater than 0")
+def _(ctx):
+    ctx.data("toy", {"train": GOOD_CSV})
+    return _finetune(ctx, ctx.params(TASK_YAML + "train:\n  lr: -1\n"))
+
+
+@case("params-task-one-label", "at least 2 labels")
+def _(ctx):
+    return _finetune(ctx, ctx.params("data_dir: data\ntasks:\n  toy:\n    source: toy\n    labels: [only]\n"))
+
+
+@case("params-invalid-yaml", "invalid YAML")
+def _(ctx):
+    return _finetune(ctx, ctx.params("tasks: [unclosed\n"))
+
+
+@case("params-not-a-mapping", "expected a mapping at the top level")
+def _(ctx):
+    return _finetune(ctx, ctx.params("- just\n- a list\n"))
+
+
+@case("params-file-missing", "params file not found")
+def _(ctx):
+    return _finetune(ctx, ctx.tmp / "nope.yaml")
+
+
+def _pipeline_params(ctx: Ctx, extra: str) -> Invocation:
+    """``taskvec run --params P``: the pipeline validates the whole file before Prefect starts."""
+    p = ctx.params(TASK_YAML + "finetune:\n  tasks: [toy]\n" + extra)
+    return Invocation(["run", "--params", str(p), "--no-register", "--no-dvc"], outputs=[ctx.tmp / "outputs"])
+
+
+@case("params-unknown-merge-method", "edit.method: Input should be 'sum', 'ties', 'dare', 'dare_ties' or 'magnitude'")
+def _(ctx):
+    return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: mean\n")
+
+
+@case("params-ties-k-above-100", "edit.density: Input should be less than or equal to 1")
+def _(ctx):
+    return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: ties\n  density: 50\n")
+
+
+@case("params-dare-p-1", "edit.drop: Input should be less than 1")
+def _(ctx):
+    return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: dare\n  drop: 1.0\n")
+
+
+@case("params-edit-unknown-task", "task 'nope' is used by the edit plan")
+def _(ctx):
+    return _pipeline_params(ctx, "edit:\n  learn: [nope]\n")
+
+
+@case(
+    "params-lambda-max-infinite",
+    "lambda_max",
+    marks=[pytest.mark.xfail(strict=True, reason="bug reported: SearchSpec.lambda_min/lambda_max accept .inf (taskvec/config.py; use allow_inf_nan=False)")],
+)
+def _(ctx):
+    return _pipeline_params(ctx, "edit:\n  learn: [toy]\nsearch:\n  lambda_max: .inf\n")
+
+
+# ---------------------------------------------------------------------------
+# Pipeline: the registry (unknown model, version, alias or vector id; nothing registered or audited)
+
+KNOWN_SHA = "a" * 64
+
+
+def _count_registry(store: Path) -> Callable[[], tuple[int, int]]:
+    def count() -> tuple[int, int]:
+        from mlflow import MlflowClient
+
+        from pipeline.audit import AuditLog
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db", registry_uri=f"sqlite:///{store}/mlflow.db")
+        return len(client.search_model_versions("name='m'")), len(AuditLog(f"sqlite:///{store}/audit.db").entries())
+
+    return count
+
+
+def _ops_cmd(ctx: Ctx, *args: str) -> Invocation:
+    store = ctx.store()
+    uris = ["--tracking-uri", f"sqlite:///{store}/mlflow.db", "--audit-url", f"sqlite:///{store}/audit.db"]
+    return Invocation([*args, *uris], registry=_count_registry(store))
+
+
+@case("registry-unknown-model", "registered model 'nope' not found")
+def _(ctx):
+    return _ops_cmd(ctx, "approve", "nope", "1", "--approver", "a", "--reason", "r", "--no-resume")
+
+
+@case("registry-unknown-version", "model 'm' has no version 7")
+def _(ctx):
+    return _ops_cmd(ctx, "approve", "m", "7", "--approver", "a", "--reason", "r", "--no-resume")
+
+
+@case("registry-unknown-alias", "model 'm' has no version with alias 'champion'")
+def _(ctx):
+    return _ops_cmd(ctx, "reject", "m", "champion", "--approver", "a", "--reason", "r", "--no-resume")
+
+
+@case("rollback-unknown-vector-id", "unknown vector bbbbbbbbbbbb: no version of m was edited with it")
+def _(ctx):
+    return _ops_cmd(ctx, "rollback", "m", "--remove", "b" * 64, "--version", "1", "--approver", "a", "--reason", "r")
+
+
+@case("rollback-malformed-vector-id", "bad vector sha256 'xyz'")
+def _(ctx):
+    return _ops_cmd(ctx, "rollback", "m", "--remove", "xyz", "--version", "1", "--approver", "a", "--reason", "r")
+
+
+# ---------------------------------------------------------------------------
+# Pipeline: unreachable services (subprocess: a hang must not hang the suite)
+
+SERVICE_TIMEOUT = 20.0  # seconds: the stated bound within which an unreachable server must be reported
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_TRACKER_PROBE = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from taskvec.errors import TaskvecError
+from pipeline.tracking import Tracker
+p = SimpleNamespace(root=Path(sys.argv[2]), mlflow=SimpleNamespace(tracking_uri=sys.argv[1], artifact_root="mlartifacts", experiment="x"))
+try:
+    Tracker(p)
+except TaskvecError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+def _tracker(ctx: Ctx, uri: str) -> Invocation:
+    env_uri = uri
+    return Invocation(argv=[sys.executable, "-c", _TRACKER_PROBE, env_uri, str(ctx.tmp)], timeout=SERVICE_TIMEOUT)
+
+
+@case(
+    "mlflow-server-unreachable",
+    "MLflow tracking store http://127.0.0.1",
+    marks=[pytest.mark.xfail(strict=True, reason="bug reported: pipeline/tracking.py Tracker retries an unreachable server for minutes (MLflow's 7 retries x 120 s timeout)")],
+)
+def _(ctx):
+    return _tracker(ctx, f"http://127.0.0.1:{_free_port()}")
+
+
+@case(
+    "mlflow-postgres-unreachable",
+    "MLflow tracking store postgresql://",
+    marks=[pytest.mark.xfail(strict=True, reason="bug reported: pipeline/tracking.py passes postgresql:// to SQLAlchemy, whose default driver psycopg (3) is not installed: ModuleNotFoundError traceback")],
+)
+def _(ctx):
+    return _tracker(ctx, f"postgresql://mlflow:s3cr3t@127.0.0.1:{_free_port()}/mlflow")
+
+
+# ---------------------------------------------------------------------------
+# The test
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_models, tmp_path_factory):
+    base, ft1, ft2 = tiny_models
+    d = tmp_path_factory.mktemp("refusal-vecs")
+    return base, ft1, ft2, engine.extract(base, ft1, d / "v1.safetensors").path, engine.extract(base, ft2, d / "v2.safetensors").path
+
+
+@pytest.fixture(scope="module")
+def registry_store(tmp_path_factory):
+    from pipeline.promotion import LEDGER_TAG, Ops
+
+    store = tmp_path_factory.mktemp("registry")
+    ops = Ops(f"sqlite:///{store}/mlflow.db", f"sqlite:///{store}/audit.db")
+    (store / "art").mkdir()
+    ops.client.create_registered_model("m")
+    ledger = {"format": 1, "base_model": "b", "base_hash": "0" * 64, "output_hash": "1" * 64,
+              "edits": [{"vector_sha256": KNOWN_SHA, "vector": "v.safetensors", "lambda": 1.0, "method": "sum"}]}
+    ops.client.create_model_version("m", str(store / "art"), tags={LEDGER_TAG: json.dumps(ledger)})
+    return store
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size if p.is_file() else -1, st.st_mtime_ns if p.is_file() else 0)
+    return out
+
+
+def _run(inv: Invocation, capsys) -> tuple[int, str]:
+    capsys.readouterr()  # drop the set-up's output
+    if inv.timeout is not None:
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(inv.argv, capture_output=True, text=True, timeout=inv.timeout, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no answer within the stated {inv.timeout:.0f} s: the command hangs")
+        assert time.monotonic() - started <= inv.timeout
+        return proc.returncode, proc.stderr
+    if inv.argv is not None:
+        argv = inv.argv + (["-q"] if inv.argv[0] in ENGINE_COMMANDS else [])
+        with pytest.raises(SystemExit) as exc:
+            cli_main(argv)
+        code = exc.value.code
+        return (code if isinstance(code, int) else 1), capsys.readouterr().err
+    try:
+        inv.call()
+    except TaskvecError as exc:  # what taskvec.cli.main prints for it
+        return exc.exit_code, capsys.readouterr().err + f"error: {exc}\n"
+    return 0, capsys.readouterr().err
+
+
+@pytest.fixture
+def _restore_environ():
+    """Pipeline commands setdefault() environment variables in-process: put the environment back."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize(("build", "expect"), CASES)
+@pytest.mark.usefixtures("_restore_environ")
+def test_refusal(build, expect, shared, tmp_path, capsys, request):
+    base, ft1, ft2, v1, v2 = shared
+    ctx = Ctx(tmp_path, base, ft1, ft2, v1, v2, request)
+    inv = build(ctx)
+    before = _snapshot(tmp_path)
+    versions = inv.registry() if inv.registry else None
+
+    code, err = _run(inv, capsys)
+
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit status {code}, stderr:\n{err}"
+    assert len(lines) == 1, f"stderr is not one line:\n{err}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert expect in lines[0], f"{expect!r} not in {lines[0]!r}"
+    for out in inv.outputs:
+        assert not out.exists(), f"{out} was written"
+        siblings = [p.name for p in out.parent.glob(f".{out.name}.*")]
+        assert siblings == [], f"temporary siblings left behind: {siblings}"
+    assert _snapshot(tmp_path) == before, "the failed command changed files under tmp_path"
+    if inv.registry:
+        assert inv.registry() == versions, "a model version was registered"
+
+
+def test_there_are_at_least_30_cases():
+    assert len(CASES) >= 30
