@@ -16,6 +16,7 @@ them), which is how an edit is rolled back: apply the same vector with −λ.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from taskvec.io import (
     PICKLE_WEIGHTS,
     SAFE_INDEX,
     ContentHasher,
+    Scratch,
     ShardedWriter,
     TensorSource,
     TensorSpec,
@@ -79,18 +81,49 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def single_threaded(fn):
+    """Run a streaming operation with one intra-op thread.
+
+    The element-wise work is memory-bound: extra OpenMP threads add spin and
+    barrier waits, and on a busy machine they double wall and CPU time.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: one reduction pass, no tensor-sized temporaries.
+
+    A NaN or Inf always makes the sum non-finite; only a sum that overflows
+    needs the exact element-wise check.
+    """
+    if t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise TaskvecError(f"{what} has NaN or Inf values in tensor {name!r}")
 
 
 def _check_result(t: torch.Tensor, name: str, inputs: Sequence[tuple[str, Callable[[], torch.Tensor]]], what: str) -> None:
     """A non-finite result names its cause: the first non-finite input, or an overflow."""
-    if bool(torch.isfinite(t).all()):
+    if _all_finite(t):
         return
     for label, read in inputs:
         _check_finite(read(), label, name)
@@ -137,6 +170,7 @@ class VectorResult:
     base_hash: str
 
 
+@single_threaded
 def extract(
     base: str | os.PathLike,
     finetuned: str | os.PathLike,
@@ -177,19 +211,15 @@ def extract(
         hasher = ContentHasher()
         total = sum(b.info(n).nbytes for n in b.names())
         with VectorWriter(out, {n: b.info(n).shape for n in selected}, header) as w, _progress(total, "extract", progress) as bar:
+            scratch = Scratch()  # two buffers in flight: base and fine-tuned
             for name in sorted(b.names()):
-                t = b.read(name)
+                t = b.read(name, scratch, "base")
                 info = b.info(name)
                 hasher.update(name, info.dtype, info.shape, _tensor_bytes(t))
                 if name in selected_set:
-                    tb = t.to(torch.float32)
-                    _check_finite(tb, "base model", name)
-                    tau = f.read_float32(name)
-                    _check_finite(tau, "fine-tuned model", name)
-                    tau.sub_(tb)
+                    tau = f.read_float32(name, scratch, "ft").sub_(t.to(torch.float32))
+                    _check_result(tau, name, [("base model", lambda n=name: b.read(n)), ("fine-tuned model", lambda n=name: f.read(n))], "task-vector")
                     w.write(name, tau)
-                    del tb, tau
-                del t  # free before the next read: at most two tensors in flight
                 bar.update(info.nbytes)
             base_hash = hasher.hexdigest()
             w.set_base_hash(base_hash)
@@ -242,6 +272,7 @@ def _open_vectors(vectors: Sequence[tuple[str | os.PathLike, float]]) -> list[Ve
     return vfs
 
 
+@single_threaded
 def combine(
     vectors: Sequence[tuple[str | os.PathLike, float]],
     out: str | os.PathLike,
@@ -302,7 +333,7 @@ def _write_model(
     src_dir: Path,
     out: str | os.PathLike,
     covered: set[str],
-    compute,  # (name, base float32 tensor) -> new float32 tensor
+    compute,  # (name, base float32 tensor, scratch) -> new float32 tensor
     inputs,  # name -> [(label, reader)] of the other inputs, to explain a non-finite result
     ledger: dict,
     *,
@@ -312,6 +343,7 @@ def _write_model(
 ) -> dict:
     names = sorted(src.names())
     specs = [TensorSpec(n, torch_dtype(src.info(n).dtype), src.info(n).shape) for n in names]
+    scratch = Scratch()
     total = sum(src.info(n).nbytes for n in names)
     hasher = ContentHasher()
     with atomic_dir(out) as tmp:
@@ -319,17 +351,14 @@ def _write_model(
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
         with _progress(total, desc, progress) as bar:
             for spec in specs:
-                t = src.read(spec.name)
+                t = src.read(spec.name, scratch, "base")
                 if spec.name in covered:
-                    new = compute(spec.name, t.to(torch.float32))
-                    del t
+                    new = compute(spec.name, t.to(torch.float32), scratch)
                     _check_result(new, spec.name, [("base model", lambda n=spec.name: src.read(n))] + inputs(spec.name), "edited")
                     t = new.to(spec.dtype)
-                    del new
                 writer.write(spec.name, t)
                 info = src.info(spec.name)
                 hasher.update(spec.name, info.dtype, info.shape, _tensor_bytes(t))
-                del t  # free before the next read
                 bar.update(info.nbytes)
         writer.close()
         ledger = {**ledger, "output_hash": hasher.hexdigest(), "weight_files": writer.files}
@@ -337,6 +366,7 @@ def _write_model(
     return ledger
 
 
+@single_threaded
 def apply(
     base: str | os.PathLike,
     vectors: Sequence[tuple[str | os.PathLike, float]],
@@ -387,12 +417,10 @@ def apply(
                 "edits": edits,
             }
 
-            def compute(name: str, tb: torch.Tensor) -> torch.Tensor:
+            def compute(name: str, tb: torch.Tensor, scratch: Scratch) -> torch.Tensor:
                 if options.method == "sum":  # θ + λ_1 τ_1 + λ_2 τ_2 …, one vector in flight
                     for v, lam in zip(vfs, lambdas):
-                        tau = v.read(name)
-                        tb.add_(tau, alpha=lam)
-                        del tau
+                        tb.add_(v.read(name, scratch, "vector"), alpha=lam)
                     return tb
                 return tb.add_(options.combine(name, [v.read(name) for v in vfs], lambdas))
 
@@ -405,6 +433,7 @@ def apply(
             v.close()
 
 
+@single_threaded
 def merge(
     base: str | os.PathLike,
     finetuned: Sequence[tuple[str | os.PathLike, float]],
@@ -450,14 +479,12 @@ def merge(
             }
             sum_fast = options.method == "sum"
 
-            def compute(name: str, tb: torch.Tensor) -> torch.Tensor:
-                if sum_fast:  # acc = θ + λ_1 (θ_1 − θ) + λ_2 (θ_2 − θ) …, three tensors in flight
-                    acc = tb.clone()
-                    for s, lam in zip(srcs, lambdas):
-                        ft = s.read_float32(name)
-                        acc.add_(ft.sub_(tb), alpha=lam)
-                        del ft
-                    return acc
+            def compute(name: str, tb: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+                if sum_fast:  # Σ λ_t (θ_t − θ), then + θ (mergekit's order); three buffers in flight
+                    acc = srcs[0].read_float32(name, scratch, "acc").sub_(tb).mul_(lambdas[0])
+                    for s, lam in zip(srcs[1:], lambdas[1:]):
+                        acc.add_(s.read_float32(name, scratch, "ft").sub_(tb), alpha=lam)
+                    return acc.add_(tb)
                 taus = [s.read_float32(name).sub_(tb) for s in srcs]
                 return tb.add_(options.combine(name, taus, lambdas))
 
@@ -474,6 +501,7 @@ def merge(
 # compress: sparse and/or low-precision storage
 
 
+@single_threaded
 def compress(
     vector: str | os.PathLike,
     out: str | os.PathLike,

@@ -204,19 +204,40 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return infos, {str(k): str(v) for k, v in metadata.items()}
 
 
-def _read_exact(f, info: TensorInfo) -> torch.Tensor:
-    buf = bytearray(info.nbytes)
+def _read_exact(f, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with positional reads into ``out`` (a uint8 buffer) or fresh memory."""
+    dtype = _DTYPES[info.dtype]
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out[: info.nbytes]
+    view = memoryview(buf.numpy())
     f.seek(info.start)
-    view = memoryview(buf)
     got = 0
     while got < info.nbytes:
         n = f.readinto(view[got:])
         if not n:
             raise FormatError(f"{info.file}: truncated while reading {info.name!r}")
         got += n
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=_DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=_DTYPES[info.dtype]).reshape(info.shape)
+    return buf.view(dtype).reshape(info.shape)
+
+
+class Scratch:
+    """Reusable read buffers for the streaming loops.
+
+    Touching freshly allocated pages costs more than the arithmetic on large
+    tensors, so each loop reads every tensor into the same few buffers
+    (``slot`` names one), grown to the largest tensor seen. A tensor read into
+    a slot is valid until the next read into that slot.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, nbytes: int) -> torch.Tensor:
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
 
 
 class TensorSource:
@@ -319,18 +340,19 @@ class TensorSource:
     def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor (owned memory) with the stored dtype and shape."""
+    def read(self, name: str, scratch: Scratch | None = None, slot: str = "") -> torch.Tensor:
+        """The tensor with its stored dtype and shape: fresh memory, or a view
+        into ``scratch[slot]`` (valid until the next read into that slot)."""
         if self._pickled is not None:
-            return self._pickled[name]
+            return self._pickled[name].clone()  # callers may modify what they read
         info = self._infos[name]
         f = self._handles.get(info.file)
         if f is None:
             f = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        return _read_exact(f, info)
+        return _read_exact(f, info, None if scratch is None else scratch.get(slot, info.nbytes))
 
-    def read_float32(self, name: str) -> torch.Tensor:
-        t = self.read(name)
+    def read_float32(self, name: str, scratch: Scratch | None = None, slot: str = "") -> torch.Tensor:
+        t = self.read(name, scratch, slot)
         return t if t.dtype == torch.float32 else t.to(torch.float32)
 
     def close(self) -> None:
@@ -422,12 +444,23 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike, *, use_cache: bool = True) -> str:
+    """sha256 of a file's bytes, cached like content hashes (by path, size, mtime, inode)."""
+    path = Path(path)
+    key = None
+    if use_cache and not os.environ.get("TASKVEC_NO_HASH_CACHE"):
+        st = path.stat()
+        key = "file:" + hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()
+        if hit := _hash_cache_get(key):
+            return hit
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if key:
+        _hash_cache_put(key, digest)
+    return digest
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 
 from taskvec import __version__
 from taskvec.errors import FormatError, HomologyError, TaskvecError
-from taskvec.io import StreamingWriter, TensorSource, TensorSpec, atomic_path, file_sha256
+from taskvec.io import Scratch, StreamingWriter, TensorSource, TensorSpec, atomic_path, file_sha256
 
 FORMAT_VERSION = "1"
 SPARSE_SEP = "::"
@@ -96,10 +96,10 @@ class VectorFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: self._shapes[n] for n in self.names}
 
-    def read(self, name: str) -> torch.Tensor:
-        """Dense float32 values of one tensor."""
+    def read(self, name: str, scratch: Scratch | None = None, slot: str = "") -> torch.Tensor:
+        """Dense float32 values of one tensor (a view into ``scratch[slot]`` if given and dense)."""
         if not self.sparse:
-            return self._src.read_float32(name)
+            return self._src.read_float32(name, scratch, slot)
         idx = self._src.read(f"{name}{SPARSE_SEP}indices").to(torch.int64)
         vals = self._src.read_float32(f"{name}{SPARSE_SEP}values")
         shape = self._shapes[name]
