@@ -1,0 +1,433 @@
+"""Append-only, hash-chained audit log of promotions, approvals, rejections and rollbacks.
+
+Storage is one SQL table, ``taskvec_audit``, reached through SQLAlchemy: a
+SQLite file for one machine, PostgreSQL (the MLflow backend's server) when
+the pipeline is shared. Every entry carries::
+
+    seq, ts, actor, action, model, version, payload (canonical JSON), prev_hash, hash
+
+where ``hash = sha256(canonical JSON of all the other fields)`` and
+``prev_hash`` is the previous entry's ``hash`` (64 zeros for the first). The
+chain is linear because every append happens inside a transaction that first
+takes a database-wide lock — ``BEGIN IMMEDIATE`` on SQLite,
+``pg_advisory_xact_lock`` on PostgreSQL — reads the head, and inserts
+``seq = head + 1``; concurrent writers (threads or processes, one machine or
+many) serialise on that lock.
+
+Append-only is enforced by triggers that abort any ``UPDATE``/``DELETE`` (and
+``TRUNCATE`` on PostgreSQL), and *detected* by :meth:`AuditLog.verify`, which
+recomputes every hash, checks the ``seq`` run has no gap and every
+``prev_hash`` links, and compares the head against *anchors* kept outside the
+database (the ``taskvec.audit_head`` tag — ``log_id:seq:hash`` — that
+:mod:`pipeline.promotion` sets on each registered model with every entry of
+that model), so cutting entries off the end is caught too. ``log_id`` is a
+random id stored with the table, so several audit logs may share a registry.
+
+:meth:`AuditLog.transaction` yields an open, locked transaction: callers do
+their external side effects (moving an MLflow alias, setting tags) while the
+lock is held, append the entry, and commit — or undo the side effects and
+roll back. This module imports neither MLflow nor Prefect.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taskvec.errors import TaskvecError
+
+TABLE = "taskvec_audit"
+GENESIS = "0" * 64
+ACTIONS = ("request", "gates_failed", "approve", "reject", "promote", "rollback", "revert")
+_PG_LOCK_KEY = 0x7A5C_0A0D  # arbitrary constant: the advisory lock every appender takes
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces): the bytes that get hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+
+
+def entry_hash(seq: int, ts: str, actor: str, action: str, model: str, version: str | None, payload: str, prev_hash: str) -> str:
+    body = canonical_json(
+        {"seq": seq, "ts": ts, "actor": actor, "action": action, "model": model, "version": version, "payload": payload, "prev_hash": prev_hash}
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def default_actor() -> str:
+    return os.environ.get("TASKVEC_ACTOR") or _safe_user()
+
+
+def _safe_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    ts: str
+    actor: str
+    action: str
+    model: str
+    version: str | None
+    payload: str  # canonical JSON, exactly as hashed
+    prev_hash: str
+    hash: str
+
+    @property
+    def data(self) -> dict:
+        return json.loads(self.payload)
+
+    def computed_hash(self) -> str:
+        return entry_hash(self.seq, self.ts, self.actor, self.action, self.model, self.version, self.payload, self.prev_hash)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "payload": self.data}
+
+    def anchor(self, log_id: str) -> str:
+        """What is recorded outside the database: ``log_id:seq:hash``."""
+        return f"{log_id}:{self.seq}:{self.hash}"
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    entries: int
+    head: str | None
+    problems: list[str] = field(default_factory=list)
+    anchors_checked: int = 0
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"audit log OK: {self.entries} entries, chain intact, {self.anchors_checked} anchor(s) match, head {self.head or '-'}"
+        return f"audit log BROKEN ({len(self.problems)} problem(s)): " + "; ".join(self.problems[:5])
+
+
+# ---------------------------------------------------------------------------
+# URL resolution and engines
+
+
+def normalize_url(url: str) -> str:
+    """SQLAlchemy URL; bare ``postgresql://`` gets the installed driver (psycopg2), a path becomes SQLite."""
+    url = str(url)
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        try:
+            import psycopg  # noqa: F401  (psycopg 3 installed: SQLAlchemy's default driver works)
+        except ImportError:
+            url = "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+def default_url(tracking_uri: str | None = None) -> str:
+    """Where the audit log lives when not configured.
+
+    ``TASKVEC_AUDIT_URL`` wins; else the tracking store's own database when
+    MLflow uses one (a SQLite ``mlflow.db`` gets a sibling ``audit.db``; a
+    PostgreSQL store is shared as is); else ``./audit.db``.
+    """
+    env = os.environ.get("TASKVEC_AUDIT_URL")
+    if env:
+        return normalize_url(env)
+    uri = tracking_uri if tracking_uri is not None else os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        return normalize_url(f"sqlite:///{path.parent / 'audit.db'}")
+    if uri.startswith(("postgresql", "postgres://")):
+        return normalize_url(uri)
+    return normalize_url("sqlite:///audit.db")
+
+
+_ENGINES: dict[str, Any] = {}
+_ENGINES_LOCK = threading.Lock()
+_SCHEMA_DONE: dict[str, str] = {}  # url -> log id
+
+
+def _engine(url: str):
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(url)
+        if eng is not None:
+            return eng
+        if url.startswith("sqlite"):
+            db = url.split("///", 1)[-1]
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            eng = sa.create_engine(url, connect_args={"timeout": 120, "check_same_thread": False})
+
+            @event.listens_for(eng, "connect")
+            def _connect(dbapi_conn, _rec):  # let BEGIN IMMEDIATE below be the only transaction start
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA busy_timeout = 120000")
+                cur.close()
+
+            @event.listens_for(eng, "begin")
+            def _begin(conn):  # take the write lock up front: appenders serialise here
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            eng = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        _ENGINES[url] = eng
+        return eng
+
+
+def _is_pg(conn) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _ph(conn) -> str:
+    """The driver's parameter placeholder (exec_driver_sql passes SQL through untouched)."""
+    return "%s" if _is_pg(conn) else "?"
+
+
+def _lock(conn) -> None:
+    if _is_pg(conn):
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+    # SQLite: BEGIN IMMEDIATE (see _engine) already holds the write lock
+
+
+_SQLITE_DDL = [
+    f"CREATE TABLE IF NOT EXISTS {TABLE}_meta (log_id TEXT NOT NULL)",
+    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+        seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        model TEXT NOT NULL, version TEXT, payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL UNIQUE)""",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_model ON {TABLE} (model, version)",
+    f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_no_update BEFORE UPDATE ON {TABLE}
+        BEGIN SELECT RAISE(ABORT, 'taskvec audit log is append-only'); END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_no_delete BEFORE DELETE ON {TABLE}
+        BEGIN SELECT RAISE(ABORT, 'taskvec audit log is append-only'); END""",
+]
+
+_PG_DDL = [
+    f"CREATE TABLE IF NOT EXISTS {TABLE}_meta (log_id TEXT NOT NULL)",
+    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+        seq BIGINT PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        model TEXT NOT NULL, version TEXT, payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL UNIQUE)""",
+    f"CREATE INDEX IF NOT EXISTS {TABLE}_model ON {TABLE} (model, version)",
+    f"""CREATE OR REPLACE FUNCTION {TABLE}_append_only() RETURNS trigger AS $$
+        BEGIN RAISE EXCEPTION 'taskvec audit log is append-only'; END $$ LANGUAGE plpgsql""",
+    f"""CREATE OR REPLACE TRIGGER {TABLE}_no_change BEFORE UPDATE OR DELETE ON {TABLE}
+        FOR EACH ROW EXECUTE FUNCTION {TABLE}_append_only()""",
+    f"""CREATE OR REPLACE TRIGGER {TABLE}_no_truncate BEFORE TRUNCATE ON {TABLE}
+        FOR EACH STATEMENT EXECUTE FUNCTION {TABLE}_append_only()""",
+]
+
+
+def _row(r) -> AuditEntry:
+    return AuditEntry(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+
+
+_COLS = "seq, ts, actor, action, model, version, payload, prev_hash, hash"
+
+
+# ---------------------------------------------------------------------------
+# The log
+
+
+class AuditTransaction:
+    """An open transaction holding the append lock (see :meth:`AuditLog.transaction`)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self.appended: list[AuditEntry] = []
+        self.committed = False
+
+    def commit(self) -> None:
+        """Commit now (releasing the lock), so a failing commit can still be compensated by the caller."""
+        if not self.committed:
+            self._conn.commit()
+            self.committed = True
+
+    def head(self) -> AuditEntry | None:
+        r = self._conn.exec_driver_sql(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+        return _row(r) if r else None
+
+    def entries(self, model: str | None = None, version: str | None = None, action: str | None = None) -> list[AuditEntry]:
+        return _select(self._conn, model=model, version=version, action=action)
+
+    def append(self, action: str, model: str, version: str | int | None = None, payload: dict | None = None, *, actor: str | None = None) -> AuditEntry:
+        if action not in ACTIONS:
+            raise TaskvecError(f"unknown audit action {action!r} (one of {', '.join(ACTIONS)})")
+        if not model:
+            raise TaskvecError("an audit entry needs a model name")
+        head = self.head()
+        seq = 1 if head is None else head.seq + 1
+        prev = GENESIS if head is None else head.hash
+        ts = now_iso()
+        actor = actor or default_actor()
+        version = None if version is None else str(version)
+        body = canonical_json(payload or {})
+        digest = entry_hash(seq, ts, actor, action, model, version, body, prev)
+        self._conn.exec_driver_sql(
+            f"INSERT INTO {TABLE} ({_COLS}) VALUES ({', '.join([_ph(self._conn)] * 9)})",
+            (seq, ts, actor, action, model, version, body, prev, digest),
+        )
+        entry = AuditEntry(seq, ts, actor, action, model, version, body, prev, digest)
+        self.appended.append(entry)
+        return entry
+
+
+def _select(conn, *, model=None, version=None, action=None, limit=None) -> list[AuditEntry]:
+    ph = _ph(conn)
+    where, args = [], []
+    for col, val in (("model", model), ("version", None if version is None else str(version)), ("action", action)):
+        if val is not None:
+            where.append(f"{col} = {ph}")
+            args.append(val)
+    sql = f"SELECT {_COLS} FROM {TABLE}" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    return [_row(r) for r in conn.exec_driver_sql(sql, tuple(args)).fetchall()]
+
+
+class AuditLog:
+    """The hash-chained audit log at a SQLAlchemy URL (see module docstring)."""
+
+    def __init__(self, url: str | None = None):
+        self.url = normalize_url(url) if url else default_url()
+        self._engine = _engine(self.url)
+        self._ensure_schema()
+
+    def _ensure_schema(self) -> None:
+        if self.url in _SCHEMA_DONE:
+            self.log_id = _SCHEMA_DONE[self.url]
+            return
+        import sqlalchemy as sa
+
+        try:
+            with self._engine.begin() as conn:
+                _lock(conn)  # concurrent first users must not race on CREATE
+                for ddl in _PG_DDL if _is_pg(conn) else _SQLITE_DDL:
+                    conn.exec_driver_sql(ddl)
+                row = conn.exec_driver_sql(f"SELECT log_id FROM {TABLE}_meta").fetchone()
+                if row is None:
+                    import uuid
+
+                    row = (uuid.uuid4().hex,)
+                    conn.exec_driver_sql(f"INSERT INTO {TABLE}_meta (log_id) VALUES ({_ph(conn)})", row)
+                self.log_id = row[0]
+        except sa.exc.OperationalError as exc:
+            raise TaskvecError(f"cannot open audit log at {_redact(self.url)}: {str(exc.orig).strip().splitlines()[0]}") from None
+        _SCHEMA_DONE[self.url] = self.log_id
+
+    @contextmanager
+    def transaction(self) -> Iterator[AuditTransaction]:
+        """A locked transaction: appends in it are committed together, or not at all.
+
+        Committed on normal exit; rolled back if the body raises.
+        """
+        with self._engine.connect() as conn:
+            conn.begin()
+            try:
+                _lock(conn)
+                tx = AuditTransaction(conn)
+                yield tx
+                tx.commit()
+            except BaseException:
+                if conn.in_transaction():
+                    conn.rollback()
+                raise
+
+    def append(self, action: str, model: str, version: str | int | None = None, payload: dict | None = None, *, actor: str | None = None) -> AuditEntry:
+        with self.transaction() as tx:
+            return tx.append(action, model, version, payload, actor=actor)
+
+    def entries(self, model: str | None = None, version: str | int | None = None, action: str | None = None, limit: int | None = None) -> list[AuditEntry]:
+        with self._engine.connect() as conn:
+            with conn.begin() if _is_pg(conn) else _nullctx():
+                return _select(conn, model=model, version=version, action=action, limit=limit)
+
+    def head(self) -> AuditEntry | None:
+        with self._engine.connect() as conn:
+            r = conn.exec_driver_sql(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+            return _row(r) if r else None
+
+    def verify(self, anchors: dict[str, str] | None = None) -> VerifyReport:
+        """Recompute the chain; ``anchors`` maps model → ``"log_id:seq:hash"`` recorded outside the database."""
+        entries = self.entries()
+        problems: list[str] = []
+        prev = GENESIS
+        by_seq: dict[int, AuditEntry] = {}
+        for i, e in enumerate(entries, start=1):
+            by_seq[e.seq] = e
+            if e.seq != i:
+                problems.append(f"entry {i} is missing (next stored entry is seq {e.seq}): deletion")
+                prev = e.prev_hash  # resynchronise so one deletion is reported once
+            if e.prev_hash != prev:
+                problems.append(f"entry {e.seq}: prev_hash does not match the hash of entry {e.seq - 1}")
+            if e.computed_hash() != e.hash:
+                problems.append(f"entry {e.seq}: content does not match its hash (edited)")
+            if e.action not in ACTIONS:
+                problems.append(f"entry {e.seq}: unknown action {e.action!r}")
+            prev = e.hash
+        checked = 0
+        for model, anchor in sorted((anchors or {}).items()):
+            if not anchor:
+                continue
+            try:
+                log_id, seq_s, digest = anchor.split(":", 2)
+                seq = int(seq_s)
+            except ValueError:
+                problems.append(f"model {model}: malformed audit anchor {anchor!r}")
+                continue
+            if log_id != self.log_id:
+                continue  # anchored in another audit log (another deployment sharing the registry)
+            checked += 1
+            e = by_seq.get(seq)
+            if e is None:
+                problems.append(f"model {model}: anchored entry {seq} is missing (entries were deleted from the end)")
+            elif e.hash != digest or e.model != model:
+                problems.append(f"model {model}: anchored entry {seq} differs from the anchor (edited or replaced)")
+            else:
+                later = [x for x in entries if x.model == model and x.seq > seq]
+                if later:
+                    # an entry for this model was written without moving its anchor: out-of-band insert
+                    problems.append(f"model {model}: entry {later[0].seq} was added after the anchored head {seq} without the audited path")
+        head = f"{entries[-1].seq}:{entries[-1].hash[:16]}" if entries else None
+        return VerifyReport(ok=not problems, entries=len(entries), head=head, problems=problems, anchors_checked=checked)
+
+
+@contextmanager
+def _nullctx():
+    yield
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def format_entries(entries: list[AuditEntry], *, as_json: bool = False) -> str:
+    if as_json:
+        return json.dumps([e.as_dict() for e in entries], indent=2, sort_keys=True)
+    lines = [f"{'seq':>5}  {'time (UTC)':<26}  {'actor':<12}  {'action':<12}  {'model':<20}  {'ver':>4}  hash          details"]
+    for e in entries:
+        data = e.data
+        detail_keys = ("approver", "decision", "reason", "from_version", "to_version", "removed_vector", "passed")
+        details = ", ".join(f"{k}={data[k]}" for k in detail_keys if k in data)
+        lines.append(f"{e.seq:>5}  {e.ts[:26]:<26}  {e.actor[:12]:<12}  {e.action:<12}  {e.model[:20]:<20}  {e.version or '-':>4}  {e.hash[:12]}  {details}")
+    return "\n".join(lines)

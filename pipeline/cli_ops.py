@@ -1,0 +1,198 @@
+"""Promotion, approval, audit and rollback commands of the ``taskvec`` CLI.
+
+    taskvec promote [MODEL] [--version challenger] [--no-wait]   gate + wait for approval (Prefect flow)
+    taskvec approve MODEL VERSION --approver NAME --reason TEXT  approval record; resumes a paused promote run
+    taskvec reject  MODEL VERSION --approver NAME --reason TEXT  rejection record (final for that version)
+    taskvec champion-revert MODEL --approver NAME --reason TEXT  point champion back to the previous champion
+    taskvec rollback MODEL --remove SHA [--version champion]     θ − λτ, checked, registered, audited
+    taskvec audit verify | audit show                            check / print the hash-chained audit log
+
+Tracking server: ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` or params.yaml's
+``mlflow.tracking_uri``; audit log: ``--audit-url`` or ``TASKVEC_AUDIT_URL``
+(default: beside the tracking store, see :func:`pipeline.audit.default_url`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+TrackingUri = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else params.yaml).")]
+AuditUrl = Annotated[Optional[str], typer.Option("--audit-url", help="Audit log database URL (default: TASKVEC_AUDIT_URL, else beside the tracking store).")]
+Approver = Annotated[str, typer.Option("--approver", help="Who decides (recorded in the audit log and the version's tags).")]
+Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log and the version's tags).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _ops(tracking_uri: str | None, audit_url: str | None):
+    from pipeline.promotion import Ops
+
+    return Ops(tracking_uri, audit_url)
+
+
+def _resume_paused(ops, model: str, version: str, run_input: dict) -> str | None:
+    """Resume the paused promote run waiting on this version, if any; returns its id."""
+    from uuid import UUID
+
+    reqs = [e for e in ops.audit.entries(model=model, version=version) if e.action == "request" and e.data.get("flow_run_id")]
+    if not reqs:
+        return None
+    run_id = reqs[-1].data["flow_run_id"]
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.flow_runs import resume_flow_run
+
+        with get_client(sync_client=True) as client:
+            fr = client.read_flow_run(UUID(run_id))
+        if not fr.state or not fr.state.is_paused():
+            return None
+        resume_flow_run(UUID(run_id), run_input=run_input)
+        return run_id
+    except Exception as exc:  # no Prefect API reachable, run gone, timed out …
+        typer.echo(f"note: could not resume promote flow run {run_id} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); promoting headless", err=True)
+        return None
+
+
+def _decide(model: str, version: str, decision: str, approver: str, reason: str, tracking_uri, audit_url, resume: bool) -> None:
+    from pipeline import promotion as P
+
+    ops = _ops(tracking_uri, audit_url)
+    version = str(P.get_version(ops.client, model, version).version)
+    rec = P.record_decision(ops, model, version, decision, approver, reason)
+    typer.echo(f"recorded {decision} of {model} v{version} by {rec.actor} (audit entry {rec.seq})")
+    resumed = None
+    if resume:
+        resumed = _resume_paused(ops, model, version, {"approver": approver, "decision": decision, "reason": reason, "recorded_seq": rec.seq})
+    if resumed:
+        typer.echo(f"resumed paused promote flow run {resumed}; it moves the champion")
+        return
+    if decision == "approve":
+        move = P.promote(ops, model, version)
+        typer.echo(f"champion of {model}: {move.from_version or 'none'} -> {move.to_version} (audit entry {move.entry.seq})")
+
+
+def register(app: typer.Typer) -> None:
+    audit_app = typer.Typer(help="The append-only, hash-chained audit log of promotions, rejections and rollbacks.", no_args_is_help=True)
+    app.add_typer(audit_app, name="audit")
+
+    @app.command("approve")
+    def approve_cmd(
+        model: Annotated[str, typer.Argument(help="Registered model name.")],
+        version: Annotated[str, typer.Argument(help="Version number or alias (e.g. challenger).")],
+        approver: Approver,
+        reason: Reason,
+        no_resume: Annotated[bool, typer.Option("--no-resume", help="Do not look for a paused promote flow run; promote directly.")] = False,
+        tracking_uri: TrackingUri = None,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        """Approve a gated challenger: write the approval record, then resume its paused promote run (or promote headless)."""
+        _decide(model, version, "approve", approver, reason, tracking_uri, audit_url, not no_resume)
+
+    @app.command("reject")
+    def reject_cmd(
+        model: Annotated[str, typer.Argument(help="Registered model name.")],
+        version: Annotated[str, typer.Argument(help="Version number or alias.")],
+        approver: Approver,
+        reason: Reason,
+        no_resume: Annotated[bool, typer.Option("--no-resume", help="Do not resume a paused promote flow run.")] = False,
+        tracking_uri: TrackingUri = None,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        """Reject a challenger: recorded in the audit log; it can never become champion."""
+        _decide(model, version, "reject", approver, reason, tracking_uri, audit_url, not no_resume)
+
+    @app.command("promote")
+    def promote_cmd(
+        model: Annotated[Optional[str], typer.Argument(help="Registered model (default: params.yaml mlflow.registered_model).")] = None,
+        version: Annotated[str, typer.Option("--version", help="Challenger version or alias.")] = "challenger",
+        params: Annotated[Path, typer.Option("--params", help="params.yaml with the promotion gates.")] = Path("params.yaml"),
+        evaluator: Annotated[Optional[str], typer.Option("--evaluator", help="module:function evaluating a model folder -> {task: accuracy}.")] = None,
+        no_wait: Annotated[bool, typer.Option("--no-wait", help="Gate and record, then exit; approve later with `taskvec approve`.")] = False,
+        tracking_uri: TrackingUri = None,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        """Run the promote flow: evaluate challenger vs champion, gate, wait for approval, move champion."""
+        from flows.promote import promote_flow
+
+        res = promote_flow(model=model, version=version, params_file=str(params), tracking_uri=tracking_uri, audit_url=audit_url, evaluator=evaluator, wait_for_approval=not no_wait)
+        typer.echo(json.dumps(res, indent=2, default=str))
+
+    @app.command("champion-revert")
+    def revert_cmd(
+        model: Annotated[str, typer.Argument(help="Registered model name.")],
+        approver: Approver,
+        reason: Reason,
+        tracking_uri: TrackingUri = None,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        """Fast path: point champion back to the previous champion version (audited)."""
+        from pipeline.promotion import revert_champion
+
+        move = revert_champion(_ops(tracking_uri, audit_url), model, approver=approver, reason=reason)
+        typer.echo(f"champion of {model}: {move.from_version} -> {move.to_version} (audit entry {move.entry.seq})")
+
+    @app.command("rollback")
+    def rollback_cmd(
+        model: Annotated[str, typer.Argument(help="Registered model name.")],
+        remove: Annotated[str, typer.Option("--remove", help="sha256 (or ≥8-digit prefix) of the edit's vector to remove.")],
+        version: Annotated[str, typer.Option("--version", help="Version or alias to roll back from.")] = "champion",
+        vector: Annotated[Optional[list[Path]], typer.Option("--vector", help="Vector file(s) to use (else found with the version's run or in outputs/).")] = None,
+        approver: Annotated[Optional[str], typer.Option("--approver", help="Operator approving the champion move (default: $TASKVEC_ACTOR or user).")] = None,
+        reason: Annotated[Optional[str], typer.Option("--reason", help="Why (audit log).")] = None,
+        no_move: Annotated[bool, typer.Option("--no-move", help="Register the rolled-back version but leave champion where it is.")] = False,
+        as_json: AsJson = False,
+        tracking_uri: TrackingUri = None,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        """Subtract an edit (θ − λτ), check it against the ledger rebuild, register it, move champion if needed."""
+        from pipeline.rollback import rollback
+
+        res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move)
+        if as_json:
+            typer.echo(json.dumps({"source_version": res.source_version, "new_version": res.new_version, "removed": res.removed, "max_abs_diff": res.check.max_abs_diff, "max_ulps": res.check.max_ulps, "champion_moved": bool(res.champion_moved), "notes": res.notes}, indent=2))
+        else:
+            typer.echo(res.summary())
+            for n in res.notes:
+                typer.echo(f"note: {n}")
+
+    @audit_app.command("verify")
+    def verify_cmd(
+        as_json: AsJson = False,
+        no_registry: Annotated[bool, typer.Option("--no-registry", help="Check the chain only (no anchors / alias check against MLflow).")] = False,
+        tracking_uri: TrackingUri = None,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        """Recompute the hash chain and check anchors and champion aliases; exit 1 if anything was edited or deleted."""
+        if no_registry:
+            from pipeline.audit import AuditLog, default_url
+
+            report = AuditLog(audit_url or default_url()).verify()
+        else:
+            from pipeline.promotion import verify
+
+            report = verify(_ops(tracking_uri, audit_url))
+        if as_json:
+            typer.echo(json.dumps(report.__dict__, indent=2))
+        else:
+            typer.echo(report.summary())
+            for p in report.problems:
+                typer.echo(f"  - {p}")
+        if not report.ok:
+            raise typer.Exit(1)
+
+    @audit_app.command("show")
+    def show_cmd(
+        model: Annotated[Optional[str], typer.Option("--model", help="Only this registered model.")] = None,
+        version: Annotated[Optional[str], typer.Option("--version", help="Only this version.")] = None,
+        action: Annotated[Optional[str], typer.Option("--action", help="Only this action (promote, approve, reject, rollback, revert, request, gates_failed).")] = None,
+        as_json: AsJson = False,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        """Print the audit log."""
+        from pipeline.audit import AuditLog, default_url, format_entries
+
+        entries = AuditLog(audit_url or default_url()).entries(model=model, version=version, action=action)
+        typer.echo(format_entries(entries, as_json=as_json))

@@ -1,0 +1,150 @@
+"""Rollback θ_edit − λτ against a real MLflow server: checked, registered, audited; bad input changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import promotion as P
+from pipeline.rollback import rollback
+from taskvec.errors import TaskvecError
+from tests.conftest_ops import *  # noqa: F401,F403
+
+pytestmark = pytest.mark.postgres
+
+
+def _champion(ops, model, v):
+    cmp = P.apply_gates({"t1": 0.9}, None, P.PromotionSpec(targets=["t1"]))
+    P.record_gates(ops, model, v, cmp, champion_version=None)
+    P.record_decision(ops, model, v, "approve", "ann", "ship")
+    P.promote(ops, model, v)
+
+
+def _snapshot(ops, model):
+    versions = sorted(int(m.version) for m in ops.client.search_model_versions(f"name = '{model}'"))
+    return versions, P.alias_version(ops.client, model, "champion"), len(ops.audit.entries())
+
+
+def test_rollback_of_champion_edit(ops, edits, model_name, tmp_path):
+    v = register_edit(ops, model_name, edits, [("t1", 0.7), ("t2", 0.4), ("bad", 0.9)])
+    _champion(ops, model_name, v)
+    res = rollback(ops, model_name, edits.sha["bad"], approver="oncall", reason="bad edit hurts c1")
+    assert res.source_version == v and res.new_version != v
+    assert res.check.ok and res.check.max_abs_diff < 1e-5 and res.check.max_ulps <= res.check.tolerance_ulps
+    # ledger of the new version: the removed edit and its negation are gone
+    mv = ops.client.get_model_version(model_name, res.new_version)
+    ledger = json.loads(mv.tags["taskvec.ledger"])
+    assert [e["vector_sha256"] for e in ledger["edits"]] == [edits.sha["t1"], edits.sha["t2"]]
+    assert float(mv.tags["taskvec.rollback_max_abs_diff"]) == res.check.max_abs_diff
+    # the artifact's taskvec.json matches and its output_hash is the real weights' hash
+    from taskvec.io import TensorSource
+
+    folder = P.download_version(mv, tmp_path / "dl", ops.client.tracking_uri)
+    on_disk = json.loads((folder / "taskvec.json").read_text())
+    assert on_disk["edits"] == ledger["edits"]
+    with TensorSource(folder) as s:
+        assert s.content_hash() == on_disk["output_hash"]
+    # champion moved through the audited path
+    assert P.alias_version(ops.client, model_name, "champion") == res.new_version
+    assert res.champion_moved and res.champion_moved.entry.action == "rollback"
+    last = ops.audit.entries(model=model_name)[-2:]
+    assert [e.action for e in last] == ["approve", "rollback"]
+    assert last[1].data["removed_vector"] == edits.sha["bad"] and last[1].data["max_abs_diff"] == res.check.max_abs_diff
+    assert mv.tags["approved_by"] == "oncall"
+    assert P.verify(ops).ok
+    # and the fast path takes us back
+    back = P.revert_champion(ops, model_name, approver="oncall", reason="false alarm")
+    assert back.to_version == v
+
+
+def test_rollback_to_base_and_of_non_champion(ops, edits, model_name):
+    v1 = register_edit(ops, model_name, edits, [("t2", 0.5)])
+    _champion(ops, model_name, v1)
+    v2 = register_edit(ops, model_name, edits, [("t1", 1.0)])
+    res = rollback(ops, model_name, edits.sha["t1"][:16], version=v2)
+    assert res.check.ok and res.ledger["edits"] == []
+    assert res.champion_moved is None and P.alias_version(ops.client, model_name, "champion") == v1
+    assert res.notes and "champion unchanged" in res.notes[0]
+    e = ops.audit.entries(model=model_name)[-1]
+    assert e.action == "rollback" and e.data["alias"] is None and e.version == res.new_version
+    assert P.verify(ops).ok
+
+
+def test_rollback_finds_vectors_locally_or_explicitly(ops, edits, model_name, tmp_path):
+    v = register_edit(ops, model_name, edits, [("t1", 0.5), ("t2", 0.5)], log_vectors=False)
+    with pytest.raises(TaskvecError, match="not found"):
+        rollback(ops, model_name, edits.sha["t1"], version=v, search_dirs=[tmp_path])
+    res = rollback(ops, model_name, edits.sha["t1"], version=v, search_dirs=[edits.vectors["t1"].parent])
+    assert res.check.ok
+    with pytest.raises(TaskvecError, match="no vector file with sha256"):
+        rollback(ops, model_name, edits.sha["t2"], version=v, vectors=[edits.vectors["t1"]], search_dirs=[])
+
+
+def test_bad_rollbacks_change_nothing(ops, edits, model_name):
+    v1 = register_edit(ops, model_name, edits, [("t1", 0.5)])
+    _champion(ops, model_name, v1)
+    register_edit(ops, model_name, edits, [("t2", 0.5)])
+    before = _snapshot(ops, model_name)
+    cases = [
+        (edits.sha["t2"], "does not contain vector"),  # known vector (in v2), not in the champion
+        ("ab" * 32, "unknown vector"),
+        ("xyz", "bad vector sha256"),
+        (edits.sha["t1"][:4], "bad vector sha256"),
+    ]
+    for sha, msg in cases:
+        with pytest.raises(TaskvecError, match=msg) as ei:
+            rollback(ops, model_name, sha)
+        assert "\n" not in str(ei.value)
+    with pytest.raises(TaskvecError, match="no version 42"):
+        rollback(ops, model_name, edits.sha["t1"], version="42")
+    with pytest.raises(TaskvecError, match="not found"):
+        rollback(ops, "nope-" + model_name, edits.sha["t1"])
+    assert _snapshot(ops, model_name) == before
+
+
+def test_cli_commands(ops, edits, model_name, monkeypatch, capsys):
+    from taskvec.cli import main
+
+    monkeypatch.setenv("TASKVEC_AUDIT_URL", ops.audit.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ops.client.tracking_uri)
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as ei:
+            main(list(argv))
+        out = capsys.readouterr()
+        return ei.value.code, out.out, out.err
+
+    v1 = register_edit(ops, model_name, edits, [("t1", 0.5)])
+    capsys.readouterr()
+    code, _, err = run("approve", model_name, v1, "--approver", "ann", "--reason", "ok")
+    assert code == 2 and err.startswith("error: ") and "no gate evaluation" in err
+    cmp = P.apply_gates({"t1": 0.9}, None, P.PromotionSpec(targets=["t1"]))
+    P.record_gates(ops, model_name, v1, cmp, champion_version=None)
+    code, out, err = run("approve", model_name, v1, "--approver", "ann", "--reason", "ok", "--no-resume")
+    assert code == 0, err
+    assert "champion of" in out and P.alias_version(ops.client, model_name, "champion") == v1
+    v2 = register_edit(ops, model_name, edits, [("bad", 1.0)])
+    capsys.readouterr()
+    P.record_gates(ops, model_name, v2, cmp, champion_version=v1)
+    code, out, _ = run("reject", model_name, v2, "--approver", "bob", "--reason", "no")
+    assert code == 0 and "recorded reject" in out
+    code, _, err = run("approve", model_name, v2, "--approver", "ann", "--reason", "x")
+    assert code == 2 and "rejected" in err
+    code, out, err = run("rollback", model_name, "--remove", edits.sha["t1"], "--reason", "test")
+    assert code == 0, err
+    assert "max |diff|" in out and "champion" in out
+    code, out, _ = run("champion-revert", model_name, "--approver", "ann", "--reason", "undo")
+    assert code == 0 and f"-> {v1}" in out
+    code, out, _ = run("audit", "show", "--model", model_name)
+    assert code == 0 and "promote" in out and "reject" in out and "rollback" in out and "revert" in out
+    code, out, _ = run("audit", "verify")
+    assert code == 0 and "audit log OK" in out
+    with ops.audit._engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE taskvec_audit DISABLE TRIGGER USER")
+        conn.exec_driver_sql("UPDATE taskvec_audit SET actor = 'mallory' WHERE seq = 2")
+        conn.exec_driver_sql("ALTER TABLE taskvec_audit ENABLE TRIGGER USER")
+    code, out, _ = run("audit", "verify")
+    assert code == 1 and "BROKEN" in out and "entry 2" in out
+    code, _, err = run("rollback", model_name, "--remove", "ff" * 32)
+    assert code == 2 and "unknown vector" in err
