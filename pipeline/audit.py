@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.errors import TaskvecError
+from taskvec.redact import redact_uri
 
 TABLE = "taskvec_audit"
 GENESIS = "0" * 64
@@ -328,7 +329,7 @@ class AuditLog:
                     conn.exec_driver_sql(f"INSERT INTO {TABLE}_meta (log_id) VALUES ({_ph(conn)})", row)
                 self.log_id = row[0]
         except sa.exc.OperationalError as exc:
-            raise TaskvecError(f"cannot open audit log at {_redact(self.url)}: {str(exc.orig).strip().splitlines()[0]}") from None
+            raise TaskvecError(f"cannot open audit log at {redact_uri(self.url)}: {str(exc.orig).strip().splitlines()[0]}") from None
         _SCHEMA_DONE[self.url] = self.log_id
 
     @contextmanager
@@ -411,14 +412,6 @@ class AuditLog:
 @contextmanager
 def _nullctx():
     yield
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-    return url
 
 
 def format_entries(entries: list[AuditEntry], *, as_json: bool = False) -> str:
