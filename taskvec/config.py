@@ -29,7 +29,7 @@ SPLITS = ("train", "validation", "test")
 class _Strict(BaseModel):
     """Base for every parameter model: unknown keys are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RowCaps(_Strict):
@@ -88,7 +88,7 @@ class TrainSpec(_Strict):
     """Fine-tuning budget. Defaults fit one MiniLM task in a few minutes on 2 CPU cores."""
 
     steps: PositiveInt = 300
-    batch_size: PositiveInt = 32
+    batch_size: PositiveInt = 16
     max_length: PositiveInt = 64
     lr: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -107,7 +107,12 @@ class EvalSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    """λ search: the paper's grid, or golden-section search on the same lattice."""
+    """λ search over ``grid_points`` evenly spaced λ in [lambda_min, lambda_max].
+
+    ``grid`` evaluates every point (the paper's 21 on [0, 1]); ``golden``
+    searches the same lattice in at most ``max_evals`` evaluations. Negation
+    keeps λ whose control accuracy is ≥ ``control_threshold`` × the base's.
+    """
 
     strategy: Literal["golden", "grid"] = "golden"
     grid_points: int = Field(default=21, ge=2)

@@ -27,6 +27,7 @@ row), and empty split.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ def _read_mirror(spec: TaskSpec, folder: Path, split: str) -> tuple[datasets.Dat
     # Every column is read as a string so that label names such as "1" stay names.
     features = datasets.Features({column: datasets.Value("string") for column in header})
     try:
-        dataset = datasets.load_dataset("csv", data_files={split: str(path)}, split=split, features=features)
+        with _quiet():
+            dataset = datasets.load_dataset("csv", data_files={split: str(path)}, split=split, features=features)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; report one line
         if _is_empty_csv(path):
             raise TaskvecError(f"task {spec.name}: split {split} is empty ({path})") from None
@@ -116,9 +118,22 @@ def _is_empty_csv(path: Path) -> bool:
         return next(reader, None) is None
 
 
+@contextlib.contextmanager
+def _quiet():
+    """No ``datasets`` progress bars on stderr: errors stay one line, logs stay readable."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def _read_hub(spec: TaskSpec, hub_id: str, split: str) -> tuple[datasets.Dataset, str, str]:
     try:
-        dataset = datasets.load_dataset(hub_id, split=split)
+        with _quiet():
+            dataset = datasets.load_dataset(hub_id, split=split)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, unknown split...
         raise TaskvecError(f"task {spec.name}: cannot load hub dataset {hub_id} split {split}: {exc}") from None
     _check_columns(spec, dataset.column_names, f"{hub_id}[{split}]")

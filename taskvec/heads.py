@@ -32,9 +32,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from taskvec.errors import FormatError
+from taskvec.errors import FormatError, HomologyError, TaskvecError
+from taskvec.io import resolve_model
 
 SCALE = 20.0
 HEAD_FORMAT = "taskvec-head/1"
@@ -50,6 +52,23 @@ def sentence_embedding(encoder: nn.Module, **batch: torch.Tensor) -> torch.Tenso
     """Mean-pooled, L2-normalised float32 embeddings of a tokenised batch."""
     hidden = encoder(**batch).last_hidden_state
     return nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1)
+
+
+def load_encoder(
+    name_or_path: str | Path, *, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase, Path]:
+    """Load a model folder or hub id as a bare encoder (``AutoModel``) plus its tokenizer.
+
+    ``dtype=None`` keeps the checkpoint's dtype; training asks for float32.
+    """
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path, dtype=dtype or "auto")
+    except (OSError, ValueError, KeyError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaskvecError(f"cannot load encoder from {path}: {detail}") from None
+    return encoder, tokenizer, path
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -170,6 +189,11 @@ class EncoderClassifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, head: Head):
         super().__init__()
+        hidden = getattr(getattr(encoder, "config", None), "hidden_size", None)
+        if hidden is not None and head.weight.shape[-1] != hidden:
+            raise HomologyError(
+                f"head {head.task} has width {head.weight.shape[-1]} but the encoder's hidden size is {hidden}"
+            )
         self.encoder = encoder
         self.labels = list(head.labels)
         self.scale = head.scale

@@ -518,12 +518,6 @@ def _(ctx):
     return inv
 
 
-#: cases that reach ``datasets.load_dataset``: its progress bars ("Generating train split") go to stderr
-DATASETS_BARS = pytest.mark.xfail(
-    strict=True,
-    reason="bug reported: taskvec/data.py _read_mirror lets datasets print 'Generating train split' progress bars on stderr, so the error is not one line",
-)
-
 # ---------------------------------------------------------------------------
 # Data (through `taskvec finetune`, which validates data before touching a model)
 
@@ -543,17 +537,17 @@ def _(ctx):
     return _finetune(ctx, good_task(ctx, train="text,target\nfine,positive\n"))
 
 
-@case("data-unknown-label", "data row 2 has unknown label 'neutral'", marks=[DATASETS_BARS])
+@case("data-unknown-label", "data row 2 has unknown label 'neutral'")
 def _(ctx):
     return _finetune(ctx, good_task(ctx, train="text,label\nfine,positive\nmeh,neutral\n"))
 
 
-@case("data-empty-label", "data row 1 has an empty label", marks=[DATASETS_BARS])
+@case("data-empty-label", "data row 1 has an empty label")
 def _(ctx):
     return _finetune(ctx, good_task(ctx, train="text,label\nfine,\n"))
 
 
-@case("data-empty-split", "split train is empty", marks=[DATASETS_BARS])
+@case("data-empty-split", "split train is empty")
 def _(ctx):
     return _finetune(ctx, good_task(ctx, train="text,label\n"))
 
@@ -646,7 +640,6 @@ def _(ctx):
 @case(
     "params-lambda-max-infinite",
     "lambda_max",
-    marks=[pytest.mark.xfail(strict=True, reason="bug reported: SearchSpec.lambda_min/lambda_max accept .inf (taskvec/config.py; use allow_inf_nan=False)")],
 )
 def _(ctx):
     return _pipeline_params(ctx, "edit:\n  learn: [toy]\nsearch:\n  lambda_max: .inf\n")

@@ -1,0 +1,99 @@
+"""Params validation: defaults, task naming, and one-line refusals that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskvec.config import DEFAULT_BASE, Params, load_params, parse_params
+from taskvec.errors import TaskvecError
+
+GOOD = """
+data_dir: data
+tasks:
+  sst2:
+    source: ../shared/data/sst2
+    labels: [negative, positive]
+    descriptions: [a negative review, a positive review]
+    max_rows: {train: 100}
+  yelp_lm: {source: yelp_lm, kind: mlm}
+train: {steps: 7}
+search: {strategy: grid}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_file_loads_with_defaults(tmp_path):
+    params = load_params(write(tmp_path, GOOD))
+    assert params.base == DEFAULT_BASE
+    sst2 = params.task("sst2")
+    assert sst2.name == "sst2" and sst2.kind == "classification"
+    assert sst2.head_texts == ["a negative review", "a positive review"]
+    assert sst2.max_rows.train == 100 and sst2.max_rows.test is None
+    assert params.task("yelp_lm").labels == []
+    assert params.train.steps == 7 and params.train.batch_size == 16
+    assert params.search.strategy == "grid" and params.search.grid_points == 21 and params.search.max_evals == 8
+    assert params.data_root() == (tmp_path / "data").resolve()
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    params = load_params(write(tmp_path, ""))
+    assert params.tasks == {} and params.data_dir == "../shared/data"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("trian: {steps: 3}", "trian: Extra inputs are not permitted"),
+        ("train: {steps: many}", "train.steps: Input should be a valid integer"),
+        ("train: {steps: 0}", "train.steps: Input should be greater than 0"),
+        ("tasks: {a: {source: x, labels: [p, q], colour: red}}", "tasks.a.colour: Extra inputs"),
+        ("tasks: {a: {source: x, labels: [p]}}", "tasks.a: a classification task needs at least 2 labels"),
+        ("tasks: {a: {source: x, labels: [p, p]}}", "tasks.a: labels must be unique"),
+        ("tasks: {a: {source: x, labels: [p, q], descriptions: [one]}}", "descriptions has 1 entries for 2 labels"),
+        ("tasks: {a: {source: x, kind: mlm, labels: [p, q]}}", "an mlm task declares no labels"),
+        ("tasks: {a: {source: x, kind: regression, labels: [p, q]}}", "tasks.a.kind"),
+        ("tasks: {a: {name: b, source: x, labels: [p, q]}}", "tasks.a.name is 'b'"),
+        ("search: {strategy: random}", "search.strategy"),
+        ("search: {lambda_min: 1.0}", "lambda_min (1.0) must be below lambda_max (1.0)"),
+        ("eval: {max_rows: {dev: 3}}", "eval.max_rows.dev: Extra inputs"),
+        ("- a\n- b", "expected a mapping at the top level"),
+        ("train: [unclosed", "invalid YAML"),
+    ],
+)
+def test_bad_files_are_refused_in_one_line_naming_the_key(tmp_path, text, expected):
+    with pytest.raises(TaskvecError) as err:
+        load_params(write(tmp_path, text))
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message and message.startswith(str(tmp_path / "params.yaml"))
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(TaskvecError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_unknown_task_lists_the_known_ones():
+    params = parse_params({"tasks": {"b": {"source": "x", "labels": ["p", "q"]}, "a": {"source": "y", "labels": ["p", "q"]}}})
+    with pytest.raises(TaskvecError, match=r"unknown task 'c' \(params declare: a, b\)"):
+        params.task("c")
+
+
+def test_params_can_be_extended_with_new_sections(tmp_path):
+    from taskvec.config import _Strict
+
+    class Edit(_Strict):
+        lam: float = 0.5
+
+    class Extended(Params):
+        edit: Edit = Edit()
+
+    params = load_params(write(tmp_path, "edit: {lam: 0.3}"), model=Extended)
+    assert params.edit.lam == 0.3
+    with pytest.raises(TaskvecError, match="edit.lam"):
+        load_params(write(tmp_path, "edit: {lam: x}"), model=Extended)

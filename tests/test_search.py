@@ -1,0 +1,173 @@
+"""λ search: strategies on known curves, negation's constraint, caching, exact in-place restore, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from taskvec.config import SearchSpec
+from taskvec.errors import HomologyError, TaskvecError
+from taskvec.heads import load_encoder
+from taskvec.search import (
+    CachedEvaluator,
+    WeightEditor,
+    addition_objective,
+    compose,
+    lattice,
+    negation_objective,
+    run_search,
+    search_lambda,
+    write_outputs,
+)
+from tests.conftest_tasks import data_dir, params, tiny_model  # noqa: F401 - fixtures
+
+SPEC = SearchSpec()
+GRID = SearchSpec(strategy="grid")
+
+
+def peaked(peak: float, width: float = 0.6):
+    """A unimodal accuracy curve for one task with its maximum at ``peak``."""
+    return lambda lam: {"a": 0.9 - (lam - peak) ** 2 / width, "b": 0.5}
+
+
+ADD = addition_objective(["a"], {"a": 0.9})
+
+
+@pytest.mark.parametrize("peak", [0.0, 0.05, 0.23, 0.4, 0.5, 0.61, 0.77, 0.95, 1.0, 1.3, -0.2])
+def test_golden_lands_within_005_of_the_grid_best_in_at_most_8_evaluations(peak):
+    grid = search_lambda(peaked(peak), ADD, GRID)
+    smart = search_lambda(peaked(peak), ADD, SPEC)
+    assert len(grid.evaluations) == 21
+    assert grid.best_lambda == pytest.approx(min(max(round(peak * 20) / 20, 0.0), 1.0))
+    assert len(smart.evaluations) <= 8 and not smart.budget_exhausted
+    assert abs(smart.best_lambda - grid.best_lambda) <= 0.05 + 1e-9
+    assert smart.best_score == pytest.approx(ADD.value(peaked(peak)(smart.best_lambda)))
+
+
+def test_addition_score_is_mean_normalised_accuracy():
+    objective = addition_objective(["a", "b"], {"a": 0.8, "b": 0.5})
+    assert objective.value({"a": 0.4, "b": 0.5}) == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(TaskvecError, match="reference accuracy for task b"):
+        addition_objective(["a", "b"], {"a": 0.8})
+
+
+def negation_curve(lam: float) -> dict[str, float]:
+    # Target accuracy falls with λ; control accuracy stays flat, then drops past λ = 0.62.
+    return {"toxic": 0.9 - 0.6 * lam, "control": 0.8 if lam <= 0.5 else 0.8 - 0.5 * (lam - 0.5)}
+
+
+@pytest.mark.parametrize("spec", [SPEC, GRID])
+def test_negation_respects_the_control_constraint(spec):
+    evaluate = CachedEvaluator(negation_curve)
+    objective = negation_objective(["toxic"], ["control"], evaluate(0.0), 0.95)
+    result = search_lambda(evaluate, objective, spec)
+    # control ≥ 0.76 ⇔ λ ≤ 0.58, so the largest feasible lattice point is 0.55.
+    assert result.best_lambda == pytest.approx(0.55)
+    assert result.best_metrics["control"] >= 0.95 * 0.8
+    assert result.best_score == pytest.approx(0.9 - 0.6 * 0.55)
+    assert len(result.evaluations) <= (8 if spec is SPEC else 21)
+    infeasible = [e for e in result.evaluations if not e["feasible"]]
+    assert infeasible and all(e["lambda"] > 0.55 for e in infeasible)
+
+
+def test_no_feasible_lambda_is_refused():
+    objective = negation_objective(["toxic"], ["control"], {"control": 2.0}, 0.95)
+    with pytest.raises(TaskvecError, match="no feasible λ"):
+        search_lambda(negation_curve, objective, SPEC)
+
+
+@pytest.mark.parametrize("max_evals", [3, 4, 5])
+def test_evaluations_are_cached_and_the_budget_holds(max_evals):
+    calls = []
+
+    def evaluate(lam):
+        calls.append(lam)
+        return {"a": math.sin(40 * lam)}  # far from unimodal
+
+    cached = CachedEvaluator(evaluate)
+    cached(0.5), cached(0.5)
+    assert calls == [0.5]
+    result = search_lambda(cached, ADD, SearchSpec(max_evals=max_evals))
+    assert len(calls) == len(result.evaluations) == max_evals and result.budget_exhausted
+
+
+def test_lattice_and_bad_strategy():
+    assert lattice(SPEC) == pytest.approx([i / 20 for i in range(21)])
+    assert lattice(SearchSpec(grid_points=5, lambda_min=-1, lambda_max=1)) == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    with pytest.raises(TaskvecError, match="unknown search strategy"):
+        search_lambda(peaked(0.5), ADD, SPEC, strategy="random")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_edits_restore_the_base_exactly(tiny_model, dtype):
+    encoder, _, _ = load_encoder(tiny_model)
+    encoder.to(dtype)
+    before = {name: t.clone() for name, t in encoder.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    tau = {name: torch.randn(t.shape, generator=gen) * 0.01 for name, t in before.items() if name.startswith("encoder.layer.0")}
+    ids_before = {name: t.data_ptr() for name, t in encoder.state_dict().items()}
+    with WeightEditor(encoder, tau) as editor:
+        for lam in (0.3, 1.0, -0.7):
+            editor.apply(lam)
+            state = encoder.state_dict()
+            for name, delta in tau.items():
+                assert torch.equal(state[name], torch.add(before[name].float(), delta, alpha=lam).to(dtype))
+            assert torch.equal(state["embeddings.word_embeddings.weight"], before["embeddings.word_embeddings.weight"])
+    after = encoder.state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert {name: t.data_ptr() for name, t in after.items()} == ids_before  # same storage: edited in place
+
+
+def test_editor_refuses_foreign_vectors(tiny_model):
+    encoder, _, _ = load_encoder(tiny_model)
+    with pytest.raises(HomologyError, match="'nope' is not in the model"):
+        WeightEditor(encoder, {"nope": torch.zeros(1)})
+    with pytest.raises(HomologyError, match="has shape"):
+        WeightEditor(encoder, {"pooler.dense.bias": torch.zeros(3)})
+
+
+def test_compose_weights_and_checks_coverage():
+    a, b = {"w": torch.ones(2)}, {"w": torch.full((2,), 2.0)}
+    assert torch.equal(compose([(a, 1.0), (b, -0.5)])["w"], torch.zeros(2))
+    with pytest.raises(HomologyError):
+        compose([(a, 1.0), ({"v": torch.ones(2)}, 1.0)])
+
+
+def test_outputs_csv_png_json(tmp_path):
+    result = search_lambda(peaked(0.3), ADD, SPEC)
+    out = write_outputs(result, tmp_path / "search")
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert [float(r["lambda"]) for r in rows] == sorted(e["lambda"] for e in result.evaluations)
+    assert set(rows[0]) == {"lambda", "score", "feasible", "a", "b"}
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["best_lambda"] == pytest.approx(0.3) and saved["n_evals"] == len(result.evaluations)
+
+
+def test_run_search_on_a_real_model(tiny_model, params):
+    encoder, _, _ = load_encoder(tiny_model)
+    gen = torch.Generator().manual_seed(1)
+    tau = {name: torch.randn(t.shape, generator=gen) * 0.05 for name, t in encoder.state_dict().items()}
+    result = run_search(tiny_model, [(tau, 1.0)], "addition", ["senti"], params, progress=False)
+    assert len(result.evaluations) <= 8
+    reference = result.details["objective_details"]["reference"]["senti"]
+    at_one = [e for e in result.evaluations if e["lambda"] == 1.0]
+    if at_one:  # θ + 1·τ is the "fine-tuned" model whose accuracy is the reference
+        assert at_one[0]["metrics"]["senti"] == pytest.approx(reference)
+    accuracies = [e["metrics"]["senti"] for e in result.evaluations]
+    assert result.best_score == pytest.approx(max(accuracies) / reference)
+    negation = run_search(tiny_model, [(tau, 1.0)], "negation", ["senti"], params, controls=["senti"], strategy="grid", progress=False)
+    assert len(negation.evaluations) == 21 and negation.evaluations[0]["lambda"] == 0.0
+
+
+def test_run_search_refusals(tiny_model, params):
+    with pytest.raises(TaskvecError, match="unknown objective"):
+        run_search(tiny_model, [({}, 1.0)], "multiply", ["senti"], params)
+    with pytest.raises(TaskvecError, match="got 2 vectors for 1 tasks"):
+        run_search(tiny_model, [({}, 1.0), ({}, 1.0)], "addition", ["senti"], params)
+    with pytest.raises(TaskvecError, match="mlm task"):
+        run_search(tiny_model, [({}, 1.0)], "negation", ["senti_lm"], params, controls=["senti"])

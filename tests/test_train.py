@@ -1,0 +1,94 @@
+"""Fine-tuning: the loss falls, the encoder is saved in the base's format, runs are reproducible."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from taskvec.data import load_split
+from taskvec.errors import TaskvecError
+from taskvec.heads import EncoderClassifier, load_encoder, load_head
+from taskvec.train import finetune, training_rows
+from tests.conftest_tasks import data_dir, params, tiny_model, write_csv  # noqa: F401 - fixtures
+
+
+def tensors(folder):
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def train_loss(model_dir, head_path, params):
+    """Mean cross-entropy of an encoder + head over the rows the fine-tune trained on."""
+    encoder, tokenizer, _ = load_encoder(model_dir)
+    model = EncoderClassifier(encoder, load_head(head_path)).eval()
+    rows = training_rows(load_split(params.task("senti"), params.data_root(), "train"), params.train)
+    batch = tokenizer(list(rows["text"]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch, labels=torch.tensor(list(rows["label"]))).loss.item()
+
+
+def test_classifier_finetune_lowers_loss_and_keeps_the_base_format(tiny_model, params, tmp_path):
+    out = tmp_path / "runs" / "senti"
+    result = finetune("senti", params, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "finetune.json", "heads", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]
+    assert [p.name for p in out.parent.iterdir()] == ["senti"]  # the temp folder was renamed away
+    base, tuned = tensors(tiny_model), tensors(out)
+    assert set(tuned) == set(base)
+    assert all(tuned[n].shape == base[n].shape and tuned[n].dtype == base[n].dtype for n in base)
+    assert not torch.equal(tuned["encoder.layer.0.attention.self.query.weight"], base["encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(tuned["pooler.dense.weight"], base["pooler.dense.weight"])  # unused by mean pooling
+    head = out / "heads" / "senti.safetensors"
+    assert load_head(head).texts == ["bad", "good"]
+    assert train_loss(out, head, params) < train_loss(tiny_model, head, params)
+    manifest = json.loads((out / "finetune.json").read_text())
+    assert manifest["task"] == "senti" and manifest["train"]["steps"] == 12
+    assert manifest["data"]["sha256"] == load_split(params.task("senti"), params.data_root(), "train").digest
+    assert manifest["data"]["rows_trained"] == 64 and len(result.losses) >= 2
+
+
+def test_same_seed_same_weights(params, tmp_path):
+    first = finetune("senti", params, tmp_path / "a", steps=3, progress=False)
+    second = finetune("senti", params, tmp_path / "b", steps=3, progress=False)
+    a, b = tensors(first.out_dir), tensors(second.out_dir)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_mlm_finetune_saves_the_encoder_only(tiny_model, params, tmp_path):
+    out = tmp_path / "lm"
+    result = finetune("senti_lm", params, out, steps=4, progress=False)
+    base, tuned = tensors(tiny_model), tensors(out)
+    assert set(tuned) == set(base)
+    assert not torch.equal(tuned["embeddings.word_embeddings.weight"], base["embeddings.word_embeddings.weight"])
+    assert torch.equal(tuned["pooler.dense.weight"], base["pooler.dense.weight"])  # no pooler in the MLM model
+    assert not (out / "heads").exists()
+    assert result.manifest["kind"] == "mlm" and result.losses
+
+
+def test_bad_data_fails_before_training(params, data_dir, tmp_path):
+    write_csv(data_dir / "senti" / "train.csv", [("good film", "positive"), ("meh", "mixed")])
+    with pytest.raises(TaskvecError, match="data row 2 has unknown label 'mixed'"):
+        finetune("senti", params, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_finetune_command(params, data_dir, tiny_model, tmp_path):
+    import typer
+    import yaml
+
+    from taskvec.cli_tasks import register
+
+    app = typer.Typer()
+    register(app)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump()))
+    result = CliRunner().invoke(app, ["finetune", "senti", "-p", str(path), "-o", str(tmp_path / "cli"), "--steps", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "2 steps in" in result.output and (tmp_path / "cli" / "model.safetensors").is_file()
+    unknown = CliRunner().invoke(app, ["finetune", "nope", "-p", str(path), "-o", str(tmp_path / "x")])
+    assert isinstance(unknown.exception, TaskvecError) and "unknown task 'nope'" in str(unknown.exception)
