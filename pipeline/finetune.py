@@ -1,0 +1,46 @@
+"""Step 1 — fine-tune: ``outputs/finetuned/<task>/`` (encoder in the base's format + frozen head).
+
+Entry point of the ``finetune@<task>`` DVC stage and of the Prefect
+``finetune`` task (which runs it in a subprocess, so concurrent fine-tunes
+keep their own RNG and thread pools)::
+
+    python -m pipeline.finetune --params params.yaml --task sst2
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pipeline import params as P
+from taskvec.errors import TaskvecError
+
+
+def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, task: str = "") -> dict:
+    """Fine-tune ``task``; returns the output folder, its weights' content hash and the data lineage."""
+    from taskvec.io import TensorSource
+    from taskvec.train import finetune
+
+    p = P.load(params_file)
+    if task not in p.finetune.tasks:
+        listed = ", ".join(p.finetune.tasks) or "none"
+        raise TaskvecError(f"task {task!r} is not in finetune.tasks ({listed})")
+    out = P.finetuned_dir(p, task)
+    result = finetune(task, p, out, progress=p.finetune.progress)
+    with TensorSource(out) as src:
+        content_hash = src.content_hash()
+    head = out / "heads" / f"{task}.safetensors"
+    return {
+        "step": "finetune",
+        "task": task,
+        "path": str(out),
+        "content_hash": content_hash,
+        "head": str(head) if head.is_file() else None,
+        "data": result.manifest.get("data", {}),
+        "seconds": round(result.seconds, 2),
+        "losses": result.losses,
+    }
+
+
+if __name__ == "__main__":
+    P.step_cli(main, sys.argv[1:], description=__doc__.splitlines()[0], task=True)

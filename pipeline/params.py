@@ -1,0 +1,312 @@
+"""Pipeline parameters: ``params.yaml`` = the core :class:`taskvec.config.Params` plus pipeline sections.
+
+``params.yaml`` is grouped so that each DVC stage depends on exactly the
+sections it reads (``dvc.yaml`` lists them under ``params:``)::
+
+    base, data_dir, tasks     shared by every stage (tasks.<name> per fine-tune)
+    train                     finetune stage   (core TrainSpec)
+    finetune                  finetune stage   (which tasks get a fine-tune: the foreach list)
+    extract                   extract stage    (include / exclude globs)
+    edit                      compose, search, evaluate (the edit plan and merge method)
+    search, eval              search, evaluate (core SearchSpec, EvalSpec)
+    register, mlflow, dvc     register stage   (registry, tracking, remote)
+
+Every section refuses unknown keys (``extra="forbid"``), like the core ones.
+Cross-section rules (every task named by the plan is declared under
+``tasks``; every task the plan edits with is fine-tuned) are checked at load
+time and reported as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from taskvec.config import Params, load_params
+from taskvec.errors import TaskvecError
+
+DEFAULT_PARAMS = "params.yaml"
+OUTPUTS = "outputs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Analogy(_Strict):
+    """``τ_c + (τ_b − τ_a)``: "a is to b as c is to target" (e.g. yelp_lm : amazon_lm :: yelp : amazon)."""
+
+    a: str
+    b: str
+    c: str
+    target: str | None = None  # task evaluated for this analogy (needs no fine-tune)
+
+
+class EditPlan(_Strict):
+    """What the edit does: learn (add), forget (negate), analogies, merge method, controls.
+
+    The composed vector is ``merge(+τ_learn…, −τ_forget…, +τ_c, +τ_b, −τ_a…)``
+    with ``method``; the λ search then scales it as a whole (θ = θ₀ + λ·τ).
+    """
+
+    learn: list[str] = Field(default_factory=list)
+    forget: list[str] = Field(default_factory=list)
+    analogies: list[Analogy] = Field(default_factory=list)
+    control: list[str] = Field(default_factory=list)
+    method: Literal["sum", "ties", "dare", "dare_ties", "magnitude"] = "sum"
+    density: float = Field(default=1.0, gt=0, le=1)
+    drop: float = Field(default=0.0, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> EditPlan:
+        if not (self.learn or self.forget or self.analogies):
+            raise ValueError("the edit plan is empty: give edit.learn, edit.forget or edit.analogies")
+        if self.method in ("ties", "magnitude") and self.drop:
+            raise ValueError(f"drop applies to dare and dare_ties, not {self.method}")
+        if self.method in ("dare", "dare_ties", "sum") and self.density != 1.0:
+            raise ValueError(f"density applies to ties and magnitude, not {self.method}")
+        return self
+
+    def signed_tasks(self) -> list[tuple[str, float]]:
+        """The ordered (task, sign) list the composed vector is made of."""
+        out = [(t, 1.0) for t in self.learn] + [(t, -1.0) for t in self.forget]
+        for an in self.analogies:
+            out += [(an.c, 1.0), (an.b, 1.0), (an.a, -1.0)]
+        return out
+
+    def vector_tasks(self) -> list[str]:
+        """Tasks whose vector the edit uses, each once, in first-use order."""
+        return list(dict.fromkeys(t for t, _ in self.signed_tasks()))
+
+    def target_tasks(self) -> list[str]:
+        """Tasks whose accuracy the edit should raise."""
+        return list(dict.fromkeys(self.learn + [a.target for a in self.analogies if a.target]))
+
+    def eval_tasks(self) -> list[str]:
+        """Every labelled task evaluated: targets, forgotten tasks and controls."""
+        return list(dict.fromkeys(self.target_tasks() + self.forget + self.control))
+
+    def merge_options(self):
+        from taskvec.engine import MergeOptions
+
+        return MergeOptions(method=self.method, density=self.density, drop=self.drop, seed=self.seed)
+
+
+class FinetuneSection(_Strict):
+    """``tasks``: the tasks fine-tuned (DVC's ``foreach`` list); must cover the plan's vectors."""
+
+    tasks: list[str] = Field(default_factory=list)
+    progress: bool = False
+
+
+class ExtractSection(_Strict):
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class RegisterSection(_Strict):
+    alias: str = "challenger"
+    log_vectors: bool = True  # store the vectors with the version, so `taskvec reproduce` works from MLflow alone
+    description: str = "Task-arithmetic edit of the base model, built by the taskvec edit pipeline."
+
+
+class MlflowSection(_Strict):
+    """Tracking: ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "taskvec-edit"
+    registered_model: str = "taskvec-edit"
+
+
+class DvcSection(_Strict):
+    """``remote``: the DVC remote the flow pushes to (``""`` = the repo's default remote)."""
+
+    remote: str = ""
+    push: bool = True
+    commit: bool = True  # the Prefect flow records its outputs in dvc.lock (`dvc commit`)
+
+
+with warnings.catch_warnings():
+    # `register` shadows ABCMeta.register of pydantic models, which nothing here calls
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class _RegisterField(Params):
+        register: RegisterSection = Field(default_factory=RegisterSection)
+
+
+class PipelineParams(_RegisterField):
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    extract: ExtractSection = Field(default_factory=ExtractSection)
+    edit: EditPlan = Field(default_factory=lambda: EditPlan(learn=["sst2"]))
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    dvc: DvcSection = Field(default_factory=DvcSection)
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> PipelineParams:
+        declared = set(self.tasks)
+        plan = self.edit
+        named = plan.vector_tasks() + plan.eval_tasks() + self.finetune.tasks
+        for name in named:
+            if name not in declared:
+                raise ValueError(f"task {name!r} is used by the edit plan or finetune.tasks but not declared under tasks")
+        missing = [t for t in plan.vector_tasks() if t not in self.finetune.tasks]
+        if missing:
+            raise ValueError(f"edit uses the vector of {missing[0]!r}; add it to finetune.tasks")
+        for name in plan.eval_tasks():
+            if self.tasks[name].kind != "classification":
+                raise ValueError(f"task {name!r} is evaluated (learn/forget/control/target) but is an mlm task")
+        return self
+
+    # -- paths -------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        """The folder of params.yaml; relative paths in the pipeline are relative to it."""
+        return self._root
+
+    def out(self, *parts: str) -> Path:
+        return self._root / OUTPUTS / Path(*parts)
+
+
+def load(path: str | os.PathLike = DEFAULT_PARAMS) -> PipelineParams:
+    """Validate ``params.yaml`` (or another file) into :class:`PipelineParams`; one-line errors."""
+    return load_params(path, model=PipelineParams)
+
+
+def params_hash(path: str | os.PathLike) -> str:
+    """sha256 of the params file's bytes (the registry tag ``taskvec.params_sha256``)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise TaskvecError(f"cannot read params file {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------
+# Output layout (under OUTPUTS beside params.yaml; every folder is a DVC out)
+
+
+def finetuned_dir(p: PipelineParams, task: str) -> Path:
+    return p.out("finetuned", task)
+
+
+def vector_path(p: PipelineParams, task: str) -> Path:
+    return p.out("vectors", f"{task}.safetensors")
+
+
+def edit_dir(p: PipelineParams) -> Path:
+    return p.out("edit")
+
+
+def search_dir(p: PipelineParams) -> Path:
+    return p.out("search")
+
+
+def model_dir(p: PipelineParams) -> Path:
+    return p.out("model")
+
+
+def metrics_dir(p: PipelineParams) -> Path:
+    return p.out("metrics")
+
+
+def registry_dir(p: PipelineParams) -> Path:
+    return p.out("registry")
+
+
+# ---------------------------------------------------------------------------
+# Content hashes of inputs (the keys of Prefect's cache and the registry tags)
+
+
+def base_hash(p: PipelineParams) -> str:
+    """Content hash of the base weights (cached by file stat in taskvec's hash cache)."""
+    from taskvec.io import TensorSource, resolve_model
+
+    with TensorSource(resolve_model(p.base)) as src:
+        return src.content_hash()
+
+
+def data_digests(p: PipelineParams, tasks: list[str], splits: tuple[str, ...] = ("train", "validation", "test")) -> dict[str, str]:
+    """``{"task/split": sha256}`` of the data files each task reads (mirror CSV bytes; hub: taskvec.data's digest)."""
+    from taskvec.data import load_split, resolve_source
+    from taskvec.io import file_sha256
+
+    out: dict[str, str] = {}
+    for name in tasks:
+        spec = p.task(name)
+        wanted = ("train",) if spec.kind == "mlm" else splits
+        source = resolve_source(spec, p.data_root())
+        for split in wanted:
+            if source.kind == "mirror":
+                path = Path(source.location) / f"{split}.csv"
+                if not path.is_file():
+                    raise TaskvecError(f"task {name}: missing file {path}")
+                out[f"{name}/{split}"] = file_sha256(path)
+            else:
+                out[f"{name}/{split}"] = load_split(spec, p.data_root(), split).digest
+    return out
+
+
+def data_folder(p: PipelineParams, task: str) -> str:
+    """Where a task's data lives (mirror folder, or ``hf://datasets/<id>``)."""
+    from taskvec.data import resolve_source
+
+    source = resolve_source(p.task(task), p.data_root())
+    return source.location if source.kind == "mirror" else f"hf://datasets/{source.location}"
+
+
+# ---------------------------------------------------------------------------
+# Step command lines: `python -m pipeline.<step> --params params.yaml [--task T]`
+
+
+def step_cli(main, argv: list[str] | None, *, description: str, task: bool = False) -> None:
+    """Parse argv, run ``main``, print its result as JSON; a TaskvecError is one line and exit 2."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    if task:
+        parser.add_argument("--task", required=True, help="task name (a key under tasks:)")
+    parser.add_argument("--json-out", default=None, help="also write the result JSON to this file")
+    args = parser.parse_args(argv)
+    threads = os.environ.get("TASKVEC_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    kwargs = {"params_file": args.params}
+    if task:
+        kwargs["task"] = args.task
+    try:
+        result = main(**kwargs)
+    except TaskvecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    text = json.dumps(result, indent=2, sort_keys=True, default=str)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
+
+
+def git_commit(root: str | os.PathLike) -> dict[str, object]:
+    """``{"commit": sha or None, "dirty": bool}`` of the git checkout holding ``root``."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status)}

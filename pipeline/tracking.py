@@ -1,0 +1,277 @@
+"""MLflow tracking for the edit pipeline.
+
+Where runs go: ``MLFLOW_TRACKING_URI`` in the environment, else
+``mlflow.tracking_uri`` of params.yaml — by default the embedded SQLite store
+``sqlite:///mlflow.db`` beside params.yaml (relative SQLite paths are made
+absolute against the params folder) with a local artifact root
+(``mlflow.artifact_root``, default ``mlartifacts/``) set when the experiment
+is created. A server URI (``http://…``) keeps the server's artifact store.
+
+Run layout: one *parent* run per flow run (or per ``dvc repro`` register
+stage) and one nested run per step (``finetune/sst2``, ``extract/sst2``,
+``compose``, ``search``, ``evaluate``, ``register``) holding that step's
+params, metrics, artifacts (λ curve CSV/PNG, accuracy plot, results table)
+and dataset inputs (``mlflow.log_input`` of a :class:`MetaDataset` whose
+digest is the data file's sha256).
+
+Credentials never reach MLflow or the logs: every URI that is logged or
+printed goes through :func:`redact` (``user:password@`` and token-like query
+parameters are masked).
+
+Writes to the store are serialised by a process-wide lock, so Prefect's
+thread-pool tasks can log concurrently to SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from taskvec.errors import TaskvecError
+
+class _TimedLock:
+    """A re-entrant lock that also adds up the seconds spent holding it (= time in MLflow calls)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = threading.local()
+        self.seconds = 0.0
+
+    def __enter__(self):
+        import time
+
+        self._lock.acquire()
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            self._depth.t0 = time.perf_counter()
+        self._depth.n = depth + 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        self._depth.n -= 1
+        if self._depth.n == 0:
+            self.seconds += time.perf_counter() - self._depth.t0
+        self._lock.release()
+
+
+#: serialises MLflow writes across Prefect's task threads; LOCK.seconds = time spent in MLflow
+LOCK = _TimedLock()
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key|sig|signature)=)[^&#\s]*")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/@\s:]+)(?::[^/@\s]*)?@")
+
+
+def redact(text: str | None) -> str:
+    """Mask credentials in URIs inside ``text``: ``scheme://user:pw@host`` → ``scheme://***@host``."""
+    if text is None:
+        return ""
+    text = _USERINFO.sub(lambda m: f"{m.group(1)}***@", str(text))
+    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}***", text)
+
+
+def resolve_tracking_uri(p) -> str:
+    """``MLFLOW_TRACKING_URI`` env, else params (SQLite/file paths made absolute against the params folder)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or p.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        uri = "sqlite:///" + str((p.root / rel).resolve())
+    elif "://" not in uri:
+        uri = str((p.root / uri).resolve())
+    return uri
+
+
+def _is_server(uri: str) -> bool:
+    return urlsplit(uri).scheme in ("http", "https", "databricks")
+
+
+def artifact_location(p, uri: str) -> str | None:
+    """``file://`` URI of the artifact root for local stores; None for a tracking server."""
+    root = p.mlflow.artifact_root
+    if "://" in root:
+        return root
+    if _is_server(uri):
+        return None
+    return (p.root / root).resolve().as_uri()
+
+
+class Tracker:
+    """An MLflow client bound to the pipeline's store and experiment."""
+
+    def __init__(self, p):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.params = p
+        self.uri = resolve_tracking_uri(p)
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        with LOCK:
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            try:
+                exp = self.client.get_experiment_by_name(p.mlflow.experiment)
+                if exp is None:
+                    self.experiment_id = self.client.create_experiment(p.mlflow.experiment, artifact_location=artifact_location(p, self.uri))
+                else:
+                    self.experiment_id = exp.experiment_id
+            except Exception as exc:  # noqa: BLE001 - unreachable server, bad URI, locked DB
+                raise TaskvecError(f"MLflow tracking store {redact(self.uri)} is not usable: {redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}") from None
+
+    @property
+    def safe_uri(self) -> str:
+        return redact(self.uri)
+
+    # -- runs ---------------------------------------------------------------
+
+    def start(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        all_tags = {MLFLOW_RUN_NAME: name, **{k: redact(str(v)) for k, v in (tags or {}).items()}}
+        if parent:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent
+        with LOCK:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        with LOCK:
+            self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def run(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> Iterator[StepRun]:
+        """A (nested, when ``parent``) run that ends FINISHED, or FAILED if the block raises."""
+        run_id = self.start(name, parent=parent, tags=tags)
+        step = StepRun(self, run_id)
+        try:
+            yield step
+        except BaseException:
+            self.end(run_id, "FAILED")
+            raise
+        self.end(run_id, "FINISHED")
+
+
+class StepRun:
+    """Logging helpers for one run (all thread-safe, all redacting)."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker = tracker
+        self.client = tracker.client
+        self.run_id = run_id
+
+    def params(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = {k: redact(v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str))[:6000] for k, v in _flatten(values).items()}
+        with LOCK:
+            items = [Param(k, v) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(re.sub(r"[^\w\-. :/]", "_", k), float(v), ts, step) for k, v in _flatten(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        with LOCK:
+            for i in range(0, len(items), 500):
+                self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def series(self, key: str, points: list[tuple[int, float]]) -> None:
+        """A metric history, e.g. the training loss per step."""
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(key, float(v), ts, int(s)) for s, v in points]
+        with LOCK:
+            for i in range(0, len(items), 500):
+                self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def tags(self, values: dict[str, Any]) -> None:
+        with LOCK:
+            for k, v in values.items():
+                self.client.set_tag(self.run_id, k, redact(v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)))
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        with LOCK:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        with LOCK:
+            self.client.log_text(self.run_id, redact(text), artifact_file)
+
+    def dict(self, obj: Any, artifact_file: str) -> None:
+        self.text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+    def datasets(self, lineage: dict[str, dict], context: str) -> None:
+        """``mlflow.log_input`` of each split's digest: {key: {task, split, origin, sha256, rows_used...}}."""
+        import mlflow
+        from mlflow.data.meta_dataset import MetaDataset
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with LOCK, mlflow.start_run(run_id=self.run_id):
+            for info in lineage.values():
+                origin = str(info.get("origin", ""))
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        source = resolve_dataset_source(origin)
+                except Exception:  # noqa: BLE001 - unknown source kind: fall back to a code source
+                    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+                    source = CodeDatasetSource({"origin": redact(origin)})
+                name = f"{info.get('task')}/{info.get('split')}"
+                ds = MetaDataset(source=source, name=name, digest=str(info["sha256"])[:32])
+                tags = {"sha256": str(info["sha256"]), "rows_used": str(info.get("rows_used", "")), "rows_total": str(info.get("rows_total", ""))}
+                mlflow.log_input(ds, context=context, tags=tags)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def plot_accuracy(metrics: dict, path: str | os.PathLike) -> Path:
+    """Bar chart: base (zero-shot), fine-tuned and edited accuracy per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(metrics["tasks"])
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(tasks)), 3.5))
+    width = 0.27
+    for i, (key, label) in enumerate((("base", "base (zero-shot)"), ("finetuned", "fine-tuned"), ("edited", "edited"))):
+        vals = [metrics["tasks"][t].get(key, 0.0) for t in tasks]
+        ax.bar([x + (i - 1) * width for x in range(len(tasks))], vals, width, label=label)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n({metrics['tasks'][t]['role']})" for t in tasks])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"{metrics['split']} accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,78 @@
+"""Shared plumbing of the Prefect tasks: cache keys on content hashes, retries, MLflow step runs.
+
+Every task takes ``inputs``: a JSON-able dict of the content hashes (and
+parameter slices) its step reads. The cache key is the sha256 of the task
+name, ``inputs`` and the source of the code the step runs (the same files
+``dvc.yaml`` lists as the stage's code deps), so an unchanged step is a cache
+hit and a changed input, parameter or code file recomputes it. The flow
+passes ``refresh_cache=True`` when a step's output is missing on disk.
+
+Results (small dicts of paths and hashes, never tensors) are persisted under
+``outputs/.prefect`` (see :func:`result_storage`), so the cache lives and
+dies with the outputs it describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from taskvec.errors import TaskvecError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: code each step runs (mirrors the code deps of the dvc.yaml stages)
+STEP_CODE = {
+    "finetune": ["pipeline/finetune.py", "taskvec/train.py", "taskvec/heads.py", "taskvec/data.py"],
+    "extract": ["pipeline/extract.py", "taskvec/engine.py", "taskvec/vector.py"],
+    "compose": ["pipeline/compose.py", "taskvec/engine.py", "taskvec/algebra.py"],
+    "search": ["pipeline/search.py", "taskvec/evaluate.py", "taskvec/heads.py"],
+    "evaluate": ["pipeline/evaluate.py", "pipeline/search.py", "taskvec/engine.py", "taskvec/evaluate.py"],
+    "register": ["pipeline/register.py", "pipeline/registry.py"],
+}
+
+
+def code_hash(step: str) -> str:
+    h = hashlib.sha256()
+    for rel in STEP_CODE.get(step, []):
+        path = ROOT / rel
+        h.update(rel.encode() + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return h.hexdigest()
+
+
+def cache_key(context, parameters: dict) -> str:
+    """Prefect ``cache_key_fn``: sha256(step, inputs, code)."""
+    step = context.task.name
+    body = json.dumps({"step": step, "inputs": parameters.get("inputs"), "code": code_hash(step)}, sort_keys=True, default=str)
+    return f"taskvec-{step}-{hashlib.sha256(body.encode()).hexdigest()}"
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the failure is a user error (TaskvecError)."""
+    try:
+        state.result(raise_on_failure=True)
+    except TaskvecError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else (I/O, a killed subprocess, a locked DB) may pass
+        return True
+    return True
+
+
+def result_storage(root: str | Path) -> Path:
+    path = Path(root) / "outputs" / ".prefect"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tracker_for(params_file: str):
+    """A :class:`pipeline.tracking.Tracker` for the params file (None when tracking is off)."""
+    from pipeline import params as P
+    from pipeline import tracking
+
+    return tracking.Tracker(P.load(params_file))
+
+
+def step_tags(step: str, inputs: dict) -> dict[str, str]:
+    return {"taskvec.step": step, "taskvec.cache_key_inputs": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()}

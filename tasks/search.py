@@ -1,0 +1,32 @@
+"""Prefect task: λ search (``pipeline.search``); logs the λ curve (metric history, CSV, PNG)."""
+
+from __future__ import annotations
+
+import time
+
+import csv
+
+from prefect import task
+
+from pipeline import search
+from tasks.common import cache_key, step_tags, tracker_for, transient
+
+
+@task(name="search", retries=1, retry_delay_seconds=2, retry_condition_fn=transient, cache_key_fn=cache_key, persist_result=True)
+def search_task(params_file: str, inputs: dict, parent_run_id: str | None = None) -> dict:
+    t0 = time.perf_counter()
+    result = search.main(params_file)
+    result["step_seconds"] = round(time.perf_counter() - t0, 3)
+    if parent_run_id:
+        with tracker_for(params_file).run("search", parent=parent_run_id, tags=step_tags("search", inputs)) as run:
+            run.params({"search": inputs.get("search"), "eval": inputs.get("eval"), "vector_sha256": inputs.get("vector_sha256")})
+            run.metrics({"best_lambda": result["lambda"], "best_objective": result["objective"], "evaluations": result["evaluations"], "seconds": result["seconds"]})
+            run.metrics({f"val.{t}.edited": a for t, a in result["accuracy"].items()} | {f"val.{t}.base": a for t, a in result["base_accuracy"].items()} | {f"val.{t}.finetuned": a for t, a in result["finetuned_accuracy"].items()})
+            with open(result["curve"]) as f:
+                rows = list(csv.DictReader(f))
+            for i, row in enumerate(rows):  # the curve as metric histories indexed by grid position
+                run.metrics({k.replace("/", "."): float(v) for k, v in row.items() if k != "feasible"}, step=i)
+            for key in ("curve", "plot", "best"):
+                run.artifact(result[key], "search")
+            run.datasets(result["data"], context="validation")
+    return result

@@ -1,0 +1,96 @@
+"""The Prefect `edit` flow on a tiny model under Prefect's test harness, with a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest_pipeline import pipeline_env, tiny_project  # noqa: F401
+
+STEPS = {"finetune/senti", "finetune/topic", "extract/senti", "extract/topic", "compose", "search", "evaluate", "register"}
+
+
+@pytest.mark.slow
+def test_edit_flow_registers_a_reproducible_version(tiny_project):
+    import mlflow
+    from mlflow import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+    from transformers import AutoModel
+
+    from flows.edit import edit
+    from pipeline import params as P
+    from pipeline import registry
+
+    pf = str(tiny_project / "params.yaml")
+    with prefect_test_harness(server_startup_timeout=180):
+        first = edit(pf, dvc_sync=False)
+        second = edit(pf, dvc_sync=False)
+        (tiny_project / "outputs" / "vectors" / "senti.safetensors").unlink()
+        third = edit(pf, dvc_sync=False)
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            keys = {a.key for a in client.read_latest_artifacts(limit=20)}
+    assert {"edit-summary", "edit-results"} <= keys
+
+    # first run computes everything and registers version 1 as challenger
+    assert set(first["states"]) == STEPS and all(s == "Completed" for s in first["states"].values()), first["states"]
+    reg = first["registered"]
+    assert (reg["model"], reg["version"], reg["alias"]) == ("tiny-edit", "1", "challenger")
+    # an unchanged re-run recomputes nothing and registers nothing new
+    assert all(s == "Cached" for s in second["states"].values()), second["states"]
+    assert second["registered"]["version"] == "1"
+    # a deleted output is rebuilt; its unchanged downstream steps stay cached
+    assert third["states"]["extract/senti"] == "Completed" and third["states"]["finetune/senti"] == "Cached"
+    assert third["states"]["compose"] == "Cached" and third["registered"]["version"] == "1"
+
+    p = P.load(pf)
+    uri = f"sqlite:///{tiny_project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = client.get_model_version_by_alias("tiny-edit", "challenger")
+    assert str(mv.version) == "1"
+    tags = mv.tags
+    ledger = json.loads(tags["taskvec.ledger"])
+    local_ledger = json.loads((tiny_project / "outputs" / "model" / "taskvec.json").read_text())
+    assert ledger["output_hash"] == local_ledger["output_hash"] == tags["taskvec.output_hash"] == first["output_hash"]
+    assert [e["vector_sha256"] for e in ledger["edits"]] == [e["vector_sha256"] for e in json.loads(tags["taskvec.edits"])]
+    assert tags["prefect.flow_run_id"] == first["flow_run_id"] != "none"
+    assert tags["params.sha256"] == P.params_hash(pf)
+    assert set(json.loads(tags["data.digests"])) >= {"senti/train", "topic/train", "spam/test"}
+    for key in ("git.commit", "dvc.lock", "taskvec.base_hash", "taskvec.composition", "metrics.summary"):
+        assert key in tags
+
+    # the registered artifact loads back, as HF weights and as a pyfunc, and carries the model card
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    folder = registry.model_folder(mlflow.artifacts.download_artifacts("models:/tiny-edit/1", dst_path=str(tiny_project / "dl")))
+    model = AutoModel.from_pretrained(folder)
+    assert model.config.hidden_size == 32
+    card = (folder / "README.md").read_text()
+    assert ledger["output_hash"] in card and ledger["base_hash"] in card
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-edit@challenger")
+    preds = pyfunc.predict([{"text": "the movie was great", "task": "senti"}, {"text": "free prize call", "task": "spam"}])
+    assert preds[0] in ("negative", "positive") and preds[1] in ("ham", "spam")
+
+    # rebuilding from the ledger gives the registered weights
+    rep = registry.reproduce(p, "tiny-edit", "1")
+    assert rep["ok"], rep
+    shutil.rmtree(tiny_project / "outputs" / "vectors")  # vectors then come from the registry's run artifacts
+    rep = registry.reproduce(p, "tiny-edit", "challenger")
+    assert rep["ok"] and all(s.startswith("runs:/") for s in rep["vectors"].values()), rep
+    rec = registry.lineage(p, "tiny-edit", "1")
+    assert rec["ledger"]["output_hash"] == ledger["output_hash"] and "challenger" in rec["aliases"]
+
+    # one parent run per flow run, nested runs per step with params, metrics and dataset inputs
+    parent = client.get_run(first["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = {r.info.run_name for r in children}
+    assert names == STEPS
+    search_run = next(r for r in children if r.info.run_name == "search")
+    assert "best_lambda" in search_run.data.metrics and search_run.inputs.dataset_inputs
+    arts = {a.path for a in client.list_artifacts(search_run.info.run_id, "search")}
+    assert {"search/curve.csv", "search/curve.png", "search/best.json"} <= arts
+    second_children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{second['mlflow_run_id']}'")
+    assert all(r.data.tags.get("taskvec.cached") == "true" for r in second_children) and len(second_children) == len(STEPS)
