@@ -35,7 +35,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 FINGERPRINT_TAG = "taskvec.schedule.fingerprint"
-DEFAULT_CRON = "0 3 * * *"
 
 
 # ---------------------------------------------------------------------------
@@ -51,24 +50,38 @@ def _raw_params(params_file: str | os.PathLike) -> dict:
 
 def schedule_config(params_file: str | os.PathLike = "params.yaml") -> dict:
     """``schedule:`` of params.yaml with defaults: cron, timezone, deployment name, flow parameters."""
-    sec = _raw_params(params_file).get("schedule") or {}
+    from pipeline.params import ScheduleSection
+
+    sec = _section(params_file, "schedule", ScheduleSection)
     return {
-        "cron": sec.get("cron", DEFAULT_CRON),
-        "timezone": sec.get("timezone", "UTC"),
-        "name": sec.get("deployment", "nightly-edit"),
-        "parameters": {"params_file": str(params_file), "register": bool(sec.get("register", True)), **(sec.get("parameters") or {})},
+        "cron": sec.cron,
+        "timezone": sec.timezone,
+        "name": sec.deployment,
+        "parameters": {"params_file": str(params_file), "register_model": sec.register_model, **sec.parameters},
     }
 
 
 def runner_config(params_file: str | os.PathLike = "params.yaml") -> dict:
     """``{"kind": "dask"|"default", "address": …, "cluster_kwargs": …}`` from the environment or params.yaml."""
+    from pipeline.params import RunnerSection
+
     addr = os.environ.get("TASKVEC_DASK_ADDRESS")
     if addr:
         return {"kind": "dask", "address": addr, "cluster_kwargs": {}}
-    kind = os.environ.get("TASKVEC_TASK_RUNNER")
-    sec = _raw_params(params_file).get("runner") or {}
-    kind = kind or sec.get("kind", "default")
-    return {"kind": kind, "address": sec.get("address"), "cluster_kwargs": sec.get("cluster_kwargs") or {}}
+    sec = _section(params_file, "runner", RunnerSection)
+    return {"kind": os.environ.get("TASKVEC_TASK_RUNNER") or sec.kind, "address": sec.address, "cluster_kwargs": sec.cluster_kwargs}
+
+
+def _section(params_file: str | os.PathLike, key: str, model):
+    """One section of params.yaml validated by its schema (defaults when the file or section is absent)."""
+    data = _raw_params(params_file).get(key) or {}
+    try:
+        return model.model_validate(data)
+    except Exception as exc:  # pydantic.ValidationError -> one line naming the key
+        from taskvec.errors import TaskvecError
+
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        raise TaskvecError(f"{params_file}: {key}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def configured_task_runner(params_file: str | os.PathLike = "params.yaml", config: dict | None = None):
@@ -142,7 +155,7 @@ def last_fingerprint(client, model: str) -> tuple[str | None, str | None]:
 
 
 @flow(name="scheduled-edit")
-def scheduled_edit(params_file: str = "params.yaml", register: bool = True, force: bool = False) -> dict:
+def scheduled_edit(params_file: str = "params.yaml", register_model: bool = True, force: bool = False) -> dict:
     """Re-run the edit pipeline if (and only as far as) its inputs changed; see the module docstring."""
     import time
 
@@ -156,7 +169,7 @@ def scheduled_edit(params_file: str = "params.yaml", register: bool = True, forc
         logger.info("inputs unchanged since version %s (%s): nothing to do", version, digest[:12])
         return {"status": "unchanged", "version": version, "fingerprint": fp["digest"], "seconds": round(time.perf_counter() - t0, 3)}
     logger.info("inputs changed (%s -> %s): running the edit flow", (digest or "none")[:12], fp["digest"][:12])
-    summary = edit_flow(params_file)(params_file=params_file, register=register)
+    summary = edit_flow(params_file)(params_file=params_file, register_model=register_model)
     reg = (summary or {}).get("registered")
     if reg:
         client.set_registered_model_tag(model, FINGERPRINT_TAG, json.dumps({"digest": fp["digest"], "version": reg["version"], "parts": fp}, sort_keys=True)[:99_000])

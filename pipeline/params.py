@@ -35,7 +35,7 @@ OUTPUTS = "outputs"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Analogy(_Strict):
@@ -133,6 +133,48 @@ class DvcSection(_Strict):
     commit: bool = True  # the Prefect flow records its outputs in dvc.lock (`dvc commit`)
 
 
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+class PromotionSpec(_Strict):
+    """Gates and approval settings.
+
+    ``max_control_drop`` is in accuracy *points* (1.0 = one percentage point);
+    ``target_floors`` are accuracies in [0, 1]. ``targets``/``controls`` default
+    to the edit plan's target and control tasks.
+    """
+
+    targets: list[str] = Field(default_factory=list)
+    controls: list[str] = Field(default_factory=list)
+    max_control_drop: float = Field(default=1.0, ge=0)
+    target_floors: dict[str, float] = Field(default_factory=dict)
+    default_target_floor: float | None = Field(default=None, ge=0, le=1)
+    champion_alias: str = CHAMPION
+    challenger_alias: str = CHALLENGER
+    approval_timeout_s: int = Field(default=7 * 24 * 3600, gt=0)
+    poll_interval_s: float = Field(default=10.0, gt=0)
+    evaluator: str = "pipeline.promotion:default_evaluator"
+
+
+class ScheduleSection(_Strict):
+    """The nightly re-edit deployment (``flows/schedule.py``, ``prefect.yaml``)."""
+
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    deployment: str = "nightly-edit"
+    register_model: bool = True
+    parameters: dict = Field(default_factory=dict)
+
+
+class RunnerSection(_Strict):
+    """Task runner: the flow's own, or Prefect's DaskTaskRunner on a local or existing Dask cluster."""
+
+    kind: Literal["default", "dask"] = "default"
+    address: str | None = None
+    cluster_kwargs: dict = Field(default_factory=dict)
+
+
 with warnings.catch_warnings():
     # `register` shadows ABCMeta.register of pydantic models, which nothing here calls
     warnings.filterwarnings("ignore", message='Field name "register"')
@@ -147,6 +189,9 @@ class PipelineParams(_RegisterField):
     edit: EditPlan = Field(default_factory=lambda: EditPlan(learn=["sst2"]))
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     dvc: DvcSection = Field(default_factory=DvcSection)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    runner: RunnerSection = Field(default_factory=RunnerSection)
 
     @model_validator(mode="after")
     def _check_plan(self) -> PipelineParams:

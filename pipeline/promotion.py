@@ -39,15 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from pipeline.audit import AuditEntry, AuditLog, AuditTransaction, default_actor, now_iso
+from pipeline.params import CHALLENGER, CHAMPION, PromotionSpec
 from taskvec.errors import TaskvecError
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 ANCHOR_TAG = "taskvec.audit_head"
 LEDGER_TAG = "taskvec.ledger"
 MOVES = ("promote", "rollback", "revert")  # audit actions that move the champion alias
@@ -58,28 +55,6 @@ Evaluator = Callable[[Path], dict[str, float]]
 
 # ---------------------------------------------------------------------------
 # Parameters (the ``promotion:`` section of params.yaml)
-
-
-class PromotionSpec(BaseModel):
-    """Gates and approval settings.
-
-    ``max_control_drop`` is in accuracy *points* (1.0 = one percentage point);
-    ``target_floors`` are accuracies in [0, 1]. ``targets``/``controls`` default
-    to the edit plan's target and control tasks.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    targets: list[str] = Field(default_factory=list)
-    controls: list[str] = Field(default_factory=list)
-    max_control_drop: float = Field(default=1.0, ge=0)
-    target_floors: dict[str, float] = Field(default_factory=dict)
-    default_target_floor: float | None = Field(default=None, ge=0, le=1)
-    champion_alias: str = CHAMPION
-    challenger_alias: str = CHALLENGER
-    approval_timeout_s: int = Field(default=7 * 24 * 3600, gt=0)
-    poll_interval_s: float = Field(default=10.0, gt=0)
-    evaluator: str = "pipeline.promotion:default_evaluator"
 
 
 def load_spec(params_file: str | os.PathLike = "params.yaml") -> PromotionSpec:

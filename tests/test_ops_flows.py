@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from uuid import UUID
 
 import pytest
 
+from flows.edit import edit
 from pipeline import promotion as P
+from taskvec.errors import TaskvecError
 from tests.conftest_ops import *  # noqa: F401,F403
 
 pytestmark = pytest.mark.postgres
@@ -162,8 +165,9 @@ def test_scheduled_edit_skips_unchanged_inputs(prefect_harness, ops, edits, mode
     monkeypatch.setattr(S, "_registry", lambda pf: (ops.client, model_name))
 
     def fake_edit_flow(pf):
-        def run(params_file, register):
-            calls.append(params_file)
+        def run(**kwargs):
+            inspect.signature(edit.fn).bind(**kwargs)  # called as the real edit flow must be
+            calls.append(kwargs["params_file"])
             return {"registered": {"model": model_name, "version": v}, "states": {"finetune/t1": "Cached"}}
 
         return run
@@ -190,7 +194,7 @@ def test_schedule_and_runner_config(tmp_path, monkeypatch):
     assert S.runner_config(p) == {"kind": "dask", "address": "tcp://10.0.0.1:8786", "cluster_kwargs": {}}
     monkeypatch.delenv("TASKVEC_DASK_ADDRESS")
     p.write_text("runner:\n  kind: slurm\n")
-    with pytest.raises(Exception, match="dask or default"):
+    with pytest.raises(TaskvecError, match="runner.kind"):
         S.configured_task_runner(p)
     dep = yaml.safe_load(open("prefect.yaml"))["deployments"]
     nightly = next(d for d in dep if d["name"] == "nightly-edit")
