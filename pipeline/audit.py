@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.errors import TaskvecError
+from pipeline.services import normalize_db_url as normalize_url
 from taskvec.redact import redact_uri
 
 TABLE = "taskvec_audit"
@@ -122,21 +123,6 @@ class VerifyReport:
 
 # ---------------------------------------------------------------------------
 # URL resolution and engines
-
-
-def normalize_url(url: str) -> str:
-    """SQLAlchemy URL; bare ``postgresql://`` gets the installed driver (psycopg2), a path becomes SQLite."""
-    url = str(url)
-    if "://" not in url:
-        return f"sqlite:///{Path(url).expanduser().resolve()}"
-    if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://") :]
-    if url.startswith("postgresql://"):
-        try:
-            import psycopg  # noqa: F401  (psycopg 3 installed: SQLAlchemy's default driver works)
-        except ImportError:
-            url = "postgresql+psycopg2://" + url[len("postgresql://") :]
-    return url
 
 
 def default_url(tracking_uri: str | None = None) -> str:

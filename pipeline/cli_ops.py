@@ -115,6 +115,9 @@ def register(app: typer.Typer) -> None:
         audit_url: AuditUrl = None,
     ) -> None:
         """Run the promote flow: evaluate challenger vs champion, gate, wait for approval, move champion."""
+        from pipeline.services import check_prefect_api
+
+        check_prefect_api()
         from flows.promote import promote_flow
 
         res = promote_flow(model=model, version=version, params_file=str(params), tracking_uri=tracking_uri, audit_url=audit_url, evaluator=evaluator, wait_for_approval=not no_wait)

@@ -42,6 +42,9 @@ def register(app: typer.Typer) -> None:
         from pipeline import params as P
 
         P.load(params)  # fail fast, one line, before Prefect starts
+        from pipeline.services import check_prefect_api
+
+        check_prefect_api()
         from flows.edit import edit
 
         summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency)

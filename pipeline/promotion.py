@@ -221,7 +221,9 @@ def default_evaluator(model_dir: Path, params_file: str | os.PathLike | None = N
 def mlflow_client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _params_tracking_uri()
+    from pipeline.services import mlflow_uri
+
+    uri = mlflow_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _params_tracking_uri())
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

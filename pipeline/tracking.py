@@ -35,7 +35,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.services import mlflow_uri
 from taskvec.errors import TaskvecError
+from taskvec.redact import redact_text
+
 
 class _TimedLock:
     """A re-entrant lock that also adds up the seconds spent holding it (= time in MLflow calls)."""
@@ -66,16 +69,11 @@ class _TimedLock:
 
 #: serialises MLflow writes across Prefect's task threads; LOCK.seconds = time spent in MLflow
 LOCK = _TimedLock()
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|key|sig|signature)=)[^&#\s]*")
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/@\s:]+)(?::[^/@\s]*)?@")
 
 
 def redact(text: str | None) -> str:
-    """Mask credentials in URIs inside ``text``: ``scheme://user:pw@host`` → ``scheme://***@host``."""
-    if text is None:
-        return ""
-    text = _USERINFO.sub(lambda m: f"{m.group(1)}***@", str(text))
-    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}***", text)
+    """Mask credentials in ``text`` (URIs, tokens, secret environment values); see :mod:`taskvec.redact`."""
+    return "" if text is None else redact_text(str(text))
 
 
 def resolve_tracking_uri(p) -> str:
@@ -111,13 +109,13 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.params = p
-        self.uri = resolve_tracking_uri(p)
+        self.uri = mlflow_uri(resolve_tracking_uri(p))  # probes a server: one line, bounded wait
         self.mlflow = mlflow
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         with LOCK:
-            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             try:
+                self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                 exp = self.client.get_experiment_by_name(p.mlflow.experiment)
                 if exp is None:
                     self.experiment_id = self.client.create_experiment(p.mlflow.experiment, artifact_location=artifact_location(p, self.uri))

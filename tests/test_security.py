@@ -293,7 +293,6 @@ def test_pipeline_redaction_hides_credentials(redactor, uri):
     assert SECRET not in out and "host" in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported: pipeline/tracking.py builds MlflowClient outside its try and SQLAlchemy's default postgresql driver (psycopg 3) is not installed: raw ModuleNotFoundError")
 def test_tracker_never_logs_credentials(tmp_path, monkeypatch, caplog):
     """An unusable tracking store with a password in its URI: the one-line error masks the password."""
     from types import SimpleNamespace
