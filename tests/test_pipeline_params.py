@@ -66,8 +66,8 @@ def test_analogy_and_negation_compose_signs(tmp_path):
 @pytest.mark.parametrize(
     "raw, shown",
     [
-        ("postgresql://root:s3cret@127.0.0.1:5432/test", "postgresql://***@127.0.0.1:5432/test"),
-        ("https://user:tok@mlflow.example.com/api", "https://***@mlflow.example.com/api"),
+        ("postgresql://root:s3cret@127.0.0.1:5432/test", "postgresql://root:***@127.0.0.1:5432/test"),
+        ("https://user:tok@mlflow.example.com/api", "https://user:***@mlflow.example.com/api"),
         ("http://h/x?token=abc&b=1", "http://h/x?token=***&b=1"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
     ],
