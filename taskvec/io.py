@@ -657,6 +657,23 @@ def _reap_stale(dest: Path) -> None:
                 item.unlink()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _publish_mode(path: Path, *, folder: bool) -> None:
+    """Give a temp file/folder the mode a plain open()/mkdir() would have (mkstemp uses 0600/0700)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -684,6 +701,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _publish_mode(tmp_path, folder=False)
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -722,6 +740,7 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        _publish_mode(tmp, folder=True)
         if not dest.exists():
             os.replace(tmp, dest)
         elif not _exchange(tmp, dest):  # fallback: two renames, with a brief gap

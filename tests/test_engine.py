@@ -300,3 +300,15 @@ def test_failed_apply_leaves_existing_output_untouched(tiny_models, vecs, tmp_pa
     assert code == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_outputs_get_ordinary_permissions(vecs, tiny_models, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    engine.apply(tiny_models[0], [(vecs[0], 1.0)], tmp_path / "out")
+    r = engine.combine([(vecs[0], 1.0)], tmp_path / "c.safetensors")
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(r.path.stat().st_mode) == 0o666 & ~umask
