@@ -10,10 +10,12 @@ split capped by ``eval.max_rows``:
 * **control** — a constraint: every control task keeps at least
   ``search.control_threshold`` × its base accuracy, or λ is infeasible.
 
+The search itself is the core's (:func:`taskvec.search.search_lambda`):
 ``search.strategy: grid`` scores the paper's grid of ``grid_points`` λ values
 on [lambda_min, lambda_max]; ``golden`` runs golden-section search over the
 same lattice with at most ``max_evals`` model evaluations. Weights are updated
-in place (θ₀ + λτ per covered tensor), so one encoder is loaded once.
+in place by :class:`taskvec.search.WeightEditor` (θ₀ + λτ per covered
+tensor, base restored exactly), so one encoder is loaded once.
 
 Writes ``curve.csv`` (λ, objective, feasible, per-task accuracy),
 ``curve.png`` and ``best.json`` (best λ, its scores, base and fine-tuned
@@ -27,7 +29,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -41,44 +42,8 @@ PLOT = "curve.png"
 BEST = "best.json"
 
 
-def _lattice(lo: float, hi: float, n: int) -> list[float]:
-    return [round(lo + (hi - lo) * i / (n - 1), 6) for i in range(n)]
-
-
-def golden_indices(n: int, max_evals: int, f) -> None:
-    """Golden-section search for the maximum of ``f`` over indices 0..n-1 (unimodal assumption)."""
-    lo, hi = 0, n - 1
-    evals = 0
-    inv = (math.sqrt(5) - 1) / 2
-    a = round(hi - inv * (hi - lo))
-    b = round(lo + inv * (hi - lo))
-    fa, fb = f(a), f(b)
-    evals += 2
-    while hi - lo > 2 and evals < max_evals:
-        if fa >= fb:
-            hi = b
-            b, fb = a, fa
-            a = round(hi - inv * (hi - lo))
-            if a == b:
-                a = max(lo, b - 1)
-            fa = f(a)
-        else:
-            lo = a
-            a, fa = b, fb
-            b = round(lo + inv * (hi - lo))
-            if b == a:
-                b = min(hi, a + 1)
-            fb = f(b)
-        evals += 1
-    for i in range(lo, hi + 1):  # the remaining bracket (at most 3 points) if budget allows
-        if evals >= max_evals:
-            break
-        f(i)
-        evals += 1
-
-
 class Scorer:
-    """Encoder loaded once; heads and tokenised eval sets per task; θ₀ + λτ applied in place."""
+    """Encoder loaded once; heads and tokenised eval sets per task."""
 
     def __init__(self, p: P.PipelineParams, tasks: list[str], split: str):
         import torch
@@ -99,7 +64,6 @@ class Scorer:
             data = load_split(spec, p.data_root(), split, max_rows=p.eval.max_rows.get(split), seed=p.eval.seed)
             self.sets[t] = EvalSet.build(data, self.tokenizer, batch_size=p.eval.batch_size, max_length=p.eval.max_length)
             self.lineage[t] = data.lineage()
-        self.base_state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
 
     def score(self, encoder=None, tasks: list[str] | None = None) -> dict[str, float]:
         from taskvec.evaluate import score
@@ -107,12 +71,6 @@ class Scorer:
 
         enc = encoder or self.encoder
         return {t: score(EncoderClassifier(enc, self.heads[t]), s)["accuracy"] for t, s in self.sets.items() if tasks is None or t in tasks}
-
-    def set_lambda(self, tau: dict, lam: float) -> None:
-        state = self.encoder.state_dict()
-        with self.torch.no_grad():
-            for name, delta in tau.items():
-                state[name].copy_(self.base_state[name] + lam * delta)
 
     def score_model(self, folder: Path, tasks: list[str] | None = None) -> dict[str, float]:
         from taskvec.heads import load_encoder
@@ -134,20 +92,34 @@ def load_tau(path: Path, encoder) -> dict:
         return {n: vf.read(n) for n in vf.names}
 
 
-def objective(p: P.PipelineParams, acc: dict[str, float], base: dict[str, float], ft: dict[str, float]) -> tuple[float, bool]:
+def edit_objective(p: P.PipelineParams, base: dict[str, float], ft: dict[str, float]):
+    """The plan's objective: normalised target accuracy − relative forget accuracy; controls as a constraint."""
+    from taskvec.search import Objective
+
     plan = p.edit
-    parts = []
     targets = plan.target_tasks()
-    if targets:
-        parts.append(sum(acc[t] / max(ft.get(t, base[t]), 1e-9) for t in targets) / len(targets))
-    if plan.forget:
-        parts.append(-sum(acc[t] / max(base[t], 1e-9) for t in plan.forget) / len(plan.forget))
-    feasible = all(acc[c] >= p.search.control_threshold * base[c] for c in plan.control)
-    return sum(parts), feasible
+    floors = {c: p.search.control_threshold * base[c] for c in plan.control}
+
+    def value(acc) -> float:
+        parts = []
+        if targets:
+            parts.append(sum(acc[t] / max(ft.get(t, base[t]), 1e-9) for t in targets) / len(targets))
+        if plan.forget:
+            parts.append(-sum(acc[t] / max(base[t], 1e-9) for t in plan.forget) / len(plan.forget))
+        return sum(parts)
+
+    return Objective(
+        "edit",
+        value,
+        maximize=True,
+        feasible=lambda acc: all(acc[c] >= floor for c, floor in floors.items()),
+        describe={"targets": targets, "forget": list(plan.forget), "control_floor": floors},
+    )
 
 
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     from taskvec.io import atomic_dir
+    from taskvec.search import NoFeasibleLambda, WeightEditor, search_lambda
 
     from pipeline.compose import VECTOR
 
@@ -167,38 +139,32 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         folder = P.finetuned_dir(p, t)
         if folder.is_dir():
             ft_acc[t] = scorer.score_model(folder, [t])[t]
-    lambdas = _lattice(p.search.lambda_min, p.search.lambda_max, p.search.grid_points)
-    rows: dict[int, dict] = {}
+    objective = edit_objective(p, base_acc, ft_acc)
 
-    def f(i: int) -> float:
-        if i not in rows:
-            scorer.set_lambda(tau, lambdas[i])
-            acc = scorer.score()
-            obj, ok = objective(p, acc, base_acc, ft_acc)
-            rows[i] = {"lambda": lambdas[i], "objective": obj, "feasible": ok, **{f"acc/{t}": a for t, a in acc.items()}}
-        r = rows[i]
-        return r["objective"] if r["feasible"] else r["objective"] - 10.0 - (lambdas[i] if lambdas[i] > 0 else 0)
+    def evaluate(lam: float) -> dict[str, float]:
+        editor.apply(lam)
+        return scorer.score()
 
-    if p.search.strategy == "grid":
-        for i in range(len(lambdas)):
-            f(i)
-    else:
-        golden_indices(len(lambdas), p.search.max_evals, f)
-    feasible = [r for r in rows.values() if r["feasible"]]
-    if not feasible:
-        raise TaskvecError(
-            f"no λ in [{p.search.lambda_min}, {p.search.lambda_max}] keeps every control task above "
-            f"{p.search.control_threshold:.0%} of its base accuracy; lower search.control_threshold or widen the range"
-        )
-    best = max(feasible, key=lambda r: (r["objective"], -abs(r["lambda"])))
-    curve = sorted(rows.values(), key=lambda r: r["lambda"])
+    with WeightEditor(scorer.encoder, tau) as editor:
+        try:
+            found = search_lambda(evaluate, objective, p.search)
+        except NoFeasibleLambda:
+            raise TaskvecError(
+                f"no λ in [{p.search.lambda_min}, {p.search.lambda_max}] keeps every control task above "
+                f"{p.search.control_threshold:.0%} of its base accuracy; lower search.control_threshold or widen the range"
+            ) from None
+    curve = sorted(
+        ({"lambda": e["lambda"], "objective": e["score"], "feasible": e["feasible"], **{f"acc/{t}": a for t, a in e["metrics"].items()}} for e in found.evaluations),
+        key=lambda r: r["lambda"],
+    )
+    best = {"lambda": found.best_lambda, "objective": found.best_score, **{f"acc/{t}": a for t, a in found.best_metrics.items()}}
     result = {
         "lambda": best["lambda"],
         "objective": best["objective"],
         "accuracy": {t: best[f"acc/{t}"] for t in tasks},
         "base_accuracy": base_acc,
         "finetuned_accuracy": ft_acc,
-        "evaluations": len(rows),
+        "evaluations": len(found.evaluations),
         "strategy": p.search.strategy,
         "split": split,
         "vector_sha256": _sha(vector),

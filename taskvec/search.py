@@ -229,6 +229,10 @@ def lattice(spec: SearchSpec) -> list[float]:
     return [round(float(x), 12) for x in np.linspace(spec.lambda_min, spec.lambda_max, spec.grid_points)]
 
 
+class NoFeasibleLambda(TaskvecError):
+    """Every evaluated λ breaks the objective's constraint."""
+
+
 class _BudgetSpent(Exception):
     """Raised when a search would need more than ``max_evals`` evaluations."""
 
@@ -284,7 +288,7 @@ def search_lambda(evaluate: Evaluate, objective: Objective, spec: SearchSpec, *,
     ranked = sorted(cached.cache, key=lambda lam: (-objective.key(cached.cache[lam]), lam))
     best = ranked[0]
     if objective.key(cached.cache[best]) == -math.inf:
-        raise TaskvecError(f"no feasible λ: every evaluated λ breaks the {objective.name} constraint")
+        raise NoFeasibleLambda(f"no feasible λ: every evaluated λ breaks the {objective.name} constraint")
     evaluations = [
         {
             "lambda": lam,

@@ -11,7 +11,6 @@ import yaml
 
 from pipeline import params as P
 from pipeline import tracking
-from pipeline.search import golden_indices
 from taskvec.errors import TaskvecError
 from tests.conftest_pipeline import REPO, pipeline_env, tiny_project, write_project  # noqa: F401
 
@@ -103,15 +102,19 @@ def test_missing_params_file(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: params file not found")
 
 
-def test_golden_search_finds_the_peak_within_budget():
-    calls = []
+def test_edit_objective_mixes_learn_forget_and_control(tmp_path):
+    from pipeline.search import edit_objective
 
-    def f(i):
-        calls.append(i)
-        return -((i - 13) ** 2)
-
-    golden_indices(21, 8, f)
-    assert 13 in calls and len(calls) <= 8
+    data = _base(tmp_path)
+    data["edit"] = {"learn": ["senti"], "forget": ["topic"], "control": ["topic"]}
+    data["search"]["control_threshold"] = 0.95
+    p = P.load(_write(tmp_path, data))
+    obj = edit_objective(p, base={"senti": 0.5, "topic": 0.8}, ft={"senti": 0.9})
+    acc = {"senti": 0.72, "topic": 0.78}
+    assert obj.value(acc) == pytest.approx(0.72 / 0.9 - 0.78 / 0.8)
+    assert obj.feasible(acc)  # 0.78 >= 0.95 * 0.8
+    assert not obj.feasible({"senti": 0.9, "topic": 0.75})  # 0.75 < 0.76
+    assert obj.key({"senti": 0.9, "topic": 0.75}) == float("-inf")
 
 
 def test_dvc_lock_hashes(tmp_path):
