@@ -172,7 +172,7 @@ def inspect_cmd(
 
 
 def _register_extensions() -> None:
-    for name in ("taskvec.cli_tasks", "pipeline.cli"):
+    for name in ("taskvec.cli_tasks", "taskvec.cli_bench", "pipeline.cli"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
