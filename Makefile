@@ -3,11 +3,13 @@
 #   make test  – the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# DVC stages run `python -m pipeline.<step>`: the project's interpreter must come first
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench paper repro clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +28,14 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_overhead.py
+
+paper: setup
+	$(VENV)/bin/taskvec benchmark
+
+repro: setup
+	$(VENV)/bin/dvc repro
 
 clean:
 	rm -rf outputs mlruns mlartifacts mlflow.db
