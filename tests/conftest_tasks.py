@@ -29,20 +29,10 @@ def make_tokenizer():
 
 def make_model(path: Path, seed: int = 0) -> Path:
     """A random tiny BertModel plus the tiny tokenizer, saved at ``path``."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from tests.conftest import make_tiny_bert
 
     tokenizer = make_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(path)
+    make_tiny_bert(path, seed, vocab_size=len(tokenizer))
     tokenizer.save_pretrained(path)
     return path
 
