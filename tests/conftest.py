@@ -18,6 +18,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(autouse=True)
+def _restore_tracking_env():
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI``; don't let it leak into later tests."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
 def _isolated_hash_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own content-hash cache, so no test sees another's."""
     monkeypatch.setenv("TASKVEC_CACHE_DIR", str(tmp_path_factory.mktemp("taskvec-cache")))

@@ -726,7 +726,8 @@ except TaskvecError as exc:
 
 def _tracker(ctx: Ctx, uri: str) -> Invocation:
     env_uri = uri
-    return Invocation(argv=[sys.executable, "-c", _TRACKER_PROBE, env_uri, str(ctx.tmp)], timeout=SERVICE_TIMEOUT)
+    # the environment names the same store: an MLFLOW_TRACKING_URI left by another test must not win
+    return Invocation(argv=[sys.executable, "-c", _TRACKER_PROBE, env_uri, str(ctx.tmp)], timeout=SERVICE_TIMEOUT, env={"MLFLOW_TRACKING_URI": env_uri})
 
 
 @case("mlflow-server-unreachable", "MLflow tracking server http://127.0.0.1")
