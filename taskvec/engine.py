@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,12 +329,47 @@ def copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
+class _BackgroundWriter:
+    """Write and hash each output tensor on worker threads while the next one is read and computed.
+
+    File writes and sha256 release the GIL, so writing, hashing and reading
+    overlap (one thread each). At most one tensor is in the workers' hands:
+    :meth:`submit` waits for the previous one, so the caller may reuse a
+    buffer two submissions later.
+    """
+
+    def __init__(self, writer: ShardedWriter, hasher: ContentHasher):
+        self._writer, self._hasher = writer, hasher
+        self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write")
+        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-hash")
+        self._pending: list = []
+
+    def submit(self, name: str, info, t: torch.Tensor) -> None:
+        self.wait()
+        self._pending = [
+            self._write_pool.submit(self._writer.write, name, t),
+            self._hash_pool.submit(self._hasher.update, name, info.dtype, info.shape, _tensor_bytes(t)),
+        ]
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()  # re-raises a write error here
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._write_pool.shutdown(wait=True)
+            self._hash_pool.shutdown(wait=True)
+
+
 def _write_model(
     src: TensorSource,
     src_dir: Path,
     out: str | os.PathLike,
     covered: set[str],
-    compute,  # (name, base float32 tensor, scratch) -> new float32 tensor
+    compute,  # (name, scratch, out_slot) -> new float32 tensor, in scratch[out_slot] or fresh memory
     inputs,  # name -> [(label, reader)] of the other inputs, to explain a non-finite result
     ledger: dict,
     *,
@@ -349,17 +385,22 @@ def _write_model(
     with atomic_dir(out) as tmp:
         copy_model_files(src_dir, tmp)
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
-        with _progress(total, desc, progress) as bar:
-            for spec in specs:
-                t = src.read(spec.name, scratch, "base")
-                if spec.name in covered:
-                    new = compute(spec.name, t.to(torch.float32), scratch)
-                    _check_result(new, spec.name, [("base model", lambda n=spec.name: src.read(n))] + inputs(spec.name), "edited")
-                    t = new.to(spec.dtype)
-                writer.write(spec.name, t)
-                info = src.info(spec.name)
-                hasher.update(spec.name, info.dtype, info.shape, _tensor_bytes(t))
-                bar.update(info.nbytes)
+        background = _BackgroundWriter(writer, hasher)
+        try:
+            with _progress(total, desc, progress) as bar:
+                for i, spec in enumerate(specs):
+                    out_slot = f"out{i % 2}"  # the writer may still hold the other one
+                    info = src.info(spec.name)
+                    if spec.name in covered:
+                        new = compute(spec.name, scratch, out_slot)
+                        _check_result(new, spec.name, [("base model", lambda n=spec.name: src.read(n))] + inputs(spec.name), "edited")
+                        t = new.to(spec.dtype)
+                    else:
+                        t = src.read(spec.name, scratch, out_slot)
+                    background.submit(spec.name, info, t)
+                    bar.update(info.nbytes)
+        finally:
+            background.close()
         writer.close()
         ledger = {**ledger, "output_hash": hasher.hexdigest(), "weight_files": writer.files}
         (tmp / LEDGER_FILE).write_text(json.dumps(ledger, indent=2, sort_keys=True) + "\n")
@@ -417,7 +458,8 @@ def apply(
                 "edits": edits,
             }
 
-            def compute(name: str, tb: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+            def compute(name: str, scratch: Scratch, out_slot: str) -> torch.Tensor:
+                tb = b.read_float32(name, scratch, out_slot)  # the result is built in place
                 if options.method == "sum":  # θ + λ_1 τ_1 + λ_2 τ_2 …, one vector in flight
                     for v, lam in zip(vfs, lambdas):
                         tb.add_(v.read(name, scratch, "vector"), alpha=lam)
@@ -479,14 +521,15 @@ def merge(
             }
             sum_fast = options.method == "sum"
 
-            def compute(name: str, tb: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-                if sum_fast:  # Σ λ_t (θ_t − θ), then + θ (mergekit's order); three buffers in flight
-                    acc = srcs[0].read_float32(name, scratch, "acc").sub_(tb).mul_(lambdas[0])
+            def compute(name: str, scratch: Scratch, out_slot: str) -> torch.Tensor:
+                tb = b.read_float32(name, scratch, "base")
+                if sum_fast:  # Σ λ_t (θ_t − θ), then + θ (mergekit's order), built in the output slot
+                    acc = srcs[0].read_float32(name, scratch, out_slot).sub_(tb).mul_(lambdas[0])
                     for s, lam in zip(srcs[1:], lambdas[1:]):
                         acc.add_(s.read_float32(name, scratch, "ft").sub_(tb), alpha=lam)
                     return acc.add_(tb)
                 taus = [s.read_float32(name).sub_(tb) for s in srcs]
-                return tb.add_(options.combine(name, taus, lambdas))
+                return torch.add(tb, options.combine(name, taus, lambdas))  # fresh: "base" is reused next
 
             def inputs(name: str):
                 return [(f"fine-tuned model {p}", lambda s=s: s.read(name)) for (p, _), s in zip(finetuned, srcs)]
