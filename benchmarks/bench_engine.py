@@ -270,7 +270,6 @@ def _taskvec_cmd() -> list[str]:
 
 def max_abs_diff(a: Path, b: Path) -> tuple[float, int]:
     """max |a − b| over all tensors of two model folders (streamed), and the tensor count."""
-    import torch
     from safetensors import safe_open
 
     def files(d: Path) -> dict[str, Path]:

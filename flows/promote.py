@@ -39,12 +39,9 @@ class ApprovalInput(RunInput):
 def _model_name(model: str | None, params_file: str) -> str:
     if model:
         return model
-    import yaml
-    from pathlib import Path
+    from pipeline.params import read_raw
 
-    path = Path(params_file)
-    raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return ((raw.get("mlflow") or {}).get("registered_model")) or "taskvec-edit"
+    return ((read_raw(params_file).get("mlflow") or {}).get("registered_model")) or "taskvec-edit"
 
 
 @task(name="evaluate-version", retries=0)

@@ -41,18 +41,11 @@ FINGERPRINT_TAG = "taskvec.schedule.fingerprint"
 # configuration
 
 
-def _raw_params(params_file: str | os.PathLike) -> dict:
-    import yaml
-
-    path = Path(params_file)
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
 def schedule_config(params_file: str | os.PathLike = "params.yaml") -> dict:
     """``schedule:`` of params.yaml with defaults: cron, timezone, deployment name, flow parameters."""
-    from pipeline.params import ScheduleSection
+    from pipeline.params import ScheduleSection, load_section
 
-    sec = _section(params_file, "schedule", ScheduleSection)
+    sec = load_section(params_file, "schedule", ScheduleSection)
     return {
         "cron": sec.cron,
         "timezone": sec.timezone,
@@ -63,25 +56,13 @@ def schedule_config(params_file: str | os.PathLike = "params.yaml") -> dict:
 
 def runner_config(params_file: str | os.PathLike = "params.yaml") -> dict:
     """``{"kind": "dask"|"default", "address": …, "cluster_kwargs": …}`` from the environment or params.yaml."""
-    from pipeline.params import RunnerSection
+    from pipeline.params import RunnerSection, load_section
 
     addr = os.environ.get("TASKVEC_DASK_ADDRESS")
     if addr:
         return {"kind": "dask", "address": addr, "cluster_kwargs": {}}
-    sec = _section(params_file, "runner", RunnerSection)
+    sec = load_section(params_file, "runner", RunnerSection)
     return {"kind": os.environ.get("TASKVEC_TASK_RUNNER") or sec.kind, "address": sec.address, "cluster_kwargs": sec.cluster_kwargs}
-
-
-def _section(params_file: str | os.PathLike, key: str, model):
-    """One section of params.yaml validated by its schema (defaults when the file or section is absent)."""
-    data = _raw_params(params_file).get(key) or {}
-    try:
-        return model.model_validate(data)
-    except Exception as exc:  # pydantic.ValidationError -> one line naming the key
-        from taskvec.errors import TaskvecError
-
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        raise TaskvecError(f"{params_file}: {key}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def configured_task_runner(params_file: str | os.PathLike = "params.yaml", config: dict | None = None):

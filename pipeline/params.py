@@ -220,6 +220,34 @@ class PipelineParams(_RegisterField):
         return self._root / OUTPUTS / Path(*parts)
 
 
+def read_raw(path: str | os.PathLike = DEFAULT_PARAMS) -> dict:
+    """params.yaml as a plain mapping (``{}`` if absent), for readers that need one section only."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TaskvecError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise TaskvecError(f"{path}: params must be a mapping")
+    return data
+
+
+def load_section(path: str | os.PathLike, key: str, model: type[BaseModel], raw: dict | None = None) -> BaseModel:
+    """One section of params.yaml validated by its schema (defaults when absent); one-line errors."""
+    section = (read_raw(path) if raw is None else raw).get(key) or {}
+    if not isinstance(section, dict):
+        raise TaskvecError(f"{path}: {key} must be a mapping")
+    try:
+        return model.model_validate(section)
+    except Exception as exc:  # pydantic.ValidationError -> one line naming the key
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        raise TaskvecError(f"{path}: {key}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
 def load(path: str | os.PathLike = DEFAULT_PARAMS) -> PipelineParams:
     """Validate ``params.yaml`` (or another file) into :class:`PipelineParams`; one-line errors."""
     return load_params(path, model=PipelineParams)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.audit import AuditEntry, AuditLog, AuditTransaction, default_actor, now_iso
-from pipeline.params import CHALLENGER, CHAMPION, PromotionSpec
+from pipeline.params import CHAMPION, PromotionSpec
 from taskvec.errors import TaskvecError
 
 log = logging.getLogger(__name__)
@@ -59,23 +59,10 @@ Evaluator = Callable[[Path], dict[str, float]]
 
 def load_spec(params_file: str | os.PathLike = "params.yaml") -> PromotionSpec:
     """``promotion:`` from params.yaml (through PipelineParams when it declares it), targets/controls from ``edit``."""
-    import yaml
+    from pipeline.params import load_section, read_raw
 
-    path = Path(params_file)
-    raw: dict = {}
-    if path.is_file():
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise TaskvecError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    section = raw.get("promotion") or {}
-    if not isinstance(section, dict):
-        raise TaskvecError(f"{path}: promotion must be a mapping")
-    try:
-        spec = PromotionSpec.model_validate(section)
-    except Exception as exc:  # pydantic.ValidationError
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        raise TaskvecError(f"{path}: promotion.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    raw = read_raw(params_file)
+    spec = load_section(params_file, "promotion", PromotionSpec, raw)
     edit = raw.get("edit") or {}
     if not spec.targets and isinstance(edit, dict):
         targets = list(edit.get("learn") or []) + [a.get("target") for a in edit.get("analogies") or [] if isinstance(a, dict) and a.get("target")]
@@ -228,13 +215,13 @@ def mlflow_client(tracking_uri: str | None = None):
 
 
 def _params_tracking_uri() -> str | None:
-    try:
-        import yaml
+    from pipeline.params import read_raw
 
-        raw = yaml.safe_load(Path(os.environ.get("TASKVEC_PARAMS", "params.yaml")).read_text()) or {}
-        return (raw.get("mlflow") or {}).get("tracking_uri") or "sqlite:///mlflow.db"
-    except (OSError, ValueError, AttributeError):
-        return "sqlite:///mlflow.db"
+    try:
+        raw = read_raw(os.environ.get("TASKVEC_PARAMS", "params.yaml"))
+    except TaskvecError:
+        raw = {}
+    return (raw.get("mlflow") or {}).get("tracking_uri") or "sqlite:///mlflow.db"
 
 
 def _is_not_found(exc: Exception) -> bool:

@@ -31,7 +31,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
 
     from pipeline import registry, tracking
     from pipeline.compose import RECORD as COMPOSE_RECORD
-    from pipeline.evaluate import METRICS, TABLE
+    from pipeline.evaluate import METRICS
 
     p = P.load(params_file)
     model = P.model_dir(p)

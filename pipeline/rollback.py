@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.promotion import CHAMPION, LEDGER_TAG, Move, Ops, _Undo, alias_version, audited_append, download_version, get_version, ledger_of, move_alias
+from pipeline.promotion import CHAMPION, LEDGER_TAG, Move, Ops, alias_version, audited_append, download_version, get_version, ledger_of, move_alias
 from taskvec.errors import TaskvecError
 
 ULP_FACTOR = 4.0  # allowed error per float operation, in units of eps·|value|
