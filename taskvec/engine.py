@@ -42,7 +42,6 @@ from taskvec.io import (
     ShardedWriter,
     TensorSource,
     TensorSpec,
-    _hash_cache_put,
     _tensor_bytes,
     atomic_dir,
     resolve_model,
@@ -224,9 +223,7 @@ def extract(
                 bar.update(info.nbytes)
             base_hash = hasher.hexdigest()
             w.set_base_hash(base_hash)
-        key = b._cache_key()
-        if key:
-            _hash_cache_put(key, base_hash)
+        b.remember_content_hash(base_hash)
         return VectorResult(Path(out), w.sha256, w.param_count, len(selected), base_hash)
 
 

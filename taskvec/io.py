@@ -374,25 +374,24 @@ class TensorSource:
         files keyed by (path, size, mtime, inode), as DVC caches file hashes;
         set ``TASKVEC_NO_HASH_CACHE=1`` or ``use_cache=False`` to always re-read.
         """
-        key = self._cache_key() if use_cache and not os.environ.get("TASKVEC_NO_HASH_CACHE") else None
-        if key is not None and (hit := _hash_cache_get(key)):
-            return hit
+        return _cached(self._cache_key() if use_cache else None, self._hash_tensors)
+
+    def remember_content_hash(self, digest: str) -> None:
+        """Cache a content hash computed elsewhere while streaming these same files."""
+        key = self._cache_key()
+        if key is not None:
+            _hash_cache_put(key, digest)
+
+    def _hash_tensors(self) -> str:
         h = ContentHasher()
         for name in sorted(self._infos):
             h.update(name, self._infos[name].dtype, self._infos[name].shape, _tensor_bytes(self.read(name)))
-        digest = h.hexdigest()
-        if key is not None:
-            _hash_cache_put(key, digest)
-        return digest
+        return h.hexdigest()
 
     def _cache_key(self) -> str | None:
         if self._pickled is not None:
             return None
-        parts = []
-        for file in sorted({i.file for i in self._infos.values()}):
-            st = file.stat()
-            parts.append(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}")
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+        return _stat_key("tensors:", {i.file for i in self._infos.values()})
 
 
 class ContentHasher:
@@ -447,18 +446,34 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def file_sha256(path: str | os.PathLike, *, use_cache: bool = True) -> str:
     """sha256 of a file's bytes, cached like content hashes (by path, size, mtime, inode)."""
     path = Path(path)
-    key = None
-    if use_cache and not os.environ.get("TASKVEC_NO_HASH_CACHE"):
-        st = path.stat()
-        key = "file:" + hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()
-        if hit := _hash_cache_get(key):
-            return hit
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if key:
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return _cached(_stat_key("file:", [path]) if use_cache else None, compute)
+
+
+def _stat_key(kind: str, files) -> str | None:
+    """Cache key of a set of files: (resolved path, size, mtime, inode) each, as DVC keys file hashes."""
+    if os.environ.get("TASKVEC_NO_HASH_CACHE"):
+        return None
+    parts = []
+    for file in sorted(Path(f) for f in files):
+        st = file.stat()
+        parts.append(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}")
+    return kind + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _cached(key: str | None, compute) -> str:
+    """``compute()``, memoised in the hash cache under ``key`` (no caching when key is None)."""
+    if key is not None and (hit := _hash_cache_get(key)):
+        return hit
+    digest = compute()
+    if key is not None:
         _hash_cache_put(key, digest)
     return digest
 
