@@ -10,7 +10,7 @@ Prefect and MLflow stores start empty too) and measures:
   (max over tasks of fine-tune + extract, then compose, search, evaluate;
   each measured around ``pipeline.<step>.main`` / its subprocess, so a
   step's own imports count as compute, as they would under ``dvc repro``);
-* ``mlflow``    — seconds spent in MLflow calls (``pipeline.tracking.LOCK``
+* ``mlflow``    — seconds spent in MLflow calls (``pipeline.ops.tracking.LOCK``
   holds, including registering the model);
 * ``dvc``       — ``dvc commit`` + ``dvc push`` of the outputs;
 * ``prefect``   — the rest: interpreter start-up and imports, the ephemeral

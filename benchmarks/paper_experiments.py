@@ -9,7 +9,7 @@ Same as ``taskvec benchmark``. Writes ``results.md``, ``results.json``,
 (``curves/*/curve.png``) into ``--out`` and prints the markdown. Fine-tunes and
 task vectors are cached under ``<out>/cache`` keyed by base/task/budget, so a
 re-run only repeats the searches and evaluations. The logic lives in
-:mod:`taskvec.experiments`.
+:mod:`benchmarks.paper.experiments`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from taskvec.experiments import run_benchmark
+    from benchmarks.paper.experiments import run_benchmark
 
     started = time.perf_counter()
 

@@ -64,7 +64,7 @@ def _state_name(future) -> str:
 @flow(name="edit", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
 def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync: bool | None = None, finetune_concurrency: int = 2) -> dict:
     """Run the whole edit chain described by ``params_file``; returns the registered version and metrics."""
-    from pipeline import tracking
+    from pipeline.ops import tracking
 
     logger = get_run_logger()
     started = time.perf_counter()
@@ -80,7 +80,7 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
     timings: dict[str, float] = {}
     status = "FAILED"
     try:
-        from pipeline.register import pipeline_params
+        from pipeline.steps.register import pipeline_params
 
         tracking.StepRun(tracker, parent).params(pipeline_params(p))
         t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def _version_exists(tracker, rec: Path) -> bool:
 def _read_metrics(p) -> dict:
     import json
 
-    from pipeline.evaluate import METRICS
+    from pipeline.steps.evaluate import METRICS
 
     return json.loads((P.metrics_dir(p) / METRICS).read_text())
 
@@ -206,7 +206,7 @@ def _read_metrics(p) -> dict:
 def _log_cached(tracker, parent: str, states: dict[str, str]) -> None:
     cached = [k for k, v in states.items() if v == "Cached"]
     if cached:
-        from pipeline import tracking
+        from pipeline.ops import tracking
 
         tracking.StepRun(tracker, parent).tags({"taskvec.cached_steps": ",".join(cached)})
         for step in cached:
@@ -254,8 +254,8 @@ def publish_artifacts(p, summary: dict, ledger: dict) -> None:
     """Prefect markdown + table artifacts summarising the edit."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from pipeline.evaluate import _edit_lines, results_markdown
-    from pipeline.tracking import redact
+    from pipeline.steps.evaluate import _edit_lines, results_markdown
+    from pipeline.ops.tracking import redact
 
     metrics = summary["metrics"]
     reg = summary["registered"]

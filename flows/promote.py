@@ -10,7 +10,7 @@
    approver, decision, reason). Resume it from the Prefect UI/API, or
    headless with ``taskvec approve MODEL VERSION`` / ``taskvec reject``,
    which write the approval record and resume the paused run.
-4. Approval: :func:`pipeline.promotion.promote` moves ``champion`` with the
+4. Approval: :func:`pipeline.ops.promotion.promote` moves ``champion`` with the
    tags and the audit entry, atomically. Rejection is recorded; a rejected
    version never becomes champion.
 
@@ -24,7 +24,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.input import RunInput
 
-from pipeline import promotion as P
+from pipeline.ops import promotion as P
 
 
 class ApprovalInput(RunInput):

@@ -1,4 +1,4 @@
-"""The ``rollback`` flow: remove one edit from a registered version (see :mod:`pipeline.rollback`).
+"""The ``rollback`` flow: remove one edit from a registered version (see :mod:`pipeline.ops.rollback`).
 
 Builds θ_edit − λτ, checks it against the ledger rebuild without that edit
 (max |diff| within float rounding), registers it as a new version whose
@@ -16,8 +16,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipeline import promotion as P
-from pipeline import rollback as R
+from pipeline.ops import promotion as P
+from pipeline.ops import rollback as R
 
 
 @flow(name="rollback")

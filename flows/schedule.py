@@ -110,8 +110,8 @@ def input_fingerprint(params_file: str | os.PathLike) -> dict[str, Any]:
 
 def _registry(params_file: str | os.PathLike):
     from pipeline import params as PP
-    from pipeline import tracking
-    from pipeline.promotion import mlflow_client
+    from pipeline.ops import tracking
+    from pipeline.ops.promotion import mlflow_client
 
     p = PP.load(params_file)
     return mlflow_client(tracking.resolve_tracking_uri(p)), p.mlflow.registered_model

@@ -154,7 +154,7 @@ class PromotionSpec(_Strict):
     challenger_alias: str = CHALLENGER
     approval_timeout_s: int = Field(default=7 * 24 * 3600, gt=0)
     poll_interval_s: float = Field(default=10.0, gt=0)
-    evaluator: str = "pipeline.promotion:default_evaluator"
+    evaluator: str = "pipeline.ops.promotion:default_evaluator"
 
 
 class ScheduleSection(_Strict):
@@ -335,7 +335,7 @@ def data_folder(p: PipelineParams, task: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Step command lines: `python -m pipeline.<step> --params params.yaml [--task T]`
+# Step command lines: `python -m pipeline.steps.<step> --params params.yaml [--task T]`
 
 
 def step_cli(main, argv: list[str] | None, *, description: str, task: bool = False) -> None:

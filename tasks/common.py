@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: code each step runs (mirrors the code deps of the dvc.yaml stages)
 STEP_CODE = {
-    "finetune": ["pipeline/finetune.py", "taskvec/train.py", "taskvec/heads.py", "taskvec/data.py"],
-    "extract": ["pipeline/extract.py", "taskvec/engine.py", "taskvec/vector.py"],
-    "compose": ["pipeline/compose.py", "taskvec/engine.py", "taskvec/algebra.py"],
-    "search": ["pipeline/search.py", "taskvec/evaluate.py", "taskvec/heads.py"],
-    "evaluate": ["pipeline/evaluate.py", "pipeline/search.py", "taskvec/engine.py", "taskvec/evaluate.py"],
-    "register": ["pipeline/register.py", "pipeline/registry.py"],
+    "finetune": ["pipeline/steps/finetune.py", "taskvec/train.py", "taskvec/heads.py", "taskvec/data.py"],
+    "extract": ["pipeline/steps/extract.py", "taskvec/engine.py", "taskvec/vector.py"],
+    "compose": ["pipeline/steps/compose.py", "taskvec/engine.py", "taskvec/algebra.py"],
+    "search": ["pipeline/steps/search.py", "taskvec/evaluate.py", "taskvec/heads.py"],
+    "evaluate": ["pipeline/steps/evaluate.py", "pipeline/steps/search.py", "taskvec/engine.py", "taskvec/evaluate.py"],
+    "register": ["pipeline/steps/register.py", "pipeline/ops/registry.py"],
 }
 
 
@@ -67,9 +67,9 @@ def result_storage(root: str | Path) -> Path:
 
 
 def tracker_for(params_file: str):
-    """A :class:`pipeline.tracking.Tracker` for the params file (None when tracking is off)."""
+    """A :class:`pipeline.ops.tracking.Tracker` for the params file (None when tracking is off)."""
     from pipeline import params as P
-    from pipeline import tracking
+    from pipeline.ops import tracking
 
     return tracking.Tracker(P.load(params_file))
 

@@ -1,4 +1,4 @@
-"""Prefect task: compose the edit vector (``pipeline.compose``)."""
+"""Prefect task: compose the edit vector (``pipeline.steps.compose``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 from prefect import task
 
-from pipeline import compose
+from pipeline.steps import compose
 from tasks.common import cache_key, step_tags, tracker_for, transient
 
 

@@ -1,4 +1,4 @@
-"""Prefect task: apply the edit and evaluate it (``pipeline.evaluate``); logs the results table and plot."""
+"""Prefect task: apply the edit and evaluate it (``pipeline.steps.evaluate``); logs the results table and plot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import task
 
-from pipeline import evaluate
+from pipeline.steps import evaluate
 from tasks.common import cache_key, step_tags, tracker_for, transient
 
 
@@ -20,7 +20,7 @@ def evaluate_task(params_file: str, inputs: dict, parent_run_id: str | None = No
     result = evaluate.main(params_file)
     result["step_seconds"] = round(time.perf_counter() - t0, 3)
     if parent_run_id:
-        from pipeline import tracking
+        from pipeline.ops import tracking
 
         metrics = json.loads(Path(result["metrics"]).read_text())
         with tracker_for(params_file).run("evaluate", parent=parent_run_id, tags=step_tags("evaluate", inputs)) as run:

@@ -1,4 +1,4 @@
-"""Prefect task: extract one task vector (``pipeline.extract``)."""
+"""Prefect task: extract one task vector (``pipeline.steps.extract``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 from prefect import task
 
-from pipeline import extract
+from pipeline.steps import extract
 from tasks.common import cache_key, step_tags, tracker_for, transient
 
 

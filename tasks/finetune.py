@@ -1,6 +1,6 @@
-"""Prefect task: fine-tune one task (``pipeline.finetune``), in a subprocess.
+"""Prefect task: fine-tune one task (``pipeline.steps.finetune``), in a subprocess.
 
-Run as ``python -m pipeline.finetune`` — the very command of the DVC stage —
+Run as ``python -m pipeline.steps.finetune`` — the very command of the DVC stage —
 so that concurrent fine-tunes each have their own torch RNG, deterministic
 mode and thread pool (``threads`` torch threads each). Exit status 2 is a
 user error (:class:`TaskvecError`, never retried); anything else is retried.
@@ -30,7 +30,7 @@ def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="taskvec-ft-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "pipeline.finetune", "--params", str(params_file), "--task", task_name, "--json-out", str(out)]
+        cmd = [sys.executable, "-m", "pipeline.steps.finetune", "--params", str(params_file), "--task", task_name, "--json-out", str(out)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=Path(params_file).resolve().parent, env=env, capture_output=True, text=True)
         if proc.returncode == 2:

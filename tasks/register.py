@@ -1,4 +1,4 @@
-"""Prefect task: register the edited model (``pipeline.register``) as a nested run of the flow's run."""
+"""Prefect task: register the edited model (``pipeline.steps.register``) as a nested run of the flow's run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 from prefect import task
 
-from pipeline import register
+from pipeline.steps import register
 from tasks.common import cache_key, transient
 
 

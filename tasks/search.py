@@ -1,4 +1,4 @@
-"""Prefect task: λ search (``pipeline.search``); logs the λ curve (metric history, CSV, PNG)."""
+"""Prefect task: λ search (``pipeline.steps.search``); logs the λ curve (metric history, CSV, PNG)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import csv
 
 from prefect import task
 
-from pipeline import search
+from pipeline.steps import search
 from tasks.common import cache_key, step_tags, tracker_for, transient
 
 

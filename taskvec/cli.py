@@ -1,14 +1,16 @@
-"""The ``taskvec`` command line.
+"""The core ``taskvec`` command line: engine, data, training and evaluation commands.
 
-Engine commands live here; data/training/evaluation commands come from
-:mod:`taskvec.cli_tasks` and the pipeline's (lineage, promotion, rollback…)
-from ``pipeline.cli`` when the pipeline extras are installed. Every user error
-is one line on stderr (``error: …``) and exit status 2.
+:func:`build_app` assembles the core commands (engine commands here, data /
+training / evaluation commands from :mod:`taskvec.cli_tasks`) on a fresh typer
+app. The core names no layer above it: the full ``taskvec`` command (console
+entry point ``pipeline.cli:main``) is assembled by the pipeline, which calls
+:func:`build_app` with its params schema and adds its own commands.
+:func:`run_app` runs any such app so that every user error is one line on
+stderr (``error: …``) and exit status 2.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -18,14 +20,6 @@ import typer
 
 from taskvec.errors import TaskvecError
 
-app = typer.Typer(
-    name="taskvec",
-    help="Task arithmetic for Hugging Face models: extract, combine and apply task vectors, and run the audited edit pipeline.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 Method = Annotated[str, typer.Option("--method", "-m", help="sum | ties | dare | dare_ties | magnitude.")]
@@ -54,7 +48,6 @@ def _dtype(name: str):
     return parse_dtype(name)
 
 
-@app.command()
 def extract(
     base: Annotated[str, typer.Argument(help="Base (pre-trained) model folder or hub id.")],
     finetuned: Annotated[str, typer.Argument(help="Fine-tuned model folder or hub id (same architecture and init).")],
@@ -72,7 +65,6 @@ def extract(
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
 
-@app.command()
 def combine(
     vectors: Annotated[list[str], typer.Argument(help="Vectors as PATH[:LAMBDA]; λ defaults to 1, negative negates. Analogy: C:1 B:1 A:-1.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file.")],
@@ -90,7 +82,6 @@ def combine(
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
 
-@app.command()
 def apply(
     base: Annotated[str, typer.Argument(help="Base model folder or hub id the vectors were taken from.")],
     vectors: Annotated[list[str], typer.Argument(help="Vectors as PATH[:LAMBDA].")],
@@ -111,7 +102,6 @@ def apply(
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}  edits {len(ledger['edits'])}")
 
 
-@app.command()
 def merge(
     base: Annotated[str, typer.Argument(help="Base model folder or hub id.")],
     finetuned: Annotated[list[str], typer.Argument(help="Fine-tuned models as PATH[:LAMBDA].")],
@@ -135,7 +125,6 @@ def merge(
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
 
 
-@app.command()
 def compress(
     vector: Annotated[Path, typer.Argument(help="Task-vector file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file.")],
@@ -155,7 +144,6 @@ def compress(
     )
 
 
-@app.command("inspect")
 def inspect_cmd(
     vectors: Annotated[list[Path], typer.Argument(help="One or more task-vector files.")],
     png: Annotated[Optional[Path], typer.Option("--png", help="Also save the cosine / sign-conflict heatmap here.")] = None,
@@ -171,22 +159,35 @@ def inspect_cmd(
         typer.echo(f"wrote {png}")
 
 
-def _register_extensions() -> None:
-    for name in ("taskvec.cli_tasks", "taskvec.cli_bench", "pipeline.cli"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real import error inside the module
-                raise
-            continue  # not installed / not written yet
-        module.register(app)
+ENGINE_COMMANDS = {"extract": extract, "combine": combine, "apply": apply, "merge": merge, "compress": compress, "inspect": inspect_cmd}
 
 
-_register_extensions()
+def build_app(params_model: type | None = None) -> typer.Typer:
+    """A fresh typer app with the core commands.
+
+    ``params_model`` is the schema the data/training commands validate
+    params files with (default: the core :class:`taskvec.config.Params`); an
+    app that adds sections to params.yaml passes its extended schema, so every
+    command accepts the whole file.
+    """
+    from taskvec import cli_tasks
+
+    app = typer.Typer(
+        name="taskvec",
+        help="Task arithmetic for Hugging Face models: extract, combine and apply task vectors, and run the audited edit pipeline.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"], "obj": {"params_model": params_model}},
+    )
+    for name, fn in ENGINE_COMMANDS.items():
+        app.command(name)(fn)
+    cli_tasks.register(app)
+    return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning user errors into one line and exit status 2."""
+def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run ``app``, turning user errors into one line and exit status 2."""
     from typer._click import exceptions as click_exc
 
     try:
@@ -205,6 +206,14 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = build_app()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The core commands alone (``python -m taskvec.cli``); the full command is ``pipeline.cli:main``."""
+    run_app(app, argv)
 
 
 if __name__ == "__main__":

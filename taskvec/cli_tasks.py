@@ -1,7 +1,9 @@
 """``taskvec finetune | evaluate | search``: the data, training and λ-search commands.
 
-The commands are plain functions; :func:`register` adds them to the shared
-typer app (``taskvec.cli`` calls it), which avoids a circular import. Heavy
+The commands are plain functions; :func:`register` adds them to an app built
+by :func:`taskvec.cli.build_app`, whose context carries the params schema the
+whole app knows (the core's, or the pipeline's extension of it), so a params
+file with pipeline sections is valid here too. Heavy
 modules (torch, transformers, datasets) are imported inside the commands so
 ``taskvec --help`` stays fast. User errors are raised as ``TaskvecError``;
 ``taskvec.cli.main`` prints them as one line and exits 2.
@@ -21,7 +23,16 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+def _load_params(ctx: typer.Context, path: Path):
+    """Validate ``path`` with the schema of the running app (see :func:`taskvec.cli.build_app`)."""
+    from taskvec.config import Params, load_params
+
+    model = (ctx.find_root().obj or {}).get("params_model") or Params
+    return load_params(path, model=model)
+
+
 def finetune(
+    ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="Task name declared under 'tasks' in the params file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: fine-tuned encoder (base format), tokenizer, heads/, finetune.json.")],
     params: ParamsOpt = Path("params.yaml"),
@@ -34,16 +45,16 @@ def finetune(
     Only the encoder is saved, with the base's tensor names, so
     `taskvec extract BASE OUT` gives the task vector directly.
     """
-    from taskvec.config import load_params
     from taskvec.train import finetune as run
 
-    result = run(task, load_params(params), out, base=base, steps=steps, progress=not quiet)
+    result = run(task, _load_params(ctx, params), out, base=base, steps=steps, progress=not quiet)
     losses = result.losses
     loss = f"  loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}" if losses else ""
     typer.echo(f"wrote {result.out_dir}  {result.manifest['train']['steps']} steps in {result.seconds:.1f}s{loss}")
 
 
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder (or hub id) whose encoder is scored.")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task name declared in the params file.")],
     split: Annotated[str, typer.Option("--split", help="validation | test.")] = "validation",
@@ -53,13 +64,12 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the metrics as JSON here.")] = None,
 ) -> None:
     """Accuracy and macro-F1 of MODEL on one task split."""
-    from taskvec.config import load_params
     from taskvec.evaluate import evaluate_model
     from taskvec.io import atomic_path
 
     if split not in ("validation", "test"):
         raise TaskvecError(f"--split must be validation or test, got {split!r}")
-    result = evaluate_model(model, task, load_params(params), split=split, head_path=head, max_rows=max_rows)
+    result = evaluate_model(model, task, _load_params(ctx, params), split=split, head_path=head, max_rows=max_rows)
     if out is not None:
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -83,6 +93,7 @@ def _reference(items: list[str]) -> dict[str, float] | None:
 
 
 def search(
+    ctx: typer.Context,
     base: Annotated[str, typer.Argument(help="Base model folder or hub id the vectors were taken from.")],
     vector: Annotated[list[str], typer.Option("--vector", "-v", help="Task vector as PATH[:WEIGHT] (repeatable); τ = Σ weight·τᵢ.")],
     objective: Annotated[str, typer.Option("--objective", help="addition: θ+λτ, maximise mean normalised accuracy. negation: θ−λτ, minimise target accuracy keeping controls ≥ 95% of base.")],
@@ -95,13 +106,12 @@ def search(
     quiet: QuietOpt = False,
 ) -> None:
     """Search the scaling coefficient λ for a task-vector composition, reloading nothing per candidate."""
-    from taskvec.config import load_params
     from taskvec.search import run_search, write_outputs
     from taskvec.vector import TaskVector, parse_vector_arg
 
     if strategy not in (None, "golden", "grid"):
         raise TaskvecError(f"--strategy must be golden or grid, got {strategy!r}")
-    settings = load_params(params)
+    settings = _load_params(ctx, params)
     vectors = [(TaskVector.load(path).tensors, weight) for path, weight in map(parse_vector_arg, vector)]
     result = run_search(
         base,

@@ -6,7 +6,7 @@
   backend store in its own fresh database, artifacts served from a tmp dir;
   yields its ``http://127.0.0.1:PORT`` URI.
 * ``audit_url``: a fresh PostgreSQL database per test for the audit log.
-* ``ops``: :class:`pipeline.promotion.Ops` on both.
+* ``ops``: :class:`pipeline.ops.promotion.Ops` on both.
 * ``edits``: a tiny BERT base, three task vectors (``t1``, ``t2``, ``bad``)
   and :func:`register_edit` to register ``apply(base, …)`` as a version.
 * :func:`fake_evaluate`: deterministic evaluator reading the model's ledger.
@@ -82,7 +82,7 @@ def fresh_db(pg):
         return name
 
     yield make
-    from pipeline import audit as A
+    from pipeline.ops import audit as A
 
     for url, eng in list(A._ENGINES.items()):
         if any(name in url for name in made):
@@ -199,7 +199,7 @@ def audit_url(fresh_schema):
 
 @pytest.fixture
 def ops(mlflow_server, audit_url):
-    from pipeline.promotion import Ops
+    from pipeline.ops.promotion import Ops
 
     return Ops(mlflow_server, audit_url)
 
@@ -249,7 +249,7 @@ def register_edit(ops, model: str, edits: Edits, spec: list[tuple[str, float]], 
     """Build ``base + Σ λ τ`` and register it (ledger tag + model folder artifact); returns the version."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.rollback import register_folder
+    from pipeline.ops.rollback import register_folder
 
     folder = edits.build(spec)
     try:

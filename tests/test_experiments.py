@@ -1,4 +1,4 @@
-"""Smoke test of the paper-experiment logic (taskvec.experiments) on a tiny random BERT.
+"""Smoke test of the paper-experiment logic (benchmarks.paper.experiments) on a tiny random BERT.
 
 Three tiny sentiment-like classification tasks plus two mlm tasks are written
 as CSV mirrors in tmp_path; the whole negation / addition / analogy run (with
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from taskvec.config import parse_params
-from taskvec.experiments import ExperimentParams, MethodSpec, merge_vectors, random_like, run_benchmark
+from benchmarks.paper.experiments import ExperimentParams, MethodSpec, merge_vectors, random_like, run_benchmark
 from tests.conftest_tasks import LABELS, sentiment_rows, tiny_model, write_csv, write_mirror  # noqa: F401 - fixtures
 
 

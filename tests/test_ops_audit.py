@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pipeline.audit import GENESIS, AuditLog, format_entries
+from pipeline.ops.audit import GENESIS, AuditLog, format_entries
 from taskvec.errors import TaskvecError
 from tests.conftest_ops import *  # noqa: F401,F403
 
@@ -80,7 +80,7 @@ def test_verify_detects_edits_and_deletions(log, tamper, expect):
 
 def test_rehashed_forgery_is_caught_by_the_anchor(log):
     """An attacker who recomputes the hashes after an edit still breaks the chain or the anchor."""
-    from pipeline.audit import entry_hash
+    from pipeline.ops.audit import entry_hash
 
     entries = _fill(log, 3)
     anchors = {"m": entries[-1].anchor(log.log_id)}
@@ -115,7 +115,7 @@ def test_eight_concurrent_threads_keep_the_chain_linear(log):
 
 
 def _proc_append(url: str, i: int, n: int) -> None:
-    from pipeline.audit import AuditLog
+    from pipeline.ops.audit import AuditLog
 
     log = AuditLog(url)
     for k in range(n):

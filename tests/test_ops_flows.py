@@ -9,7 +9,7 @@ from uuid import UUID
 import pytest
 
 from flows.edit import edit
-from pipeline import promotion as P
+from pipeline.ops import promotion as P
 from taskvec.errors import TaskvecError
 from tests.conftest_ops import *  # noqa: F401,F403
 
@@ -64,7 +64,7 @@ def _flow_kw(ops, model, params_file, **kw):
 
 def test_promote_flow_pauses_and_cli_approval_resumes_it(prefect_harness, ops, edits, model_name, params_file, monkeypatch):
     from flows.promote import promote_flow
-    from taskvec.cli import main
+    from pipeline.cli import main
 
     v = register_edit(ops, model_name, edits, [("t1", 0.5)], alias="challenger")
     t, box = _run_in_thread(promote_flow, **_flow_kw(ops, model_name, params_file))

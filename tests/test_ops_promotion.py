@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pipeline import promotion as P
+from pipeline.ops import promotion as P
 from taskvec.errors import TaskvecError
 from tests.conftest_ops import *  # noqa: F401,F403
 
@@ -237,7 +237,7 @@ def test_eight_concurrent_promotions(ops, edits, model_name):
 def test_eight_concurrent_registrations(ops, edits, model_name):
     from mlflow.exceptions import MlflowException
 
-    from pipeline.rollback import register_folder
+    from pipeline.ops.rollback import register_folder
 
     folder = edits.build([("t1", 0.2)])
     try:

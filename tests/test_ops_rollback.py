@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline import promotion as P
-from pipeline.rollback import rollback
+from pipeline.ops import promotion as P
+from pipeline.ops.rollback import rollback
 from taskvec.errors import TaskvecError
 from tests.conftest_ops import *  # noqa: F401,F403
 
@@ -104,7 +104,7 @@ def test_bad_rollbacks_change_nothing(ops, edits, model_name):
 
 
 def test_cli_commands(ops, edits, model_name, monkeypatch, capsys):
-    from taskvec.cli import main
+    from pipeline.cli import main
 
     monkeypatch.setenv("TASKVEC_AUDIT_URL", ops.audit.url)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ops.client.tracking_uri)

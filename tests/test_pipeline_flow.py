@@ -21,7 +21,7 @@ def test_edit_flow_registers_a_reproducible_version(tiny_project):
 
     from flows.edit import edit
     from pipeline import params as P
-    from pipeline import registry
+    from pipeline.ops import registry
 
     pf = str(tiny_project / "params.yaml")
     with prefect_test_harness(server_startup_timeout=180):

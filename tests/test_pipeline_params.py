@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline import params as P
-from pipeline import tracking
+from pipeline.ops import tracking
 from taskvec.errors import TaskvecError
 from tests.conftest_pipeline import REPO, pipeline_env, tiny_project, write_project  # noqa: F401
 
@@ -98,12 +98,12 @@ def test_step_bad_input_is_one_line_and_writes_nothing(tiny_project, step, extra
 
 
 def test_missing_params_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.compose", "--params", str(tmp_path / "nope.yaml")], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.steps.compose", "--params", str(tmp_path / "nope.yaml")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: params file not found")
 
 
 def test_edit_objective_mixes_learn_forget_and_control(tmp_path):
-    from pipeline.search import edit_objective
+    from pipeline.steps.search import edit_objective
 
     data = _base(tmp_path)
     data["edit"] = {"learn": ["senti"], "forget": ["topic"], "control": ["topic"]}
@@ -118,10 +118,10 @@ def test_edit_objective_mixes_learn_forget_and_control(tmp_path):
 
 
 def test_dvc_lock_hashes(tmp_path):
-    from pipeline.registry import dvc_lock_hashes
+    from pipeline.ops.registry import dvc_lock_hashes
 
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-        "evaluate": {"cmd": "x", "deps": [{"path": "pipeline/evaluate.py", "md5": "c0"}, {"path": "outputs/edit", "md5": "e1.dir"}], "outs": [{"path": "outputs/model", "md5": "m1.dir"}]},
+        "evaluate": {"cmd": "x", "deps": [{"path": "pipeline/steps/evaluate.py", "md5": "c0"}, {"path": "outputs/edit", "md5": "e1.dir"}], "outs": [{"path": "outputs/model", "md5": "m1.dir"}]},
         "finetune@a": {"cmd": "y", "deps": [{"path": "../shared/data/a", "md5": "d1.dir"}], "outs": [{"path": "outputs/finetuned/a", "md5": "f1.dir"}]},
         "register": {"cmd": "z", "outs": [{"path": "outputs/registry/registered.json", "md5": "r"}]},
     }}))

@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from taskvec import engine
-from taskvec.cli import main as cli_main
+from pipeline.cli import main as cli_main
 from taskvec.errors import TaskvecError
 from tests.conftest import make_tiny_bert
 
@@ -656,7 +656,7 @@ def _count_registry(store: Path) -> Callable[[], tuple[int, int]]:
     def count() -> tuple[int, int]:
         from mlflow import MlflowClient
 
-        from pipeline.audit import AuditLog
+        from pipeline.ops.audit import AuditLog
 
         client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db", registry_uri=f"sqlite:///{store}/mlflow.db")
         return len(client.search_model_versions("name='m'")), len(AuditLog(f"sqlite:///{store}/audit.db").entries())
@@ -714,7 +714,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 from taskvec.errors import TaskvecError
-from pipeline.tracking import Tracker
+from pipeline.ops.tracking import Tracker
 p = SimpleNamespace(root=Path(sys.argv[2]), mlflow=SimpleNamespace(tracking_uri=sys.argv[1], artifact_root="mlartifacts", experiment="x"))
 try:
     Tracker(p)
@@ -760,7 +760,7 @@ def shared(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registry_store(tmp_path_factory):
-    from pipeline.promotion import LEDGER_TAG, Ops
+    from pipeline.ops.promotion import LEDGER_TAG, Ops
 
     store = tmp_path_factory.mktemp("registry")
     ops = Ops(f"sqlite:///{store}/mlflow.db", f"sqlite:///{store}/audit.db")

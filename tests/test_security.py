@@ -297,7 +297,7 @@ def test_tracker_never_logs_credentials(tmp_path, monkeypatch, caplog):
     """An unusable tracking store with a password in its URI: the one-line error masks the password."""
     from types import SimpleNamespace
 
-    tracking = pytest.importorskip("pipeline.tracking")
+    tracking = pytest.importorskip("pipeline.ops.tracking")
     uri = f"postgresql://mlflow:{SECRET}@127.0.0.1:9/mlflow"
     p = SimpleNamespace(root=tmp_path, mlflow=SimpleNamespace(tracking_uri=uri, artifact_root="mlartifacts", experiment="x"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

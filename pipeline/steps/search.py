@@ -21,7 +21,7 @@ Writes ``curve.csv`` (λ, objective, feasible, per-task accuracy),
 ``curve.png`` and ``best.json`` (best λ, its scores, base and fine-tuned
 references); the ``lambda`` plot and the ``search`` metrics of ``dvc.yaml``.
 
-    python -m pipeline.search --params params.yaml
+    python -m pipeline.steps.search --params params.yaml
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     from taskvec.io import atomic_dir
     from taskvec.search import NoFeasibleLambda, WeightEditor, search_lambda
 
-    from pipeline.compose import VECTOR
+    from pipeline.steps.compose import VECTOR
 
     started = time.perf_counter()
     p = P.load(params_file)

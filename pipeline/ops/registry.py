@@ -3,7 +3,7 @@
 **What is registered.** The edited model folder (``outputs/model``: a plain
 Hugging Face encoder folder with ``taskvec.json``, ``heads/`` and the
 ``README.md`` model card) is logged as an MLflow *pyfunc* model whose loader
-is this module (``loader_module="pipeline.registry"``, the folder as
+is this module (``loader_module="pipeline.ops.registry"``, the folder as
 ``data_path``) and registered as a new version of the registered model, with
 alias ``challenger``. Why a pyfunc over the stored weights rather than the
 ``transformers`` flavour or a pyfunc that rebuilds base + Σλτ at load time:
@@ -39,7 +39,7 @@ from typing import Any
 
 from taskvec.errors import TaskvecError
 
-from pipeline import tracking
+from pipeline.ops import tracking
 
 LEDGER_TAG = "taskvec.ledger"
 
@@ -185,7 +185,7 @@ def register(tracker: tracking.Tracker, step: tracking.StepRun, model_dir: str |
     with tracking.LOCK, mlflow.start_run(run_id=step.run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            loader_module="pipeline.registry",
+            loader_module="pipeline.ops.registry",
             data_path=str(model_dir),
             pip_requirements=[f"taskvec=={__version__}", "torch", "transformers", "safetensors"],
             metadata={"taskvec_output_hash": tags["taskvec.output_hash"], "taskvec_base_hash": tags["taskvec.base_hash"]},

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         from pipeline import params as P
 
         P.load(params)  # fail fast, one line, before Prefect starts
-        from pipeline.services import check_prefect_api
+        from pipeline.ops.services import check_prefect_api
 
         check_prefect_api()
         from flows.edit import edit
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return
-        from pipeline.evaluate import results_markdown
+        from pipeline.steps.evaluate import results_markdown
 
         typer.echo(results_markdown(summary["metrics"]))
         typer.echo(f"λ = {summary['lambda']:g}   model {summary['model_dir']}   weights {summary['output_hash'][:12]}")
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         """Print a registered version's reproducibility record: ledger, commit, dvc.lock, params, data, flow run."""
         _offline_env()
         from pipeline import params as P
-        from pipeline import registry
+        from pipeline.ops import registry
 
         rec = registry.lineage(P.load(params), model, version)
         typer.echo(json.dumps(rec, indent=2, default=str) if as_json else registry.format_lineage(rec))
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         """Rebuild a registered version's weights from its ledger (base + Σλτ) and check the content hash."""
         _offline_env()
         from pipeline import params as P
-        from pipeline import registry
+        from pipeline.ops import registry
 
         rep = registry.reproduce(P.load(params), model, version)
         if as_json:

@@ -4,7 +4,7 @@ Entry point of the ``finetune@<task>`` DVC stage and of the Prefect
 ``finetune`` task (which runs it in a subprocess, so concurrent fine-tunes
 keep their own RNG and thread pools)::
 
-    python -m pipeline.finetune --params params.yaml --task sst2
+    python -m pipeline.steps.finetune --params params.yaml --task sst2
 """
 
 from __future__ import annotations

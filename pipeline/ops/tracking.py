@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.services import mlflow_uri
+from pipeline.ops.services import mlflow_uri
 from taskvec.errors import TaskvecError
 from taskvec.redact import redact_text
 

@@ -1,6 +1,6 @@
 """Step 2 — extract: τ_task = θ_ft − θ_base into ``outputs/vectors/<task>.safetensors``.
 
-    python -m pipeline.extract --params params.yaml --task sst2
+    python -m pipeline.steps.extract --params params.yaml --task sst2
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Append-only is enforced by triggers that abort any ``UPDATE``/``DELETE`` (and
 recomputes every hash, checks the ``seq`` run has no gap and every
 ``prev_hash`` links, and compares the head against *anchors* kept outside the
 database (the ``taskvec.audit_head`` tag — ``log_id:seq:hash`` — that
-:mod:`pipeline.promotion` sets on each registered model with every entry of
+:mod:`pipeline.ops.promotion` sets on each registered model with every entry of
 that model), so cutting entries off the end is caught too. ``log_id`` is a
 random id stored with the table, so several audit logs may share a registry.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.errors import TaskvecError
-from pipeline.services import normalize_db_url as normalize_url
+from pipeline.ops.services import normalize_db_url as normalize_url
 from taskvec.redact import redact_uri
 
 TABLE = "taskvec_audit"

@@ -26,7 +26,7 @@ def benchmark(
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from taskvec.experiments import run_benchmark
+    from benchmarks.paper.experiments import run_benchmark
 
     started = time.perf_counter()
 

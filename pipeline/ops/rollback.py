@@ -18,7 +18,7 @@
 5. registers the result as a new version of the same registered model, its
    ``taskvec.ledger`` tag being the new ledger; and, when the source version
    was the champion, moves ``champion`` to it through
-   :func:`pipeline.promotion.move_alias` (action ``rollback``, approved by the
+   :func:`pipeline.ops.promotion.move_alias` (action ``rollback``, approved by the
    operator). Otherwise a ``rollback`` audit entry records the new version.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.promotion import CHAMPION, LEDGER_TAG, Move, Ops, alias_version, audited_append, download_version, get_version, ledger_of, move_alias
+from pipeline.ops.promotion import CHAMPION, LEDGER_TAG, Move, Ops, alias_version, audited_append, download_version, get_version, ledger_of, move_alias
 from taskvec.errors import TaskvecError
 
 ULP_FACTOR = 4.0  # allowed error per float operation, in units of eps·|value|
@@ -269,7 +269,7 @@ def compare(a_dir: Path, b_dir: Path, scale_dirs: list[Path], n_ops: int, terms:
 
 
 # ---------------------------------------------------------------------------
-# Registration (adapter; uses pipeline.registry when it offers a folder registration)
+# Registration (adapter; uses pipeline.ops.registry when it offers a folder registration)
 
 
 def register_folder(ops: Ops, model: str, folder: Path, *, tags: dict[str, str], description: str, extra_artifacts: dict[str, list[Path]] | None = None, metrics: dict[str, float] | None = None) -> str:
@@ -319,7 +319,7 @@ def rollback(
     from taskvec.engine import LEDGER_FILE, apply
     from taskvec.io import TensorSource, file_sha256
 
-    from pipeline.audit import default_actor
+    from pipeline.ops.audit import default_actor
 
     sha = _norm_sha(vector_sha)
     mv = get_version(ops.client, model, version)

@@ -9,7 +9,7 @@
 
 Tracking server: ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` or params.yaml's
 ``mlflow.tracking_uri``; audit log: ``--audit-url`` or ``TASKVEC_AUDIT_URL``
-(default: beside the tracking store, see :func:`pipeline.audit.default_url`).
+(default: beside the tracking store, see :func:`pipeline.ops.audit.default_url`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _ops(tracking_uri: str | None, audit_url: str | None):
-    from pipeline.promotion import Ops
+    from pipeline.ops.promotion import Ops
 
     return Ops(tracking_uri, audit_url)
 
@@ -57,7 +57,7 @@ def _resume_paused(ops, model: str, version: str, run_input: dict) -> str | None
 
 
 def _decide(model: str, version: str, decision: str, approver: str, reason: str, tracking_uri, audit_url, resume: bool) -> None:
-    from pipeline import promotion as P
+    from pipeline.ops import promotion as P
 
     ops = _ops(tracking_uri, audit_url)
     version = str(P.get_version(ops.client, model, version).version)
@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         audit_url: AuditUrl = None,
     ) -> None:
         """Run the promote flow: evaluate challenger vs champion, gate, wait for approval, move champion."""
-        from pipeline.services import check_prefect_api
+        from pipeline.ops.services import check_prefect_api
 
         check_prefect_api()
         from flows.promote import promote_flow
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         audit_url: AuditUrl = None,
     ) -> None:
         """Fast path: point champion back to the previous champion version (audited)."""
-        from pipeline.promotion import revert_champion
+        from pipeline.ops.promotion import revert_champion
 
         move = revert_champion(_ops(tracking_uri, audit_url), model, approver=approver, reason=reason)
         typer.echo(f"champion of {model}: {move.from_version} -> {move.to_version} (audit entry {move.entry.seq})")
@@ -151,7 +151,7 @@ def register(app: typer.Typer) -> None:
         audit_url: AuditUrl = None,
     ) -> None:
         """Subtract an edit (θ − λτ), check it against the ledger rebuild, register it, move champion if needed."""
-        from pipeline.rollback import rollback
+        from pipeline.ops.rollback import rollback
 
         res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move)
         if as_json:
@@ -170,11 +170,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Recompute the hash chain and check anchors and champion aliases; exit 1 if anything was edited or deleted."""
         if no_registry:
-            from pipeline.audit import AuditLog, default_url
+            from pipeline.ops.audit import AuditLog, default_url
 
             report = AuditLog(audit_url or default_url()).verify()
         else:
-            from pipeline.promotion import verify
+            from pipeline.ops.promotion import verify
 
             report = verify(_ops(tracking_uri, audit_url))
         if as_json:
@@ -195,7 +195,7 @@ def register(app: typer.Typer) -> None:
         audit_url: AuditUrl = None,
     ) -> None:
         """Print the audit log."""
-        from pipeline.audit import AuditLog, default_url, format_entries
+        from pipeline.ops.audit import AuditLog, default_url, format_entries
 
         entries = AuditLog(audit_url or default_url()).entries(model=model, version=version, action=action)
         typer.echo(format_entries(entries, as_json=as_json))

@@ -1,6 +1,6 @@
 """Step 6 — register: the edited model as a new MLflow registered-model version (alias ``challenger``).
 
-Logs ``outputs/model`` as a pyfunc model (see :mod:`pipeline.registry`), the
+Logs ``outputs/model`` as a pyfunc model (see :mod:`pipeline.ops.registry`), the
 task vectors beside it, and registers a version carrying the reproducibility
 tags (ledger, git commit, dvc.lock hashes, params hash, dataset digests,
 Prefect flow-run id). Writes ``outputs/registry/registered.json``.
@@ -10,7 +10,7 @@ run alone (``dvc repro``'s ``register`` stage) it opens its own parent run
 and logs the pipeline's params, metrics, λ curve, results table and dataset
 inputs there.
 
-    python -m pipeline.register --params params.yaml
+    python -m pipeline.steps.register --params params.yaml
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ RECORD = "registered.json"
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str | None = None, parent_run_id: str | None = None) -> dict:
     from taskvec.io import atomic_path
 
-    from pipeline import registry, tracking
-    from pipeline.compose import RECORD as COMPOSE_RECORD
-    from pipeline.evaluate import METRICS
+    from pipeline.ops import registry, tracking
+    from pipeline.steps.compose import RECORD as COMPOSE_RECORD
+    from pipeline.steps.evaluate import METRICS
 
     p = P.load(params_file)
     model = P.model_dir(p)
@@ -88,9 +88,9 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
 
 def log_summary(tracker, parent: str, p: P.PipelineParams, metrics: dict, digests: dict) -> None:
     """Parent-run logging when the steps ran without the flow (DVC): params, metrics, curve, table, inputs."""
-    from pipeline import tracking
-    from pipeline.evaluate import TABLE, results_markdown
-    from pipeline.search import BEST, CURVE, PLOT
+    from pipeline.ops import tracking
+    from pipeline.steps.evaluate import TABLE, results_markdown
+    from pipeline.steps.search import BEST, CURVE, PLOT
 
     run = tracking.StepRun(tracker, parent)
     run.params(pipeline_params(p))

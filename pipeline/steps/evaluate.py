@@ -13,7 +13,7 @@ accuracy of the base (zero-shot), each fine-tuned model and the edited model
 goes to ``outputs/metrics/evaluate.json`` (DVC metrics) and
 ``outputs/metrics/results.csv`` (the results table).
 
-    python -m pipeline.evaluate --params params.yaml
+    python -m pipeline.steps.evaluate --params params.yaml
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     from taskvec.heads import save_head
     from taskvec.io import atomic_dir
 
-    from pipeline.compose import RECORD
-    from pipeline.search import BEST, Scorer
+    from pipeline.steps.compose import RECORD
+    from pipeline.steps.search import BEST, Scorer
 
     started = time.perf_counter()
     p = P.load(params_file)

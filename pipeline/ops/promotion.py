@@ -2,7 +2,7 @@
 
 The champion alias of a registered model moves only through
 :func:`move_alias`, which runs this protocol while holding the audit log's
-append lock (:meth:`pipeline.audit.AuditLog.transaction`):
+append lock (:meth:`pipeline.ops.audit.AuditLog.transaction`):
 
 1. check the approval record (an ``approve`` audit entry for that version,
    not yet consumed, and no ``reject`` entry for it) — or, for a rollback or
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.audit import AuditEntry, AuditLog, AuditTransaction, default_actor, now_iso
+from pipeline.ops.audit import AuditEntry, AuditLog, AuditTransaction, default_actor, now_iso
 from pipeline.params import CHAMPION, PromotionSpec
 from taskvec.errors import TaskvecError
 
@@ -208,7 +208,7 @@ def default_evaluator(model_dir: Path, params_file: str | os.PathLike | None = N
 def mlflow_client(tracking_uri: str | None = None):
     from mlflow import MlflowClient
 
-    from pipeline.services import mlflow_uri
+    from pipeline.ops.services import mlflow_uri
 
     uri = mlflow_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _params_tracking_uri())
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -334,7 +334,7 @@ class Ops:
     def __init__(self, tracking_uri: str | None = None, audit_url: str | None = None, *, client=None, audit: AuditLog | None = None):
         self.client = client or mlflow_client(tracking_uri)
         if audit is None:
-            from pipeline.audit import default_url
+            from pipeline.ops.audit import default_url
 
             audit = AuditLog(audit_url or default_url(getattr(self.client, "tracking_uri", None)))
         self.audit = audit

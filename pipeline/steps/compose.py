@@ -5,7 +5,7 @@ method (sum / ties / dare / dare_ties / magnitude); ``outputs/edit/compose.json`
 records the ordered inputs (task, vector sha256, sign) and the merge options.
 The λ search then scales this one vector.
 
-    python -m pipeline.compose --params params.yaml
+    python -m pipeline.steps.compose --params params.yaml
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Paper reproduction (``taskvec benchmark``): the negation, addition and analogy experiments. Not part of the core library."""
