@@ -224,10 +224,11 @@ def model_name(request):
 class Edits:
     def __init__(self, root: Path):
         from taskvec.engine import extract
-        from tests.conftest import make_tiny_bert, perturb
+        from tests.conftest import perturb
+        from tests.conftest_tasks import make_model
 
         self.root = root
-        self.base = make_tiny_bert(root / "base")
+        self.base = make_model(root / "base")  # tiny BERT + tokenizer: registered versions load as pyfuncs
         self.vectors: dict[str, Path] = {}
         self.sha: dict[str, str] = {}
         for i, name in enumerate(("t1", "t2", "bad"), start=1):
@@ -237,13 +238,18 @@ class Edits:
             self.sha[name] = res.sha256
         self._n = 0
 
-    def build(self, edits: list[tuple[str, float]]) -> Path:
-        """apply(base, edits) into a new folder (chained one apply per edit, like repeated edits)."""
+    def build(self, edits: list[tuple[str, float]], *, heads: bool = False) -> Path:
+        """apply(base, edits) into a new folder (one apply, as the pipeline's evaluate step writes it); ``heads``: add a ``t1`` head."""
         from taskvec.engine import apply
 
         self._n += 1
         out = self.root / "built" / f"m{self._n}"
         apply(self.base, [(self.vectors[n], lam) for n, lam in edits], out)
+        if heads:
+            from taskvec.heads import build_head, load_encoder, save_head
+
+            encoder, tokenizer, _ = load_encoder(out)
+            save_head(build_head(encoder, tokenizer, "t1", ["negative", "positive"], ["bad", "good"]), out / "heads" / "t1.safetensors")
         return out
 
 
@@ -274,9 +280,9 @@ def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | Non
     return rec["version"]
 
 
-def register_edit(ops, model: str, edits: Edits, spec: list[tuple[str, float]], *, alias: str | None = None, log_vectors: bool = True) -> str:
+def register_edit(ops, model: str, edits: Edits, spec: list[tuple[str, float]], *, alias: str | None = None, log_vectors: bool = True, heads: bool = False) -> str:
     """Build ``base + Σ λ τ`` and register it (ledger tags + pyfunc model, vectors with the run); returns the version."""
-    folder = edits.build(spec)
+    folder = edits.build(spec, heads=heads)
     vectors = list(dict.fromkeys(edits.vectors[n] for n, _ in spec)) if log_vectors else []
     v = register_folder(ops, model, folder, vectors=vectors)
     if alias:

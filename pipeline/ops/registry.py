@@ -154,7 +154,8 @@ def download_version(mv, dst: str | os.PathLike | None = None, tracking_uri: str
     if dst is not None:
         Path(dst).mkdir(parents=True, exist_ok=True)
     try:
-        with tracking.LOCK:
+        # models:/m-… sources resolve their logged model through MLflow's global URI: point it at this store
+        with _fluent_uri(tracking_uri) if tracking_uri else tracking.LOCK:
             path = mlflow.artifacts.download_artifacts(
                 artifact_uri=mv.source, dst_path=None if dst is None else str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
             )
@@ -203,7 +204,7 @@ def run_vectors(client, mv, dst: Path) -> list[Path]:
     found = []
     for sub in ("vectors", "edit"):
         try:
-            with tracking.LOCK:
+            with _fluent_uri(client.tracking_uri):
                 found.append(Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=sub, dst_path=str(dst), tracking_uri=client.tracking_uri)))
         except Exception:  # noqa: BLE001 - no such artifact folder
             continue
@@ -420,7 +421,9 @@ def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: s
                 signature=serving.signature(),
                 metadata={"taskvec_output_hash": tags["taskvec.output_hash"], "taskvec_base_hash": tags["taskvec.base_hash"]},
             )
-    with tracking.LOCK:
+    # MLflow's SQL registry resolves the logged model of a version through the *global* tracking URI
+    # (MlflowClient() in create_model_version), so the registration runs with it pointed at this store too
+    with _fluent_uri(client.tracking_uri):
         for vec in vectors:
             client.log_artifact(run_id, str(vec), "vectors")
         try:
