@@ -81,6 +81,8 @@ class RollbackResult:
             f"(λ={self.removed['lambda']:g}), rebuilt from the base with the remaining edits; max |diff| of θ − λτ vs that rebuild {self.check.max_abs_diff:.3e} "
             f"({self.check.max_ulps:.2f} ulp, limit {self.check.tolerance_ulps:g}) over {self.check.tensors} tensors"
         )
+        if self.accuracy:
+            s += "; accuracy " + ", ".join(f"{t} {a:.4f}" for t, a in sorted(self.accuracy.items()))
         if self.champion_moved:
             s += f"; champion {self.champion_moved.from_version} → {self.champion_moved.to_version} (audit entry {self.champion_moved.entry.seq})"
         return s
