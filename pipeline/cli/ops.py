@@ -4,7 +4,7 @@
     taskvec approve MODEL VERSION --approver NAME --reason TEXT  approval record; resumes a paused promote run
     taskvec reject  MODEL VERSION --approver NAME --reason TEXT  rejection record (final for that version)
     taskvec champion-revert MODEL --approver NAME --reason TEXT  point champion back to the previous champion
-    taskvec rollback MODEL --remove SHA [--version champion]     θ − λτ, checked, registered, audited
+    taskvec rollback MODEL --remove SHA [--version champion]     base + remaining edits, checked vs θ − λτ, registered, audited
     taskvec audit verify | audit show                            check / print the hash-chained audit log
 
 Tracking server: ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` or params.yaml's
@@ -115,8 +115,16 @@ def register(app: typer.Typer) -> None:
         audit_url: AuditUrl = None,
     ) -> None:
         """Run the promote flow: evaluate challenger vs champion, gate, wait for approval, move champion."""
+        from pipeline.ops import promotion as P
         from pipeline.ops.services import check_prefect_api
 
+        # bad input is one line and exit 2 before a flow run starts: unknown model/version, rejected version, bad evaluator, dead store
+        spec = P.load_spec(params)
+        P.load_evaluator(evaluator or spec.evaluator)
+        from flows.promote import _model_name
+
+        ops = _ops(tracking_uri, audit_url)
+        P.check_promotable(ops, _model_name(model, str(params)), version)
         check_prefect_api()
         from flows.promote import promote_flow
 
@@ -146,16 +154,18 @@ def register(app: typer.Typer) -> None:
         approver: Annotated[Optional[str], typer.Option("--approver", help="Operator approving the champion move (default: $TASKVEC_ACTOR or user).")] = None,
         reason: Annotated[Optional[str], typer.Option("--reason", help="Why (audit log).")] = None,
         no_move: Annotated[bool, typer.Option("--no-move", help="Register the rolled-back version but leave champion where it is.")] = False,
+        evaluator: Annotated[Optional[str], typer.Option("--evaluator", help="module:function scoring the rolled-back model -> {task: accuracy} (default: params.yaml promotion.evaluator).")] = None,
+        params: Annotated[Optional[Path], typer.Option("--params", help="params.yaml naming the promotion evaluator (default: $TASKVEC_PARAMS, else ./params.yaml).")] = None,
         as_json: AsJson = False,
         tracking_uri: TrackingUri = None,
         audit_url: AuditUrl = None,
     ) -> None:
-        """Subtract an edit (θ − λτ), check it against the ledger rebuild, register it, move champion if needed."""
+        """Rebuild base + the remaining edits, check it against θ − λτ, evaluate and register it, move champion if needed."""
         from pipeline.ops.rollback import rollback
 
-        res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move)
+        res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move, evaluator=evaluator, params_file=params)
         if as_json:
-            typer.echo(json.dumps({"source_version": res.source_version, "new_version": res.new_version, "removed": res.removed, "max_abs_diff": res.check.max_abs_diff, "max_ulps": res.check.max_ulps, "champion_moved": bool(res.champion_moved), "notes": res.notes}, indent=2))
+            typer.echo(json.dumps({"source_version": res.source_version, "new_version": res.new_version, "removed": res.removed, "max_abs_diff": res.check.max_abs_diff, "max_ulps": res.check.max_ulps, "accuracy": res.accuracy, "champion_moved": bool(res.champion_moved), "notes": res.notes}, indent=2))
         else:
             typer.echo(res.summary())
             for n in res.notes:
