@@ -12,17 +12,9 @@ import torch
 from taskvec.config import SearchSpec
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.heads import load_encoder
-from taskvec.search import (
-    CachedEvaluator,
-    WeightEditor,
-    addition_objective,
-    compose,
-    lattice,
-    negation_objective,
-    run_search,
-    search_lambda,
-    write_outputs,
-)
+from taskvec.search import CachedEvaluator, addition_objective, lattice, negation_objective, search_lambda
+from taskvec.search_run import compose, run_search, write_outputs
+from taskvec.suite import WeightEditor
 from tests.conftest_tasks import data_dir, params, tiny_model  # noqa: F401 - fixtures
 
 SPEC = SearchSpec()
