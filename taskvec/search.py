@@ -23,6 +23,13 @@ Strategies, over the lattice ``linspace(lambda_min, lambda_max, grid_points)``
   needs at most 7 evaluations (8 with negation's base evaluation). It never
   exceeds ``max_evals``. Ties prefer the smaller λ (the smaller edit).
 
+Control constraint: ``max_control_drop`` (accuracy points) lets each control
+task lose at most that much against its base accuracy, for negation (on top
+of ``threshold``) and for addition with control tasks. ``details["constraint"]``
+says whether the constraint was binding (the unconstrained best λ breaks it);
+when no searched λ is feasible the search picks λ = 0, the base (one extra
+evaluation if 0 is off the lattice), and says so instead of failing.
+
 Evaluations are cached by λ. The evaluation callable is injectable
 (``λ -> {task: accuracy}``), so tests search known synthetic curves.
 """
@@ -50,7 +57,9 @@ class Objective:
 
     ``value`` is the natural quantity (mean normalised accuracy, or mean target
     accuracy); ``maximize`` says which way is better; ``feasible`` applies the
-    control constraint.
+    control constraint. ``fallback`` is a λ known to be feasible (λ = 0, the
+    base, under a ``max_control_drop`` constraint) that the search picks,
+    saying so, when no evaluated λ is feasible.
     """
 
     name: str
@@ -58,40 +67,104 @@ class Objective:
     maximize: bool
     feasible: Callable[[Mapping[str, float]], bool] = lambda metrics: True
     describe: dict = field(default_factory=dict)
+    fallback: float | None = None
 
-    def key(self, metrics: Mapping[str, float]) -> float:
-        """Higher is better; infeasible λ rank below everything."""
-        if not self.feasible(metrics):
-            return -math.inf
+    def raw_key(self, metrics: Mapping[str, float]) -> float:
+        """Higher is better, ignoring the constraint."""
         value = self.value(metrics)
         return value if self.maximize else -value
 
+    def key(self, metrics: Mapping[str, float]) -> float:
+        """Higher is better; infeasible λ rank below everything."""
+        return self.raw_key(metrics) if self.feasible(metrics) else -math.inf
 
-def addition_objective(tasks: Sequence[str], reference: Mapping[str, float]) -> Objective:
-    """Mean over ``tasks`` of accuracy / ``reference[task]`` (the task's fine-tuned accuracy)."""
+
+TOLERANCE = 1e-12  # accuracies compared with a floor: ignore float rounding of ``base - drop``
+
+
+def control_floors(
+    controls: Sequence[str], base: Mapping[str, float], *, threshold: float | None = None, max_control_drop: float | None = None
+) -> dict[str, float]:
+    """The lowest accuracy each control may reach: ``threshold × base`` and ``base − max_control_drop/100``, the stricter.
+
+    ``max_control_drop`` is in accuracy *points* (percentage points: 2 = two points, 0.80 → 0.78).
+    """
+    if max_control_drop is not None and max_control_drop < 0:
+        raise TaskvecError(f"max_control_drop must be ≥ 0 points, got {max_control_drop}")
+    missing = [c for c in controls if c not in base]
+    if missing:
+        raise TaskvecError(f"no base accuracy for control task {missing[0]}")
+    floors = {}
+    for c in controls:
+        candidates = [threshold * base[c]] if threshold is not None else []
+        if max_control_drop is not None:
+            candidates.append(base[c] - max_control_drop / 100)
+        floors[c] = max(candidates) if candidates else -math.inf
+    return floors
+
+
+def _within(floors: Mapping[str, float]) -> Callable[[Mapping[str, float]], bool]:
+    return lambda m: all(m[c] >= floor - TOLERANCE for c, floor in floors.items())
+
+
+def addition_objective(
+    tasks: Sequence[str],
+    reference: Mapping[str, float],
+    *,
+    controls: Sequence[str] = (),
+    base: Mapping[str, float] | None = None,
+    max_control_drop: float | None = None,
+) -> Objective:
+    """Mean over ``tasks`` of accuracy / ``reference[task]`` (the task's fine-tuned accuracy).
+
+    With ``controls`` (and their ``base`` accuracies), λ is feasible iff every
+    control loses at most ``max_control_drop`` points; λ = 0 is the fallback.
+    """
     missing = [task for task in tasks if not reference.get(task)]
     if missing:
         raise TaskvecError(f"addition needs a positive fine-tuned reference accuracy for task {missing[0]}")
     tasks = list(tasks)
+    describe: dict = {"tasks": tasks, "reference": dict(reference)}
+    if not controls:
+        return Objective("addition", lambda m: float(np.mean([m[t] / reference[t] for t in tasks])), maximize=True, describe=describe)
+    if base is None or max_control_drop is None:
+        raise TaskvecError("addition with control tasks needs their base accuracies and max_control_drop")
+    floors = control_floors(controls, base, max_control_drop=max_control_drop)
+    describe |= {"controls": list(controls), "base": dict(base), "control_floor": floors, "max_control_drop": max_control_drop}
     return Objective(
         "addition",
         lambda m: float(np.mean([m[t] / reference[t] for t in tasks])),
         maximize=True,
-        describe={"tasks": tasks, "reference": dict(reference)},
+        feasible=_within(floors),
+        describe=describe,
+        fallback=0.0,
     )
 
 
-def negation_objective(targets: Sequence[str], controls: Sequence[str], base: Mapping[str, float], threshold: float = 0.95) -> Objective:
-    """Mean target accuracy (minimised), feasible iff each control ≥ ``threshold`` × its base accuracy."""
+def negation_objective(
+    targets: Sequence[str],
+    controls: Sequence[str],
+    base: Mapping[str, float],
+    threshold: float = 0.95,
+    *,
+    max_control_drop: float | None = None,
+) -> Objective:
+    """Mean target accuracy (minimised), feasible iff each control ≥ ``threshold`` × its base accuracy
+    and, with ``max_control_drop``, loses at most that many points (then λ = 0 is the fallback)."""
     if not targets or not controls:
         raise TaskvecError("negation needs at least one target task and one control task")
-    targets, floors = list(targets), {c: threshold * base[c] for c in controls}
+    targets = list(targets)
+    floors = control_floors(controls, base, threshold=threshold, max_control_drop=max_control_drop)
+    describe = {"targets": targets, "controls": list(controls), "base": dict(base), "control_floor": floors, "threshold": threshold}
+    if max_control_drop is not None:
+        describe["max_control_drop"] = max_control_drop
     return Objective(
         "negation",
         lambda m: float(np.mean([m[t] for t in targets])),
         maximize=False,
-        feasible=lambda m: all(m[c] >= floor for c, floor in floors.items()),
-        describe={"targets": targets, "controls": list(controls), "base": dict(base), "control_floor": floors, "threshold": threshold},
+        feasible=_within(floors),
+        describe=describe,
+        fallback=0.0 if max_control_drop is not None else None,
     )
 
 
@@ -206,10 +279,24 @@ def search_lambda(evaluate: Evaluate, objective: Objective, spec: SearchSpec, *,
         complete = False
     seconds = time.perf_counter() - started
 
-    ranked = sorted(cached.cache, key=lambda lam: (-objective.key(cached.cache[lam]), lam))
-    best = ranked[0]
-    if objective.key(cached.cache[best]) == -math.inf:
+    details: dict = {"objective_details": objective.describe}
+    best = _best(cached.cache, objective)
+    if best is None and objective.fallback is not None:
+        cached(objective.fallback)  # the known-feasible edit (λ = 0: the base); may add one evaluation
+        best = _best(cached.cache, objective)
+        if best is not None:
+            details["constraint"] = {
+                "feasible_found": False,
+                "note": f"no searched λ keeps every control within its floor; picked the fallback λ = {best:g}",
+            }
+    if best is None:
         raise NoFeasibleLambda(f"no feasible λ: every evaluated λ breaks the {objective.name} constraint")
+    unconstrained = min(cached.cache, key=lambda lam: (-objective.raw_key(cached.cache[lam]), lam))
+    if "control_floor" in objective.describe and "constraint" not in details:
+        binding = not objective.feasible(cached.cache[unconstrained])
+        details["constraint"] = {"feasible_found": True, "binding": binding, "unconstrained_best_lambda": unconstrained}
+        if binding:
+            details["constraint"]["note"] = f"the control constraint is binding: λ = {unconstrained:g} scores better but breaks it; picked λ = {best:g}"
     evaluations = [
         {
             "lambda": lam,
@@ -228,5 +315,11 @@ def search_lambda(evaluate: Evaluate, objective: Objective, spec: SearchSpec, *,
         evaluations=evaluations,
         seconds=seconds,
         budget_exhausted=not complete,
-        details={"objective_details": objective.describe},
+        details=details,
     )
+
+
+def _best(cache: Mapping[float, Mapping[str, float]], objective: Objective) -> float | None:
+    """The best feasible λ evaluated (ties: the smaller λ), or None."""
+    best = min(cache, key=lambda lam: (-objective.key(cache[lam]), lam))
+    return None if objective.key(cache[best]) == -math.inf else best
