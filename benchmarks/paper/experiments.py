@@ -116,6 +116,7 @@ def run_benchmark(
         "timings_s": timings,
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
+        "device": str(suite.policy.device),
         "selection": "λ, gradient-ascent lr/steps chosen on validation only; test scored once per final model",
     }
     md = render_markdown(results)
