@@ -36,22 +36,24 @@ def load_evaluator(ref: str | Evaluator) -> Evaluator:
 
 
 def default_evaluator(model_dir: Path, params_file: str | os.PathLike | None = None) -> dict[str, float]:
-    """Accuracy of every target and control task, via :func:`taskvec.evaluate.evaluate_model`.
+    """Validation accuracy of every target and control task, through the harness (:class:`taskvec.suite.Suite`).
 
-    Heads come from the task's fine-tune output when present (``outputs/finetuned/<task>``),
-    else from the model folder, else the base's zero-shot head.
+    The model's encoder is loaded once for all tasks. Heads come from the
+    task's fine-tune output when present (``outputs/finetuned/<task>``), else
+    from the model folder, else the base's zero-shot head (the base loaded at
+    most once). The params file is validated with the pipeline's schema.
     """
-    from taskvec.config import load_params
-    from taskvec.evaluate import evaluate_model
+    from taskvec.suite import Suite
+
+    from pipeline.params import load as load_params
 
     params_file = params_file or os.environ.get("TASKVEC_PARAMS", "params.yaml")
     spec = load_spec(params_file)
     params = load_params(params_file)
-    out = {}
-    for task in dict.fromkeys(spec.targets + spec.controls):
-        head = Path(params_file).resolve().parent / "outputs" / "finetuned" / task / "heads" / f"{task}.safetensors"
-        res = evaluate_model(model_dir, task, params, head_path=head if head.is_file() else None)
-        out[task] = float(res["accuracy"])
-    return out
+    tasks = list(dict.fromkeys(spec.targets + spec.controls))
+    finetuned = Path(params_file).resolve().parent / "outputs" / "finetuned"
+    heads = {task: finetuned / task / "heads" / f"{task}.safetensors" for task in tasks}
+    suite = Suite.load(model_dir, tasks, params, splits=("validation",), heads="resolve", head_paths={t: h for t, h in heads.items() if h.is_file()})
+    return {task: float(acc) for task, acc in suite.accuracies().items()}
 
 
