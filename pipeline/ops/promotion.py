@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.ops import integrity
 from pipeline.ops.audit import AuditEntry, AuditLog, AuditTransaction, default_actor, now_iso
 from pipeline.params import CHAMPION, PromotionSpec
 from taskvec.errors import TaskvecError
@@ -397,9 +398,11 @@ def audited_append(ops: Ops, action: str, model: str, version: str | None, build
     with ops.audit.transaction() as tx:
         undo = _Undo()
         try:
+            integrity.check_before_write(ops, action, model, version, tx=tx)
             payload = build(tx, undo)
             entry = tx.append(action, model, version, payload, actor=actor)
             _set_anchor(ops.client, model, entry, undo, ops.audit.log_id)
+            integrity.anchor_rejection(ops.client, entry, undo, ops.audit.log_id)
             _fault("before_commit")
             tx.commit()
             return entry
@@ -505,6 +508,7 @@ def move_alias(
     with ops.audit.transaction() as tx:
         undo = _Undo()
         try:
+            integrity.check_before_write(ops, action, model, version, alias=alias, tx=tx)
             approvals, rejects, consumed = _decisions(tx, model, version)
             if rejects:
                 raise TaskvecError(f"{model} version {version} was rejected (audit entry {rejects[0].seq}); a rejected version never becomes {alias}")
