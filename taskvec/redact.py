@@ -165,7 +165,8 @@ def redact_text(text: str, secrets: Iterable[str] | None = None) -> str:
 
     def assign(m: re.Match) -> str:
         value = m.group("value")
-        if not _is_secret_name(m.group("name")) or value == MASK or "://" in value or value.lower() in ("bearer", "basic"):
+        already = value == MASK or value.startswith(MASK + "\\")  # masked before, then escaped (clean_text twice)
+        if not _is_secret_name(m.group("name")) or already or "://" in value or value.lower() in ("bearer", "basic"):
             return m.group(0)
         return f"{m.group('name')}{m.group('sep')}{m.group('q')}{MASK}{m.group('q')}"
 
