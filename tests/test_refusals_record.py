@@ -437,4 +437,27 @@ def test_password_in_tracking_uri_is_not_a_flow_run_parameter(fresh_db, prefect_
     assert SECRET in json.dumps(runs())
 
 
+def test_by_environment_moves_only_credential_uris(monkeypatch):
+    from flows.promote import by_environment
+
+    for var in ("MLFLOW_TRACKING_URI", "TASKVEC_AUDIT_URL"):
+        monkeypatch.setenv(var, "")
+    secret_pg = f"postgresql://mlflow:{SECRET}@db/mlflow"
+    assert by_environment("sqlite:///mlflow.db", f"https://host/audit?token={SECRET}") == ("sqlite:///mlflow.db", None)
+    assert os.environ["TASKVEC_AUDIT_URL"] == f"https://host/audit?token={SECRET}" and os.environ["MLFLOW_TRACKING_URI"] == ""
+    assert by_environment(secret_pg, None) == (None, None) and os.environ["MLFLOW_TRACKING_URI"] == secret_pg
+
+
+def test_schedule_refuses_credentials_in_deployment_parameters(tmp_path):
+    from flows.schedule import schedule_config
+
+    p = tmp_path / "params.yaml"
+    p.write_text(f"schedule:\n  parameters:\n    force: true\n    note: 'db at postgresql://u:{SECRET}@h/db'\n")
+    with pytest.raises(TaskvecError, match="schedule.parameters.note holds a credential") as err:
+        schedule_config(p)
+    assert SECRET not in str(err.value)
+    p.write_text("schedule:\n  parameters:\n    force: true\n")
+    assert schedule_config(p)["parameters"]["force"] is True
+
+
 from tests.conftest_ops import fresh_db, pg, prefect_harness  # noqa: E402,F401 - fixtures
