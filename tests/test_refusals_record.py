@@ -24,7 +24,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -129,7 +129,6 @@ class Case:
     argv: list[str] | None = None
     call: Callable[[], object] | None = None
     check: Callable[[], None] = lambda: None
-    env: dict[str, str] = field(default_factory=dict)
 
 
 CASES: list = []
