@@ -436,6 +436,33 @@ def test_password_in_tracking_uri_is_not_a_flow_run_parameter(fresh_db, prefect_
     assert SECRET in json.dumps(runs())
 
 
+def test_issue_repro_promote_no_wait_then_approve_after_audit_db_deleted(store, prefect_harness, tmp_path, capsys, monkeypatch):
+    """The tester's steps: reject, delete audit.db, `promote --no-wait`, `approve --no-resume` — refused at each step."""
+    monkeypatch.delenv("TASKVEC_AUDIT_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("promotion:\n  targets: [t1]\n")
+    promote = ["promote", "m", "--version", "1", "--no-wait", "--params", str(params), "--evaluator", "tests.conftest_ops:fake_evaluate", *store.uris()]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(promote)
+    assert exc.value.code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["status"] == "awaiting_approval"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["reject", "m", "1", "--approver", "bob", "--reason", "regresses", "--no-resume", *store.uris()])
+    assert exc.value.code == 0
+    store.delete_audit_db()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(promote)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: refusing to request m version 1: m version 1 is tagged rejected in MLflow" in err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["approve", "m", "1", "--approver", "mallory", "--reason", "again", "--no-resume", *store.uris()])
+    assert exc.value.code == 2 and "is tagged rejected in MLflow" in capsys.readouterr().err
+    assert store.champion() is None and store.entries() == 0
+
+
 def test_by_environment_moves_only_credential_uris(monkeypatch):
     from flows.promote import by_environment
 
