@@ -7,6 +7,12 @@ holds the edit and, when the source was the champion, moves ``champion`` to it
 through the audited path. A Prefect artifact reports the check.
 
 Run: ``python -m flows.rollback --model NAME --remove SHA`` or ``taskvec rollback``.
+
+``tracking_uri`` / ``audit_url`` are stored by Prefect with the flow run: never
+pass a URI holding a password as one — give it through ``MLFLOW_TRACKING_URI`` /
+``TASKVEC_AUDIT_URL`` (:func:`flows.promote.by_environment` does this for
+callers). ``approver`` / ``reason`` are cleaned (credentials masked, control
+characters escaped) before they reach tags and the audit log.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@
 Tracking server: ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` or params.yaml's
 ``mlflow.tracking_uri``; audit log: ``--audit-url`` or ``TASKVEC_AUDIT_URL``
 (default: beside the tracking store, see :func:`pipeline.ops.audit.default_url`).
+
+``--approver`` / ``--reason`` are free text: they are cleaned
+(:func:`taskvec.redact.clean_text`: credentials masked, control characters
+escaped) before they reach the audit log, tags, lineage or a Prefect run
+input. ``taskvec promote --tracking-uri URI-with-password`` hands the URI to
+the flow through the environment, never as a (stored) flow-run parameter.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ def _resume_paused(ops, model: str, version: str, run_input: dict) -> str | None
 
 def _decide(model: str, version: str, decision: str, approver: str, reason: str, tracking_uri, audit_url, resume: bool) -> None:
     from pipeline.ops import promotion as P
+    from taskvec.redact import clean_text
+
+    approver, reason = clean_text(approver), clean_text(reason)
 
     ops = _ops(tracking_uri, audit_url)
     version = str(P.get_version(ops.client, model, version).version)
@@ -126,8 +135,9 @@ def register(app: typer.Typer) -> None:
         ops = _ops(tracking_uri, audit_url)
         P.check_promotable(ops, _model_name(model, str(params)), version)
         check_prefect_api()
-        from flows.promote import promote_flow
+        from flows.promote import by_environment, promote_flow
 
+        tracking_uri, audit_url = by_environment(tracking_uri, audit_url)  # a credential is never a stored flow parameter
         res = promote_flow(model=model, version=version, params_file=str(params), tracking_uri=tracking_uri, audit_url=audit_url, evaluator=evaluator, wait_for_approval=not no_wait)
         typer.echo(json.dumps(res, indent=2, default=str))
 
@@ -184,7 +194,7 @@ def register(app: typer.Typer) -> None:
 
             report = AuditLog(audit_url or default_url()).verify()
         else:
-            from pipeline.ops.promotion import verify
+            from pipeline.ops.integrity import verify
 
             report = verify(_ops(tracking_uri, audit_url))
         if as_json:

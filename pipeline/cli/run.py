@@ -41,10 +41,13 @@ def register(app: typer.Typer) -> None:
         _offline_env()
         from pipeline import params as P
 
-        P.load(params)  # fail fast, one line, before Prefect starts
+        p = P.load(params)  # fail fast, one line, before Prefect starts
         from pipeline.ops.services import check_prefect_api
 
         check_prefect_api()
+        from taskvec.data import validate_tasks
+
+        validate_tasks(p, p.finetune.tasks + p.edit.eval_tasks())  # all data of the plan, before any training
         from flows.edit import edit
 
         summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.ops import integrity
 from pipeline.ops.audit import AuditEntry, AuditLog, AuditTransaction, default_actor, now_iso
 from pipeline.ops.promotion.gates import Comparison
 from pipeline.ops.registry import alias_version, get_version, mlflow_client
@@ -147,9 +148,11 @@ def audited_append(ops: Ops, action: str, model: str, version: str | None, build
     with ops.audit.transaction() as tx:
         undo = _Undo()
         try:
+            integrity.check_before_write(ops, action, model, version, tx=tx)
             payload = build(tx, undo)
             entry = tx.append(action, model, version, payload, actor=actor)
             _set_anchor(ops.client, model, entry, undo, ops.audit.log_id)
+            integrity.anchor_rejection(ops.client, entry, undo, ops.audit.log_id)
             _fault("before_commit")
             tx.commit()
             return entry
@@ -255,6 +258,7 @@ def move_alias(
     with ops.audit.transaction() as tx:
         undo = _Undo()
         try:
+            integrity.check_before_write(ops, action, model, version, alias=alias, tx=tx)
             approvals, rejects, consumed = _decisions(tx, model, version)
             if rejects:
                 raise TaskvecError(f"{model} version {version} was rejected (audit entry {rejects[0].seq}); a rejected version never becomes {alias}")
