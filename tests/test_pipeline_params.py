@@ -89,7 +89,7 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("step, extra", [("extract", ["--task", "nope"]), ("extract", ["--task", "senti"]), ("compose", []), ("search", []), ("evaluate", []), ("register", [])])
 def test_step_bad_input_is_one_line_and_writes_nothing(tiny_project, step, extra):
-    proc = subprocess.run([sys.executable, "-m", f"pipeline.{step}", "--params", str(tiny_project / "params.yaml"), *extra], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", f"pipeline.steps.{step}", "--params", str(tiny_project / "params.yaml"), *extra], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -106,15 +106,15 @@ def test_edit_objective_mixes_learn_forget_and_control(tmp_path):
     from pipeline.steps.search import edit_objective
 
     data = _base(tmp_path)
-    data["edit"] = {"learn": ["senti"], "forget": ["topic"], "control": ["topic"]}
+    data["edit"] = {"learn": ["senti"], "forget": ["topic"], "control": ["spam"]}
     data["search"]["control_threshold"] = 0.95
     p = P.load(_write(tmp_path, data))
-    obj = edit_objective(p, base={"senti": 0.5, "topic": 0.8}, ft={"senti": 0.9})
-    acc = {"senti": 0.72, "topic": 0.78}
-    assert obj.value(acc) == pytest.approx(0.72 / 0.9 - 0.78 / 0.8)
+    obj = edit_objective(p, base={"senti": 0.5, "topic": 0.8, "spam": 0.8}, ft={"senti": 0.9})
+    acc = {"senti": 0.72, "topic": 0.6, "spam": 0.78}
+    assert obj.value(acc) == pytest.approx(0.72 / 0.9 - 0.6 / 0.8)
     assert obj.feasible(acc)  # 0.78 >= 0.95 * 0.8
-    assert not obj.feasible({"senti": 0.9, "topic": 0.75})  # 0.75 < 0.76
-    assert obj.key({"senti": 0.9, "topic": 0.75}) == float("-inf")
+    assert not obj.feasible({"senti": 0.9, "topic": 0.6, "spam": 0.75})  # 0.75 < 0.76
+    assert obj.key({"senti": 0.9, "topic": 0.6, "spam": 0.75}) == float("-inf")
 
 
 def test_dvc_lock_hashes(tmp_path):
