@@ -47,9 +47,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from taskvec.config import Params, SearchSpec, TrainSpec, _Strict, load_params
+from taskvec import methods
+from taskvec.config import MergeMethod, Params, SearchSpec, TrainSpec, _Strict, check_merge_options, load_params, merge_option
 from taskvec.data import load_split
 from taskvec.errors import TaskvecError
 from taskvec.evaluate import EvalSet, score
@@ -75,10 +76,17 @@ class NegationSpec(_Strict):
 
 
 class MethodSpec(_Strict):
+    """A merge method and its options, checked by the registry in taskvec.methods (as the engine checks them)."""
+
     name: str
-    method: Literal["sum", "ties", "dare", "dare_ties", "magnitude"]
-    density: float = Field(default=1.0, gt=0, le=1)
-    drop: float = Field(default=0.0, ge=0, lt=1)
+    method: MergeMethod
+    density: merge_option("density") = methods.OPTIONS["density"].default
+    drop: merge_option("drop") = methods.OPTIONS["drop"].default
+
+    @model_validator(mode="after")
+    def _check_options(self) -> MethodSpec:
+        check_merge_options(self.method, density=self.density, drop=self.drop)
+        return self
 
 
 class AdditionSpec(_Strict):
@@ -244,9 +252,8 @@ def merge_vectors(taus: Sequence[Mapping[str, torch.Tensor]], method: MethodSpec
     """Merge with unit weights through the engine's per-tensor algebra (λ is searched afterwards)."""
     from taskvec.engine import MergeOptions
 
-    density = method.density if method.method in ("ties", "magnitude") else 1.0
-    drop = method.drop if method.method in ("dare", "dare_ties") else 0.0
-    options = MergeOptions(method=method.method, density=density, drop=drop, seed=seed)
+    # the benchmark's seed goes to the methods that take one (MethodSpec already refused options a method does not take)
+    options = MergeOptions(method=method.method, density=method.density, drop=method.drop, seed=seed if methods.takes(method.method, "seed") else 0)
     names = sorted(taus[0])
     return {name: options.combine(name, [t[name] for t in taus], [1.0] * len(taus)) for name in names}
 

@@ -58,17 +58,15 @@ Evaluator = Callable[[Path], dict[str, float]]
 
 
 def load_spec(params_file: str | os.PathLike = "params.yaml") -> PromotionSpec:
-    """``promotion:`` from params.yaml (through PipelineParams when it declares it), targets/controls from ``edit``."""
-    from pipeline.params import load_section, read_raw
+    """``promotion:`` of params.yaml (validated whole, as PipelineParams); targets/controls default to the edit plan's."""
+    from pipeline.params import load
 
-    raw = read_raw(params_file)
-    spec = load_section(params_file, "promotion", PromotionSpec, raw)
-    edit = raw.get("edit") or {}
-    if not spec.targets and isinstance(edit, dict):
-        targets = list(edit.get("learn") or []) + [a.get("target") for a in edit.get("analogies") or [] if isinstance(a, dict) and a.get("target")]
-        spec.targets = list(dict.fromkeys(targets))
-    if not spec.controls and isinstance(edit, dict):
-        spec.controls = list(dict.fromkeys(edit.get("control") or []))
+    p = load(params_file)
+    spec = p.promotion
+    if not spec.targets:
+        spec.targets = p.edit.target_tasks()
+    if not spec.controls:
+        spec.controls = list(dict.fromkeys(p.edit.control))
     return spec
 
 
@@ -187,12 +185,13 @@ def default_evaluator(model_dir: Path, params_file: str | os.PathLike | None = N
     Heads come from the task's fine-tune output when present (``outputs/finetuned/<task>``),
     else from the model folder, else the base's zero-shot head.
     """
-    from taskvec.config import load_params
     from taskvec.evaluate import evaluate_model
+
+    from pipeline.params import load
 
     params_file = params_file or os.environ.get("TASKVEC_PARAMS", "params.yaml")
     spec = load_spec(params_file)
-    params = load_params(params_file)
+    params = load(params_file)  # the pipeline schema: params.yaml has pipeline sections
     out = {}
     for task in dict.fromkeys(spec.targets + spec.controls):
         head = Path(params_file).resolve().parent / "outputs" / "finetuned" / task / "heads" / f"{task}.safetensors"
@@ -215,13 +214,10 @@ def mlflow_client(tracking_uri: str | None = None):
 
 
 def _params_tracking_uri() -> str | None:
-    from pipeline.params import read_raw
+    from pipeline.params import MlflowSection, load
 
-    try:
-        raw = read_raw(os.environ.get("TASKVEC_PARAMS", "params.yaml"))
-    except TaskvecError:
-        raw = {}
-    return (raw.get("mlflow") or {}).get("tracking_uri") or "sqlite:///mlflow.db"
+    path = Path(os.environ.get("TASKVEC_PARAMS", "params.yaml"))
+    return (load(path).mlflow if path.is_file() else MlflowSection()).tracking_uri
 
 
 def _is_not_found(exc: Exception) -> bool:
