@@ -217,11 +217,18 @@ class PipelineParams(_RegisterField):
     @model_validator(mode="after")
     def _check_plan(self) -> PipelineParams:
         declared = set(self.tasks)
-        plan = self.edit
-        named = plan.vector_tasks() + plan.eval_tasks() + self.finetune.tasks
+        if "edit" not in self.model_fields_set:
+            # a file without an edit plan (what `taskvec evaluate`/`finetune`/`search` need); pipeline
+            # steps refuse it in load(), so the default plan is never used unchecked
+            named = list(self.finetune.tasks)
+        else:
+            named = self.edit.vector_tasks() + self.edit.eval_tasks() + self.finetune.tasks
         for name in named:
             if name not in declared:
                 raise ValueError(f"task {name!r} is used by the edit plan or finetune.tasks but not declared under tasks")
+        if "edit" not in self.model_fields_set:
+            return self
+        plan = self.edit
         missing = [t for t in plan.vector_tasks() if t not in self.finetune.tasks]
         if missing:
             raise ValueError(f"edit uses the vector of {missing[0]!r}; add it to finetune.tasks")
@@ -245,9 +252,14 @@ def load(path: str | os.PathLike = DEFAULT_PARAMS) -> PipelineParams:
     """Validate ``params.yaml`` (or another file) into :class:`PipelineParams`; one-line errors.
 
     Parsed and validated once per process per file content (see
-    :func:`taskvec.config.load_params`); each call returns its own copy.
+    :func:`taskvec.config.load_params`); each call returns its own copy. The
+    pipeline refuses a file without an ``edit`` section (core commands such as
+    ``taskvec evaluate`` accept one: they need no plan).
     """
-    return load_params(path, model=PipelineParams)
+    p = load_params(path, model=PipelineParams)
+    if "edit" not in p.model_fields_set:
+        raise TaskvecError(f"{path}: edit: the pipeline needs an edit plan: give edit.learn, edit.forget or edit.analogies")
+    return p
 
 
 def params_hash(path: str | os.PathLike) -> str:

@@ -255,3 +255,19 @@ def test_each_step_parses_params_once(tiny_project, monkeypatch):
         assert len(parses) == 1, (step.__module__, len(loads))
     assert len(loads) >= len(steps)  # every step asked for the params (some more than once) …
     assert (tiny_project / "outputs" / "metrics").is_dir()  # … and the steps really ran
+
+
+def test_a_file_without_edit_plan_serves_core_commands_not_the_pipeline(tmp_path):
+    """Core commands under the full app accept a tasks-only file; pipeline steps refuse it (no silent default plan)."""
+    from taskvec.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("tasks:\n  toy: {source: x, labels: [a, b]}\n")
+    p = load_params(path, model=P.PipelineParams)
+    assert list(p.tasks) == ["toy"] and "edit" not in p.model_fields_set
+    with pytest.raises(TaskvecError) as exc:
+        P.load(path)
+    assert str(exc.value) == f"{path}: edit: the pipeline needs an edit plan: give edit.learn, edit.forget or edit.analogies"
+    path.write_text("tasks:\n  toy: {source: x, labels: [a, b]}\nfinetune: {tasks: [nope]}\n")
+    with pytest.raises(TaskvecError, match="task 'nope' is used by the edit plan or finetune.tasks but not declared"):
+        load_params(path, model=P.PipelineParams)
