@@ -217,18 +217,16 @@ class PipelineParams(_RegisterField):
     @model_validator(mode="after")
     def _check_plan(self) -> PipelineParams:
         declared = set(self.tasks)
-        if "edit" not in self.model_fields_set:
-            # a file without an edit plan (what `taskvec evaluate`/`finetune`/`search` need); pipeline
-            # steps refuse it in load(), so the default plan is never used unchecked
-            named = list(self.finetune.tasks)
-        else:
-            named = self.edit.vector_tasks() + self.edit.eval_tasks() + self.finetune.tasks
+        # a file without `edit:` has no plan to check (core commands such as `taskvec evaluate` need
+        # none); pipeline steps refuse such a file in load(), so the default plan is never used unchecked
+        has_plan = "edit" in self.model_fields_set
+        plan = self.edit
+        named = (plan.vector_tasks() + plan.eval_tasks() if has_plan else []) + self.finetune.tasks
         for name in named:
             if name not in declared:
                 raise ValueError(f"task {name!r} is used by the edit plan or finetune.tasks but not declared under tasks")
-        if "edit" not in self.model_fields_set:
+        if not has_plan:
             return self
-        plan = self.edit
         missing = [t for t in plan.vector_tasks() if t not in self.finetune.tasks]
         if missing:
             raise ValueError(f"edit uses the vector of {missing[0]!r}; add it to finetune.tasks")
