@@ -65,9 +65,11 @@ def by_environment(tracking_uri: str | None, audit_url: str | None) -> tuple[str
 def _model_name(model: str | None, params_file: str) -> str:
     if model:
         return model
-    from pipeline.params import read_raw
+    from pathlib import Path
 
-    return ((read_raw(params_file).get("mlflow") or {}).get("registered_model")) or "taskvec-edit"
+    from pipeline.params import MlflowSection, load
+
+    return (load(params_file).mlflow if Path(params_file).is_file() else MlflowSection()).registered_model
 
 
 @task(name="evaluate-version", retries=0)

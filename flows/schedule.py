@@ -43,9 +43,9 @@ FINGERPRINT_TAG = "taskvec.schedule.fingerprint"
 
 def schedule_config(params_file: str | os.PathLike = "params.yaml") -> dict:
     """``schedule:`` of params.yaml with defaults: cron, timezone, deployment name, flow parameters."""
-    from pipeline.params import ScheduleSection, load_section
+    from pipeline.params import load
 
-    sec = load_section(params_file, "schedule", ScheduleSection)
+    sec = load(params_file).schedule
     from taskvec.redact import redact_mapping
 
     clean = redact_mapping(sec.parameters)
@@ -64,12 +64,12 @@ def schedule_config(params_file: str | os.PathLike = "params.yaml") -> dict:
 
 def runner_config(params_file: str | os.PathLike = "params.yaml") -> dict:
     """``{"kind": "dask"|"default", "address": …, "cluster_kwargs": …}`` from the environment or params.yaml."""
-    from pipeline.params import RunnerSection, load_section
+    from pipeline.params import load
 
     addr = os.environ.get("TASKVEC_DASK_ADDRESS")
     if addr:
         return {"kind": "dask", "address": addr, "cluster_kwargs": {}}
-    sec = load_section(params_file, "runner", RunnerSection)
+    sec = load(params_file).runner
     return {"kind": os.environ.get("TASKVEC_TASK_RUNNER") or sec.kind, "address": sec.address, "cluster_kwargs": sec.cluster_kwargs}
 
 

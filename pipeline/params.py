@@ -13,8 +13,12 @@ sections it reads (``dvc.yaml`` lists them under ``params:``)::
 
 Every section refuses unknown keys (``extra="forbid"``), like the core ones.
 Cross-section rules (every task named by the plan is declared under
-``tasks``; every task the plan edits with is fine-tuned) are checked at load
-time and reported as one line.
+``tasks``; every task the plan edits with is fine-tuned; no task has two roles
+in the plan) are checked at load time and reported as one line.
+
+There is one way to read the file: :func:`load` (= ``taskvec.config.load_params``
+with :class:`PipelineParams`, memoised per process); every section is read as
+a typed attribute of the result, e.g. ``load(path).promotion``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from taskvec.config import Params, load_params
+from taskvec import methods
+from taskvec.config import MergeMethod, Params, check_merge_options, load_params, merge_option
 from taskvec.errors import TaskvecError
 
 DEFAULT_PARAMS = "params.yaml"
@@ -58,20 +63,36 @@ class EditPlan(_Strict):
     forget: list[str] = Field(default_factory=list)
     analogies: list[Analogy] = Field(default_factory=list)
     control: list[str] = Field(default_factory=list)
-    method: Literal["sum", "ties", "dare", "dare_ties", "magnitude"] = "sum"
-    density: float = Field(default=1.0, gt=0, le=1)
-    drop: float = Field(default=0.0, ge=0, lt=1)
-    seed: int = 0
+    # merge method and its options: declared, range-checked and matched to the method by taskvec.methods
+    method: MergeMethod = "sum"
+    density: merge_option("density") = methods.OPTIONS["density"].default
+    drop: merge_option("drop") = methods.OPTIONS["drop"].default
+    seed: merge_option("seed") = methods.OPTIONS["seed"].default
 
     @model_validator(mode="after")
     def _check(self) -> EditPlan:
         if not (self.learn or self.forget or self.analogies):
             raise ValueError("the edit plan is empty: give edit.learn, edit.forget or edit.analogies")
-        if self.method in ("ties", "magnitude") and self.drop:
-            raise ValueError(f"drop applies to dare and dare_ties, not {self.method}")
-        if self.method in ("dare", "dare_ties", "sum") and self.density != 1.0:
-            raise ValueError(f"density applies to ties and magnitude, not {self.method}")
+        self._check_roles()
+        check_merge_options(self.method, density=self.density, drop=self.drop, seed=self.seed)
         return self
+
+    def _check_roles(self) -> None:
+        """A task has one role (learned, forgotten or a control) and appears once in its list.
+
+        An analogy's target may also be learned (both raise its accuracy) but
+        not forgotten or a control.
+        """
+        seen: dict[str, str] = {}
+        for role, tasks in (("learn", self.learn), ("forget", self.forget), ("control", self.control)):
+            for task in tasks:
+                if task in seen:
+                    where = f"twice in edit.{role}" if seen[task] == role else f"in both edit.{seen[task]} and edit.{role}"
+                    raise ValueError(f"task {task!r} is listed {where}: give each task one role, once")
+                seen[task] = role
+        for i, an in enumerate(self.analogies):
+            if an.target and seen.get(an.target) in ("forget", "control"):
+                raise ValueError(f"task {an.target!r} is listed in both edit.{seen[an.target]} and edit.analogies[{i}].target: give each task one role, once")
 
     def signed_tasks(self) -> list[tuple[str, float]]:
         """The ordered (task, sign) list the composed vector is made of."""
@@ -196,11 +217,16 @@ class PipelineParams(_RegisterField):
     @model_validator(mode="after")
     def _check_plan(self) -> PipelineParams:
         declared = set(self.tasks)
+        # a file without `edit:` has no plan to check (core commands such as `taskvec evaluate` need
+        # none); pipeline steps refuse such a file in load(), so the default plan is never used unchecked
+        has_plan = "edit" in self.model_fields_set
         plan = self.edit
-        named = plan.vector_tasks() + plan.eval_tasks() + self.finetune.tasks
+        named = (plan.vector_tasks() + plan.eval_tasks() if has_plan else []) + self.finetune.tasks
         for name in named:
             if name not in declared:
                 raise ValueError(f"task {name!r} is used by the edit plan or finetune.tasks but not declared under tasks")
+        if not has_plan:
+            return self
         missing = [t for t in plan.vector_tasks() if t not in self.finetune.tasks]
         if missing:
             raise ValueError(f"edit uses the vector of {missing[0]!r}; add it to finetune.tasks")
@@ -220,37 +246,18 @@ class PipelineParams(_RegisterField):
         return self._root / OUTPUTS / Path(*parts)
 
 
-def read_raw(path: str | os.PathLike = DEFAULT_PARAMS) -> dict:
-    """params.yaml as a plain mapping (``{}`` if absent), for readers that need one section only."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TaskvecError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise TaskvecError(f"{path}: params must be a mapping")
-    return data
-
-
-def load_section(path: str | os.PathLike, key: str, model: type[BaseModel], raw: dict | None = None) -> BaseModel:
-    """One section of params.yaml validated by its schema (defaults when absent); one-line errors."""
-    section = (read_raw(path) if raw is None else raw).get(key) or {}
-    if not isinstance(section, dict):
-        raise TaskvecError(f"{path}: {key} must be a mapping")
-    try:
-        return model.model_validate(section)
-    except Exception as exc:  # pydantic.ValidationError -> one line naming the key
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
-        raise TaskvecError(f"{path}: {key}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
 def load(path: str | os.PathLike = DEFAULT_PARAMS) -> PipelineParams:
-    """Validate ``params.yaml`` (or another file) into :class:`PipelineParams`; one-line errors."""
-    return load_params(path, model=PipelineParams)
+    """Validate ``params.yaml`` (or another file) into :class:`PipelineParams`; one-line errors.
+
+    Parsed and validated once per process per file content (see
+    :func:`taskvec.config.load_params`); each call returns its own copy. The
+    pipeline refuses a file without an ``edit`` section (core commands such as
+    ``taskvec evaluate`` accept one: they need no plan).
+    """
+    p = load_params(path, model=PipelineParams)
+    if "edit" not in p.model_fields_set:
+        raise TaskvecError(f"{path}: edit: the pipeline needs an edit plan: give edit.learn, edit.forget or edit.analogies")
+    return p
 
 
 def params_hash(path: str | os.PathLike) -> str:

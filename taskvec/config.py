@@ -9,17 +9,33 @@ valid integer``.
 
 Extending: pipeline sections (edit/merge/register, ...) are added as new fields
 on :class:`Params` (or a subclass passed to ``load_params(path, model=...)``),
-each typed by its own ``_Strict`` model.
+each typed by its own ``_Strict`` model. A command validates the file it is
+given with the schema that knows all its sections (the pipeline's
+``PipelineParams`` for the full ``taskvec`` command).
+
+:func:`load_params` is the one YAML reader of params files. It parses and
+validates a file once per process for each distinct content (a small memo
+keyed on the resolved path, the schema and the sha256 of the bytes, so an edit
+is never missed) and hands each caller its own deep copy.
+
+Merge-method options (``method``, ``density``, ``drop``, ``seed``) in any
+schema use :data:`MergeMethod`, :func:`merge_option` and
+:func:`check_merge_options`, which delegate to the registry in
+:mod:`taskvec.methods`: the same checks and one-line messages as the engine.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, model_validator
 
+from taskvec import methods as _methods
 from taskvec.errors import TaskvecError
 
 DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -30,6 +46,33 @@ class _Strict(BaseModel):
     """Base for every parameter model: unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _as_value_error(check):
+    """A registry check as a pydantic validator: its TaskvecError becomes a ValueError (same message)."""
+
+    def run(value: Any) -> Any:
+        try:
+            return check(value)
+        except TaskvecError as exc:
+            raise ValueError(str(exc)) from None
+
+    return run
+
+
+# a merge method name, checked by the registry (unknown names get the engine's message)
+MergeMethod = Annotated[Literal[_methods.METHOD_NAMES], BeforeValidator(_as_value_error(_methods.check_method))]
+
+
+def merge_option(name: str) -> Any:
+    """The pydantic type of merge option ``name``: its declared type, range-checked by the registry."""
+    opt = _methods.OPTIONS[name]
+    return Annotated[opt.type, AfterValidator(_as_value_error(opt.check))]
+
+
+def check_merge_options(method: str, **options: Any) -> None:
+    """:func:`taskvec.methods.validate` for a model validator (an option the method does not take is refused)."""
+    _as_value_error(lambda m: _methods.validate(m, options))(method)
 
 
 class RowCaps(_Strict):
@@ -193,19 +236,48 @@ def parse_params(data: object, *, source: str = "params", root: Path | None = No
     return params
 
 
-def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params) -> P:
-    """Read and validate a YAML params file; relative ``data_dir`` is resolved against its folder."""
-    path = Path(path)
+_MEMO: OrderedDict[tuple, Params] = OrderedDict()
+_MEMO_SIZE = 32
+_MEMO_LOCK = threading.Lock()
+
+
+def _parse_yaml(path: Path, text: str) -> object:
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise TaskvecError(f"params file not found: {path}") from None
-    except OSError as exc:
-        raise TaskvecError(f"cannot read params file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise TaskvecError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_params(data, source=str(path), root=path.resolve().parent, model=model)
+
+
+def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params) -> P:
+    """Read and validate a YAML params file; relative ``data_dir`` is resolved against its folder.
+
+    The one reader of params files. A file is parsed and validated once per
+    process for each distinct content and schema (memo keyed on resolved path,
+    ``model`` and the sha256 of its bytes); every call returns its own deep copy,
+    so a caller may modify what it gets.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TaskvecError(f"params file not found: {path}") from None
+    except OSError as exc:
+        raise TaskvecError(f"cannot read params file {path}: {exc.strerror}") from None
+    key = (str(path.resolve()), model, hashlib.sha256(raw).digest())
+    with _MEMO_LOCK:
+        hit = _MEMO.get(key)
+        if hit is not None:
+            _MEMO.move_to_end(key)
+    if hit is None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TaskvecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        hit = parse_params(_parse_yaml(path, text), source=str(path), root=path.resolve().parent, model=model)
+        with _MEMO_LOCK:
+            _MEMO[key] = hit
+            while len(_MEMO) > _MEMO_SIZE:
+                _MEMO.popitem(last=False)
+    return hit.model_copy(deep=True)

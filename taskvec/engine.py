@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from taskvec import algebra
+from taskvec import algebra, methods
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.io import (
     DEFAULT_SHARD_BYTES,
@@ -239,21 +239,12 @@ class MergeOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        algebra.check_method(self.method)
-        algebra.check_density(self.density)
-        algebra.check_drop(self.drop)
-        if self.method in ("ties", "magnitude") and self.drop:
-            raise TaskvecError(f"--drop applies to dare and dare_ties, not {self.method}")
-        if self.method in ("dare", "dare_ties", "sum") and self.density != 1.0:
-            raise TaskvecError(f"--density applies to ties and magnitude, not {self.method}")
+        # one check for engine, edit plan and benchmark: the registry of taskvec.methods
+        methods.validate(self.method, {"density": self.density, "drop": self.drop, "seed": self.seed})
 
     def record(self) -> dict:
-        out: dict = {"method": self.method}
-        if self.method in ("ties", "magnitude"):
-            out["density"] = self.density
-        if self.method in ("dare", "dare_ties"):
-            out.update(drop=self.drop, seed=self.seed)
-        return out
+        """The method and the options it takes (the vector recipe / ledger entry)."""
+        return {"method": self.method, **{name: getattr(self, name) for name in methods.get(self.method).option_names}}
 
     def combine(self, name: str, taus: Sequence[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
         seeds = [algebra.tensor_seed(self.seed, i, name) for i in range(len(taus))]

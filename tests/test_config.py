@@ -97,3 +97,71 @@ def test_params_can_be_extended_with_new_sections(tmp_path):
     assert params.edit.lam == 0.3
     with pytest.raises(TaskvecError, match="edit.lam"):
         load_params(write(tmp_path, "edit: {lam: x}"), model=Extended)
+
+
+# ---------------------------------------------------------------------------
+# One reader, memoised: a file is parsed and validated once per content and schema
+
+
+def _count_parses(monkeypatch):
+    from taskvec import config
+
+    calls = []
+    real = config._parse_yaml
+    monkeypatch.setattr(config, "_parse_yaml", lambda path, text: calls.append(path) or real(path, text))
+    monkeypatch.setattr(config, "_MEMO", type(config._MEMO)())
+    return calls
+
+
+def test_load_params_parses_a_file_once_and_hands_out_copies(tmp_path, monkeypatch):
+    calls = _count_parses(monkeypatch)
+    path = write(tmp_path, GOOD)
+    a = load_params(path)
+    b = load_params(str(path))
+    c = load_params(tmp_path / "." / "params.yaml")
+    assert len(calls) == 1
+    assert a == b == c and a is not b
+    a.train.steps = 99  # a caller's changes stay in its copy
+    assert load_params(path).train.steps == 7 and len(calls) == 1
+    assert b.data_root() == (tmp_path / "data").resolve()  # the private root survives the copy
+
+
+def test_load_params_sees_every_edit_even_within_one_timestamp_tick(tmp_path, monkeypatch):
+    calls = _count_parses(monkeypatch)
+    path = write(tmp_path, "train: {steps: 7}\n")
+    assert load_params(path).train.steps == 7
+    path.write_text("train: {steps: 8}\n")  # same size, written at once: a stat-keyed memo could miss it
+    assert load_params(path).train.steps == 8
+    path.write_text("train: {steps: 7}\n")
+    assert load_params(path).train.steps == 7
+    assert len(calls) == 2  # the first content was parsed once, then reused
+
+
+def test_load_params_memo_is_per_schema_and_errors_are_not_cached(tmp_path, monkeypatch):
+    from taskvec.config import _Strict
+
+    class Extended(Params):
+        extra_section: _Strict = _Strict()
+
+    calls = _count_parses(monkeypatch)
+    path = write(tmp_path, "train: {steps: 3}\n")
+    assert type(load_params(path)) is Params
+    assert type(load_params(path, model=Extended)) is Extended
+    assert len(calls) == 2
+    path.write_text("train: {steps: 0}\n")
+    for _ in range(2):
+        with pytest.raises(TaskvecError, match="train.steps"):
+            load_params(path)
+    assert len(calls) == 4
+
+
+def test_core_app_still_refuses_pipeline_sections(tmp_path, capsys):
+    """``taskvec.cli.build_app()`` (core schema) refuses sections it does not know, in one line."""
+    from taskvec.cli import build_app, run_app
+
+    path = write(tmp_path, GOOD + "finetune: {tasks: [sst2]}\n")
+    with pytest.raises(SystemExit) as exc:
+        run_app(build_app(), ["evaluate", "some-model", "--task", "sst2", "--params", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}: finetune: Extra inputs are not permitted\n"

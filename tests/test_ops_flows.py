@@ -18,10 +18,14 @@ pytestmark = pytest.mark.postgres
 EVAL = "tests.conftest_ops:fake_evaluate"
 
 
+# the smallest valid pipeline params file (params.yaml is validated whole, as PipelineParams)
+PLAN = "tasks:\n  t1: {source: x, labels: [a, b]}\n  c1: {source: y, labels: [a, b]}\nfinetune: {tasks: [t1]}\nedit: {learn: [t1], control: [c1]}\n"
+
+
 @pytest.fixture
 def params_file(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("promotion:\n  targets: [t1]\n  controls: [c1]\n  target_floors: {t1: 0.65}\n  max_control_drop: 1.0\n  poll_interval_s: 0.5\n")
+    p.write_text(PLAN + "promotion:\n  targets: [t1]\n  controls: [c1]\n  target_floors: {t1: 0.65}\n  max_control_drop: 1.0\n  poll_interval_s: 0.5\n")
     return p
 
 
@@ -187,13 +191,13 @@ def test_schedule_and_runner_config(tmp_path, monkeypatch):
     import flows.schedule as S
 
     p = tmp_path / "params.yaml"
-    p.write_text("schedule:\n  cron: '*/30 * * * *'\nrunner:\n  kind: default\n")
+    p.write_text(PLAN + "schedule:\n  cron: '*/30 * * * *'\nrunner:\n  kind: default\n")
     assert S.schedule_config(p)["cron"] == "*/30 * * * *"
     assert S.configured_task_runner(p) is None
     monkeypatch.setenv("TASKVEC_DASK_ADDRESS", "tcp://10.0.0.1:8786")
     assert S.runner_config(p) == {"kind": "dask", "address": "tcp://10.0.0.1:8786", "cluster_kwargs": {}}
     monkeypatch.delenv("TASKVEC_DASK_ADDRESS")
-    p.write_text("runner:\n  kind: slurm\n")
+    p.write_text(PLAN + "runner:\n  kind: slurm\n")
     with pytest.raises(TaskvecError, match="runner.kind"):
         S.configured_task_runner(p)
     dep = yaml.safe_load(open("prefect.yaml"))["deployments"]

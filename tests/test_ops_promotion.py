@@ -38,13 +38,14 @@ def test_gates_pass_and_fail():
 
 def test_load_spec_reads_params(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("edit:\n  learn: [t1]\n  control: [c1]\npromotion:\n  max_control_drop: 0.5\n  target_floors: {t1: 0.8}\n")
+    plan = "tasks:\n  t1: {source: x, labels: [a, b]}\n  c1: {source: y, labels: [a, b]}\nfinetune: {tasks: [t1]}\nedit:\n  learn: [t1]\n  control: [c1]\n"
+    p.write_text(plan + "promotion:\n  max_control_drop: 0.5\n  target_floors: {t1: 0.8}\n")
     spec = P.load_spec(p)
     assert spec.targets == ["t1"] and spec.controls == ["c1"] and spec.max_control_drop == 0.5
-    p.write_text("promotion:\n  max_control_drop: -1\n")
+    p.write_text(plan + "promotion:\n  max_control_drop: -1\n")
     with pytest.raises(TaskvecError, match="promotion.max_control_drop"):
         P.load_spec(p)
-    p.write_text("promotion:\n  typo: 1\n")
+    p.write_text(plan + "promotion:\n  typo: 1\n")
     with pytest.raises(TaskvecError, match="promotion.typo"):
         P.load_spec(p)
 

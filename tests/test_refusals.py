@@ -618,17 +618,17 @@ def _pipeline_params(ctx: Ctx, extra: str) -> Invocation:
     return Invocation(["run", "--params", str(p), "--no-register", "--no-dvc"], outputs=[ctx.tmp / "outputs"])
 
 
-@case("params-unknown-merge-method", "edit.method: Input should be 'sum', 'ties', 'dare', 'dare_ties' or 'magnitude'")
+@case("params-unknown-merge-method", "edit.method: unknown merge method 'mean': choose one of sum, ties, dare, dare_ties, magnitude")
 def _(ctx):
     return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: mean\n")
 
 
-@case("params-ties-k-above-100", "edit.density: Input should be less than or equal to 1")
+@case("params-ties-k-above-100", "edit.density: density must be the kept fraction in (0, 1] (k% / 100), got 50.0")
 def _(ctx):
     return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: ties\n  density: 50\n")
 
 
-@case("params-dare-p-1", "edit.drop: Input should be less than 1")
+@case("params-dare-p-1", "edit.drop: DARE drop probability p must be in [0, 1), got 1.0")
 def _(ctx):
     return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: dare\n  drop: 1.0\n")
 

@@ -6,9 +6,10 @@ import copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from taskvec.config import Params, SearchSpec, TrainSpec, _Strict, load_params
+from taskvec import methods
+from taskvec.config import MergeMethod, Params, SearchSpec, TrainSpec, _Strict, check_merge_options, load_params, merge_option
 
 
 class GradientAscentSpec(_Strict):
@@ -26,10 +27,17 @@ class NegationSpec(_Strict):
 
 
 class MethodSpec(_Strict):
+    """A merge method and its options, checked by the registry in taskvec.methods (as the engine checks them)."""
+
     name: str
-    method: Literal["sum", "ties", "dare", "dare_ties", "magnitude"]
-    density: float = Field(default=1.0, gt=0, le=1)
-    drop: float = Field(default=0.0, ge=0, lt=1)
+    method: MergeMethod
+    density: merge_option("density") = methods.OPTIONS["density"].default
+    drop: merge_option("drop") = methods.OPTIONS["drop"].default
+
+    @model_validator(mode="after")
+    def _check_options(self) -> MethodSpec:
+        check_merge_options(self.method, density=self.density, drop=self.drop)
+        return self
 
 
 class AdditionSpec(_Strict):

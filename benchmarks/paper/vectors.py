@@ -90,9 +90,10 @@ def merge_vectors(taus: Sequence[Mapping[str, torch.Tensor]], method: MethodSpec
     """Merge with unit weights through the engine's per-tensor algebra (λ is searched afterwards)."""
     from taskvec.engine import MergeOptions
 
-    density = method.density if method.method in ("ties", "magnitude") else 1.0
-    drop = method.drop if method.method in ("dare", "dare_ties") else 0.0
-    options = MergeOptions(method=method.method, density=density, drop=drop, seed=seed)
+    from taskvec import methods
+
+    # the benchmark's seed goes to the methods that take one (MethodSpec already refused options a method does not take)
+    options = MergeOptions(method=method.method, density=method.density, drop=method.drop, seed=seed if methods.takes(method.method, "seed") else 0)
     names = sorted(taus[0])
     return {name: options.combine(name, [t[name] for t in taus], [1.0] * len(taus)) for name in names}
 

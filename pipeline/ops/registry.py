@@ -75,13 +75,10 @@ def mlflow_client(tracking_uri: str | None = None):
 
 
 def _params_tracking_uri() -> str | None:
-    from pipeline.params import read_raw
+    from pipeline.params import MlflowSection, load
 
-    try:
-        raw = read_raw(os.environ.get("TASKVEC_PARAMS", "params.yaml"))
-    except TaskvecError:
-        raw = {}
-    return (raw.get("mlflow") or {}).get("tracking_uri") or "sqlite:///mlflow.db"
+    path = Path(os.environ.get("TASKVEC_PARAMS", "params.yaml"))
+    return (load(path).mlflow if path.is_file() else MlflowSection()).tracking_uri
 
 
 def _first_line(exc: BaseException) -> str:

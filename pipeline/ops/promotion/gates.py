@@ -18,17 +18,15 @@ from taskvec.errors import TaskvecError
 
 
 def load_spec(params_file: str | os.PathLike = "params.yaml") -> PromotionSpec:
-    """``promotion:`` from params.yaml (through PipelineParams when it declares it), targets/controls from ``edit``."""
-    from pipeline.params import load_section, read_raw
+    """``promotion:`` of params.yaml (validated whole, as PipelineParams); targets/controls default to the edit plan's."""
+    from pipeline.params import load
 
-    raw = read_raw(params_file)
-    spec = load_section(params_file, "promotion", PromotionSpec, raw)
-    edit = raw.get("edit") or {}
-    if not spec.targets and isinstance(edit, dict):
-        targets = list(edit.get("learn") or []) + [a.get("target") for a in edit.get("analogies") or [] if isinstance(a, dict) and a.get("target")]
-        spec.targets = list(dict.fromkeys(targets))
-    if not spec.controls and isinstance(edit, dict):
-        spec.controls = list(dict.fromkeys(edit.get("control") or []))
+    p = load(params_file)
+    spec = p.promotion
+    if not spec.targets:
+        spec.targets = p.edit.target_tasks()
+    if not spec.controls:
+        spec.controls = list(dict.fromkeys(p.edit.control))
     return spec
 
 
