@@ -455,7 +455,7 @@ def _(ctx):
     return _combine(ctx, ctx.v1, f"{ctx.v2}:-inf")
 
 
-@case("lambda-not-a-number", "must be a number")
+@case("lambda-not-a-number", "lambda must be a finite number in plain decimal")
 def _(ctx):
     return _apply(ctx, ctx.base, f"{ctx.v1}:abc")
 

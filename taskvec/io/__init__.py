@@ -17,10 +17,14 @@ knows what a task vector is, and nothing in the algebra touches a file.
   spreads tensors over shards with an index, Hugging Face style.
 * :func:`atomic_path` / :func:`atomic_dir` give a temporary path that is
   renamed into place only when the block succeeds, so nothing partial is ever
-  visible at the destination.
+  visible at the destination; :func:`check_output` refuses an output that
+  could destroy an input or data taskvec did not write.
+
+One module per concern: ``dtypes``, ``resolve``, ``reader``, ``hashing``,
+``writer``, ``atomic``, ``outputs``.
 """
 
-from taskvec.io.atomic import atomic_dir, atomic_path, durable_writes
+from taskvec.io.atomic import atomic_dir, atomic_path, durable_writes, user_path
 from taskvec.io.dtypes import FLOAT_CODES, _tensor_bytes, dtype_code, parse_dtype, torch_dtype
 from taskvec.io.hashing import ContentHasher, file_sha256
 from taskvec.io.reader import (
@@ -33,7 +37,10 @@ from taskvec.io.reader import (
     TensorInfo,
     TensorSource,
     read_safetensors_header,
+    read_shard_index,
+    regular_file_size,
 )
+from taskvec.io.outputs import check_output, is_taskvec_folder, is_taskvec_vector
 from taskvec.io.resolve import OFFLINE_MODELS, resolve_model
 from taskvec.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, StreamingWriter, TensorSpec
 
@@ -54,12 +61,18 @@ __all__ = [
     "TensorSource",
     "TensorSpec",
     "atomic_dir",
+    "check_output",
+    "is_taskvec_folder",
+    "is_taskvec_vector",
     "atomic_path",
     "dtype_code",
     "durable_writes",
     "file_sha256",
     "parse_dtype",
     "read_safetensors_header",
+    "read_shard_index",
+    "regular_file_size",
     "resolve_model",
     "torch_dtype",
+    "user_path",
 ]

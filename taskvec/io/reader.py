@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,52 @@ class TensorInfo:
         return self.dtype in FLOAT_CODES
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header without reading tensor data."""
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def regular_file_size(path: Path, what: str = "file") -> int:
+    """Size of ``path`` if it is a regular file (symlinks followed); never opens a FIFO or device."""
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TaskvecError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FormatError(f"{path} is a folder, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(f"{path} is not a regular file (a device, FIFO or socket), not a {what}")
+    return st.st_size
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    At least as strict as the safetensors library: a header length within the
+    file, a JSON object without duplicate names, ``__metadata__`` a string →
+    string map, every entry a known dtype, a shape of non-negative ints and
+    two offsets with dtype size × shape = byte length, and the tensors'
+    byte ranges contiguous, non-overlapping and covering the data exactly.
+    Nothing is allocated from declared sizes before they are bounded by the
+    file size.
+    """
+    path = Path(path)
+    size = regular_file_size(path, "safetensors file")
+    try:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
@@ -61,30 +104,49 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except OSError as exc:
         raise FormatError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        header = json.loads(header_bytes)
+        header = json.loads(header_bytes, object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
             raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
+    except _Duplicate as exc:
+        raise FormatError(f"{path}: corrupt safetensors header (name {exc.args[0]!r} appears twice)") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FormatError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)")
     data_start = 8 + n
+    data_len = size - data_start
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            code = entry["dtype"]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        if not isinstance(entry, dict):
+            raise FormatError(f"{path}: corrupt safetensors header entry for {name!r}")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(code, str) or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+            raise FormatError(f"{path}: corrupt safetensors header entry for {name!r}")
+        if not all(_is_int(s) for s in shape) or not all(_is_int(o) for o in offsets):
+            raise FormatError(f"{path}: corrupt safetensors header entry for {name!r} (shape and offsets must be integers)")
+        if any(s < 0 for s in shape):
+            raise FormatError(f"{path}: corrupt safetensors header: {name!r} has a negative dimension {shape}")
+        begin, end = offsets
+        if begin < 0 or end < begin:
+            raise FormatError(f"{path}: corrupt safetensors header: {name!r} has offsets {offsets}")
         torch_dtype(code)
-        info = TensorInfo(name, code, shape, path, data_start + begin, data_start + end)
+        info = TensorInfo(name, code, tuple(shape), path, data_start + begin, data_start + end)
         expected = info.numel * torch.empty((), dtype=_DTYPES[code]).element_size()
-        if end < begin or info.nbytes != expected:
+        if info.nbytes != expected:
             raise FormatError(f"{path}: corrupt safetensors header: {name!r} spans {end - begin} bytes, shape needs {expected}")
-        if info.end > size:
+        if end > data_len:
             raise FormatError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {info.end} of {size}")
         infos[name] = info
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+    pos = data_start
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
+        if info.start != pos:
+            what = "overlaps the previous tensor" if info.start < pos else f"leaves a gap of {info.start - pos} bytes before it"
+            raise FormatError(f"{path}: corrupt safetensors header: the byte range of {info.name!r} {what}")
+        pos = info.end
+    if pos != size:
+        raise FormatError(f"{path}: corrupt safetensors header: {size - pos} bytes after the last tensor are not described")
+    return infos, dict(metadata)
 
 
 def _read_exact(f, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,6 +185,58 @@ class Scratch:
         return buf
 
 
+def _confined(folder: Path, target: Path) -> bool:
+    """``target`` (symlinks followed) lies inside ``folder``, or in the blob store of a Hugging Face cache snapshot."""
+    real_folder = Path(os.path.realpath(folder))
+    real = Path(os.path.realpath(target))
+    if real_folder in real.parents:
+        return True
+    if folder.parent.name == "snapshots":  # hub cache: snapshots/<rev>/FILE -> ../../blobs/<sha>
+        blobs = Path(os.path.realpath(folder.parent.parent / "blobs"))
+        return blobs in real.parents
+    return False
+
+
+def read_shard_index(index: Path, folder: Path) -> dict[str, Path]:
+    """The ``weight_map`` of a shard index as name -> shard path, every shard confined to ``folder``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise FormatError(f"{index}: corrupt shard index") from None
+    except OSError as exc:
+        raise FormatError(f"{index}: cannot read ({exc.strerror})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{index}: corrupt shard index (weight_map is not a non-empty map)")
+    out: dict[str, Path] = {}
+    for name, entry in weight_map.items():
+        if not isinstance(entry, str) or not entry or "\0" in entry:
+            raise FormatError(f"{index}: corrupt shard index (shard of {name!r} is not a file name)")
+        rel = Path(entry)
+        if rel.is_absolute() or entry.startswith(("/", "\\")) or ".." in rel.parts or ".." in entry.split("\\"):
+            raise FormatError(f"{index}: shard path {entry!r} leaves the model folder (absolute or '..'); refused")
+        shard = folder / rel
+        if not os.path.lexists(shard):
+            raise FormatError(f"{index}: shard {entry} is missing")
+        if not _confined(folder, shard):
+            raise FormatError(f"{index}: shard {entry} is a link to a file outside the model folder; refused")
+        if not shard.is_file():
+            raise FormatError(f"{index}: shard {entry} is missing" if not shard.exists() else f"{index}: shard {entry} is not a regular file")
+        out[name] = shard
+    return out
+
+
+def _check_index_agrees(index: Path, weight_map: dict[str, Path], found: dict[str, Path]) -> None:
+    """Every tensor the index names is in the shard it names, and every tensor of the shards is in the index."""
+    for name, shard in weight_map.items():
+        if name not in found:
+            raise FormatError(f"{index}: tensor {name!r} is listed in the index but no shard holds it")
+        if found[name] != shard:
+            raise FormatError(f"{index}: tensor {name!r} is listed in {shard.name} but stored in {found[name].name}")
+    extra = sorted(set(found) - set(weight_map))
+    if extra:
+        raise FormatError(f"{index}: shard {found[extra[0]].name} holds tensor {extra[0]!r}, which the index does not list")
+
+
 class TensorSource:
     """Lazy, read-only view of the tensors of one checkpoint (file or folder).
 
@@ -136,6 +250,7 @@ class TensorSource:
         self._infos: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._handles: dict[Path, object] = {}
+        self._weight_map: dict[str, Path] | None = None
         files = self._safetensors_files()
         if files is None:
             self._load_pickle(allow_pickle)
@@ -147,6 +262,8 @@ class TensorSource:
                     if name in self._infos:
                         raise FormatError(f"{self.path}: tensor {name!r} appears in two shards")
                     self._infos[name] = info
+            if self._weight_map is not None:
+                _check_index_agrees(self.path / SAFE_INDEX, self._weight_map, {n: i.file for n, i in self._infos.items()})
 
     def _safetensors_files(self) -> list[Path] | None:
         p = self.path
@@ -157,21 +274,16 @@ class TensorSource:
                 return None
             raise FormatError(f"{p}: not a safetensors file")
         if not p.is_dir():
+            if os.path.lexists(p):
+                regular_file_size(p, "model file or folder")
             raise TaskvecError(f"not found: {p}")
         index = p / SAFE_INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise FormatError(f"{index}: corrupt shard index") from None
-            files = sorted({p / f for f in weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise FormatError(f"{index}: shard {f.name} is missing")
-            return files
+            self._weight_map = read_shard_index(index, p)
+            return sorted(set(self._weight_map.values()))
         if (p / SAFE_WEIGHTS).is_file():
             return [p / SAFE_WEIGHTS]
-        singles = sorted(p.glob("*.safetensors"))
+        singles = sorted(f for f in p.glob("*.safetensors") if f.is_file())
         if len(singles) == 1:
             return singles
         if (p / PICKLE_WEIGHTS).is_file() or (p / PICKLE_INDEX).is_file():
@@ -185,15 +297,18 @@ class TensorSource:
                 "convert it to safetensors or pass --allow-pickle to load it with weights_only=True"
             )
         p = self.path
+        weight_map = None
         if p.is_file():
             files = [p]
         elif (p / PICKLE_INDEX).is_file():
-            weight_map = json.loads((p / PICKLE_INDEX).read_text())["weight_map"]
-            files = sorted({p / f for f in weight_map.values()})
+            weight_map = read_shard_index(p / PICKLE_INDEX, p)
+            files = sorted(set(weight_map.values()))
         else:
             files = [p / PICKLE_WEIGHTS]
         tensors: dict[str, torch.Tensor] = {}
+        where: dict[str, Path] = {}
         for f in files:
+            regular_file_size(f, "pickle checkpoint")
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as exc:
@@ -202,7 +317,12 @@ class TensorSource:
                 raise FormatError(f"{f}: pickle checkpoint does not hold a state dict")
             for k, v in state.items():
                 if isinstance(v, torch.Tensor):
+                    if k in tensors:
+                        raise FormatError(f"{p}: tensor {k!r} appears in two shards")
                     tensors[k] = v.contiguous()
+                    where[k] = f
+        if weight_map is not None:
+            _check_index_agrees(p / PICKLE_INDEX, weight_map, where)
         self._pickled = tensors
         for k, v in tensors.items():
             self._infos[k] = TensorInfo(k, dtype_code(v.dtype), tuple(v.shape), p, 0, v.numel() * v.element_size())
@@ -254,7 +374,7 @@ class TensorSource:
 
         Independent of sharding, file layout and header metadata, so the same
         weights saved two ways hash the same. Results are cached per set of
-        files keyed by (path, size, mtime, inode), as DVC caches file hashes;
+        files keyed by (path, device, inode, size, mtime, ctime), as git keys its index;
         set ``TASKVEC_NO_HASH_CACHE=1`` or ``use_cache=False`` to always re-read.
         """
         return _cached(self._cache_key() if use_cache else None, self._hash_tensors)
