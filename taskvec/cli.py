@@ -157,7 +157,10 @@ def inspect_cmd(
 ) -> None:
     """Norms per layer, sparsity, and cosine / sign-conflict matrices between vectors."""
     from taskvec.inspection import format_report, inspect_vectors, save_heatmap
+    from taskvec.io import check_output
 
+    if png:  # never over an input vector, a folder or a device (an existing picture may be replaced)
+        check_output(png, vectors, kind="file", force=True)
     report = inspect_vectors(vectors)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if png:
@@ -215,6 +218,11 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
 
     from taskvec.io import user_path
 
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name is printed with escapes, not a traceback
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
         rv = app(args=argv, prog_name="taskvec", standalone_mode=False)
     except TaskvecError as exc:

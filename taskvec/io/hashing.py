@@ -90,7 +90,7 @@ def _stat_key(kind: str, files) -> str | None:
         st = file.stat()
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
         parts.append(f"{file.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}")
-    return f"{kind}{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()}:{newest}"
+    return f"{kind}{hashlib.sha256(os.fsencode(chr(10).join(parts))).hexdigest()}:{newest}"
 
 
 def _cached(key: str | None, compute) -> str:
