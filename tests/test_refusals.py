@@ -132,7 +132,8 @@ tasks:
 
 def good_task(ctx: Ctx, **splits: str) -> Path:
     ctx.data("toy", {"train": GOOD_CSV, "validation": GOOD_CSV, "test": GOOD_CSV} | splits)
-    return ctx.params(TASK_YAML)
+    # the full CLI validates the whole file: its pipeline sections must name declared tasks only
+    return ctx.params(TASK_YAML + "finetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n")
 
 
 CASES: list = []
@@ -524,12 +525,6 @@ def _(ctx):
 # Issue 11: outputs never destroy inputs or data taskvec did not write
 
 
-def _ft_params(ctx: Ctx) -> Path:
-    """A params file whose pipeline sections name only the toy task (valid for the full CLI's schema)."""
-    ctx.data("toy", {"train": GOOD_CSV, "validation": GOOD_CSV, "test": GOOD_CSV})
-    return ctx.params(TASK_YAML + "finetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n", "ft-params.yaml")
-
-
 def _model_copy(ctx: Ctx, src: Path, name: str, *, extras: bool = False) -> Path:
     """A copy of a model folder; with ``extras``, the things a real checkout holds beside the weights."""
     d = ctx.tmp / name
@@ -668,7 +663,7 @@ def _(ctx):
 
 @case("finetune-output-foreign-folder", "was not written by taskvec")
 def _(ctx):
-    p = _ft_params(ctx)
+    p = good_task(ctx)
     (ctx.tmp / "outputs" / "agnews").mkdir(parents=True)
     (ctx.tmp / "outputs" / "agnews" / "finetune.json").write_text("{}\n")
     return Invocation(["finetune", "toy", "-o", str(ctx.tmp / "outputs"), "--params", str(p), "--base", str(ctx.base), "-q"])
@@ -676,7 +671,7 @@ def _(ctx):
 
 @case("finetune-output-inside-the-base", "lies inside the input")
 def _(ctx):
-    p = _ft_params(ctx)
+    p = good_task(ctx)
     b = _model_copy(ctx, ctx.base, "B")
     return Invocation(["finetune", "toy", "-o", str(b / "ft"), "--params", str(p), "--base", str(b), "-q"], outputs=[b / "ft"])
 
@@ -854,6 +849,30 @@ def _(ctx):
     out = ctx.tmp / "out"
     argv = [str(Path(sys.executable).with_name("taskvec")), "apply", str(ctx.base), str(ctx.tmp / "fifo.safetensors"), "-o", str(out), "-q"]
     return Invocation(argv=argv, outputs=[out], timeout=SERVICE_TIMEOUT)  # a read of the FIFO would hang: run it bounded
+
+
+@case("model-weights-are-a-fifo", "is not a regular file")
+def _(ctx):
+    d = ctx.tmp / "fifo-model"
+    d.mkdir()
+    os.mkfifo(d / "model.safetensors")
+    out = ctx.tmp / "v.safetensors"
+    argv = [str(Path(sys.executable).with_name("taskvec")), "extract", str(ctx.base), str(d), "-o", str(out), "-q"]
+    return Invocation(argv=argv, outputs=[out], timeout=SERVICE_TIMEOUT)
+
+
+@case("model-weights-dangling-symlink", "safetensors file not found")
+def _(ctx):
+    d = ctx.tmp / "dangling"
+    d.mkdir()
+    (d / "model.safetensors").symlink_to(ctx.tmp / "gone.safetensors")
+    return _extract(ctx, ctx.base, d)
+
+
+@case("base-model-is-a-fifo", "is a file, not a model folder")
+def _(ctx):
+    os.mkfifo(ctx.tmp / "base-fifo")
+    return _extract(ctx, ctx.tmp / "base-fifo", ctx.ft1)
 
 
 @case("names-wrong-json-type", "taskvec.names must be a JSON list of tensor names")
@@ -1152,7 +1171,7 @@ def _(ctx):
 
 @case("data-folder-missing", "data folder not found")
 def _(ctx):
-    return _finetune(ctx, ctx.params("tasks:\n  toy:\n    source: ./nowhere\n    labels: [a, b]\n"))
+    return _finetune(ctx, ctx.params("tasks:\n  toy:\n    source: ./nowhere\n    labels: [a, b]\nfinetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n"))
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from taskvec.errors import TaskvecError
+from taskvec.errors import TaskvecError, WriteError
 
 def durable_writes() -> bool:
     """Whether to fsync outputs before renaming them into place (``TASKVEC_FSYNC=1``).
@@ -109,7 +109,7 @@ def _as_user_error(dest: Path) -> Iterator[None]:
         ours = ours or any(user_path(f) != str(Path(os.fsdecode(f))) or Path(os.fsdecode(f)) in (dest, dest.parent) for f in names)
         if not ours:
             raise
-        raise TaskvecError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        raise WriteError(f"cannot write {dest}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager

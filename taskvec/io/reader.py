@@ -281,7 +281,8 @@ class TensorSource:
         if index.is_file():
             self._weight_map = read_shard_index(index, p)
             return sorted(set(self._weight_map.values()))
-        if (p / SAFE_WEIGHTS).is_file():
+        if os.path.lexists(p / SAFE_WEIGHTS):
+            regular_file_size(p / SAFE_WEIGHTS, "safetensors file")  # a FIFO or device is never opened
             return [p / SAFE_WEIGHTS]
         singles = sorted(f for f in p.glob("*.safetensors") if f.is_file())
         if len(singles) == 1:
