@@ -11,6 +11,10 @@ model and its content hash, then the ordered list of edits (vector sha256, λ,
 method), and the content hash of the weights produced. A vector taken from a
 base may be applied to a model edited from that same base (the ledger links
 them), which is how an edit is rolled back: apply the same vector with −λ.
+
+Outputs never destroy inputs or foreign data (:func:`taskvec.io.check_output`):
+an output that is, contains or lies inside an input is refused; an existing
+output must be a previous taskvec output (or the caller passes ``force``).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from transformers import (
 )
 
 from taskvec.config import Params, TaskSpec, TrainSpec
-from taskvec.data import Split, load_split
+from taskvec.data import Split, load_split, resolve_source
 from taskvec.errors import TaskvecError
 from taskvec.heads import EncoderClassifier, build_head, load_encoder, save_head, state_hash
 from taskvec.io import atomic_dir, check_output, resolve_model
@@ -147,7 +147,9 @@ def finetune_task(
     """
     split = load_split(spec, data_dir, "train", seed=train.seed)
     base_path = resolve_model(base)
-    dest = check_output(out_dir, [base_path, data_dir], kind="folder", force=force)  # never an input or foreign data
+    source = resolve_source(spec, data_dir)
+    inputs = [base_path] + ([Path(source.location)] if source.kind == "mirror" else [])
+    dest = check_output(out_dir, inputs, kind="folder", force=force)  # never an input or foreign data
     transformers.set_seed(train.seed)
     started = time.perf_counter()
     with atomic_dir(dest) as tmp:

@@ -682,6 +682,12 @@ def _(ctx):
     return Invocation(["inspect", str(v), "--png", str(v)])
 
 
+@case("finetune-output-is-the-task-data", "is the input")
+def _(ctx):
+    p = good_task(ctx)
+    return Invocation(["finetune", "toy", "-o", str(ctx.tmp / "data" / "toy"), "--params", str(p), "--base", str(ctx.base), "-q"])
+
+
 # ---------------------------------------------------------------------------
 # Issue 11: crafted headers, indices and shard indexes
 
