@@ -27,6 +27,7 @@ Density = Annotated[Optional[float], typer.Option("--density", "-k", help="TIES/
 Drop = Annotated[Optional[float], typer.Option("--drop", "-p", help="DARE: drop probability p in [0, 1).")]
 Seed = Annotated[int, typer.Option("--seed", help="DARE random seed.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Admit pickle .bin checkpoints (loaded with weights_only=True).")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output that taskvec did not write (never an input).")]
 ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Shard output weights above this size, e.g. 5GB.")]
 
 
@@ -56,12 +57,13 @@ def extract(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors matching this glob (repeatable), e.g. 'classifier.*'.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
     allow_pickle: AllowPickle = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Extract τ = θ_finetuned − θ_base into a task-vector file."""
     from taskvec.engine import extract as run
 
-    res = run(base, finetuned, out, include=include or (), exclude=exclude or (), dtype=_dtype(dtype), allow_pickle=allow_pickle, progress=not quiet)
+    res = run(base, finetuned, out, include=include or (), exclude=exclude or (), dtype=_dtype(dtype), allow_pickle=allow_pickle, progress=not quiet, force=force)
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
 
@@ -73,12 +75,13 @@ def combine(
     drop: Drop = None,
     seed: Seed = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype.")] = "float32",
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Combine task vectors into one (sum, negation, analogy, TIES, DARE…)."""
     from taskvec.engine import combine as run
 
-    res = run(_vectors(vectors), out, options=_options(method, density, drop, seed), dtype=_dtype(dtype), progress=not quiet)
+    res = run(_vectors(vectors), out, options=_options(method, density, drop, seed), dtype=_dtype(dtype), progress=not quiet, force=force)
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
 
@@ -92,13 +95,14 @@ def apply(
     seed: Seed = 0,
     max_shard_size: ShardSize = "5GB",
     allow_pickle: AllowPickle = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Write θ_base + merge(λ·τ) as a complete Hugging Face model folder."""
     from taskvec.engine import apply as run
     from taskvec.engine import parse_size
 
-    ledger = run(base, _vectors(vectors), out, options=_options(method, density, drop, seed), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet)
+    ledger = run(base, _vectors(vectors), out, options=_options(method, density, drop, seed), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, force=force)
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}  edits {len(ledger['edits'])}")
 
 
@@ -114,6 +118,7 @@ def merge(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep the base's value for tensors matching this glob.")] = None,
     max_shard_size: ShardSize = "5GB",
     allow_pickle: AllowPickle = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Extract and apply in one streaming pass (like mergekit's task_arithmetic/ties/dare)."""
@@ -121,7 +126,7 @@ def merge(
     from taskvec.engine import parse_size
 
     pairs = _vectors(finetuned)
-    ledger = run(base, pairs, out, options=_options(method, density, drop, seed), include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet)
+    ledger = run(base, pairs, out, options=_options(method, density, drop, seed), include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, force=force)
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
 
 
@@ -132,12 +137,13 @@ def compress(
     drop: Drop = None,
     seed: Seed = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Store a vector sparsified (top-k or DARE) and/or in half precision; report the error."""
     from taskvec.engine import compress as run
 
-    r = run(vector, out, density=density, drop=drop, seed=seed, dtype=_dtype(dtype), progress=not quiet)
+    r = run(vector, out, density=density, drop=drop, seed=seed, dtype=_dtype(dtype), progress=not quiet, force=force)
     typer.echo(
         f"wrote {r['path']}  sha256 {r['sha256'][:12]}  {r['storage']} {r['dtype']}  kept {r['kept_fraction']:.2%}  "
         f"size {r['output_bytes'] / r['input_bytes']:.2%} of input  rel-L2 error {r['relative_l2_error']:.3e}  max |err| {r['max_abs_error']:.3e}"
@@ -151,7 +157,10 @@ def inspect_cmd(
 ) -> None:
     """Norms per layer, sparsity, and cosine / sign-conflict matrices between vectors."""
     from taskvec.inspection import format_report, inspect_vectors, save_heatmap
+    from taskvec.io import check_output
 
+    if png:  # never over an input vector, a folder or a device (an existing picture may be replaced)
+        check_output(png, vectors, kind="file", force=True)
     report = inspect_vectors(vectors)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if png:
@@ -186,25 +195,54 @@ def build_app(params_model: type | None = None) -> typer.Typer:
     return app
 
 
+def _one_line(text: object) -> str:
+    """A message as one printable line (a non-UTF-8 file name is shown with escapes, never a traceback)."""
+    line = " ".join(str(text).split())
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _error(message: object, code: int) -> None:
+    typer.echo(f"error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
-    """Run ``app``, turning user errors into one line and exit status 2."""
+    """Run ``app``, turning every error the user can fix into one line and exit status 2.
+
+    ``TaskvecError``, click usage errors (missing argument, bad option value,
+    unknown command) and OS errors (read-only file system, permission denied,
+    disk full: named by the user's path, never a temp file) all end in one
+    ``error: …`` line on stderr.
+    """
     from typer._click import exceptions as click_exc
 
+    from taskvec.io import user_path
+
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name is printed with escapes, not a traceback
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
         rv = app(args=argv, prog_name="taskvec", standalone_mode=False)
     except TaskvecError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        _error(exc, exc.exit_code)
+    except click_exc.NoArgsIsHelpError as exc:
+        exc.show()  # bare ``taskvec`` / ``taskvec GROUP``: the help text, as before
         sys.exit(exc.exit_code)
+    except click_exc.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _error(f"{exc.format_message()}{hint}", 2)
     except click_exc.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _error(exc.format_message(), 2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except OSError as exc:  # disk full, permission denied…: still one line
-        where = f": {exc.filename}" if exc.filename else ""
-        typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
-        sys.exit(1)
+    except OSError as exc:  # disk full, permission denied…: still one line, naming the user's path
+        where = f": {user_path(exc.filename)}" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}", 2)
+    except UnicodeError as exc:  # e.g. a file name that is not valid UTF-8 reached an encoder
+        _error(f"cannot encode or decode text ({exc.reason}); rename files with non-UTF-8 names", 2)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -38,6 +38,7 @@ def finetune(
     params: ParamsOpt = Path("params.yaml"),
     base: Annotated[Optional[str], typer.Option("--base", help="Base model folder or hub id (default: params 'base').")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimiser steps (default: params train.steps).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder that taskvec did not write (never an input).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune the base encoder on TASK with its frozen zero-shot head (or MLM for kind: mlm).
@@ -47,7 +48,7 @@ def finetune(
     """
     from taskvec.train import finetune as run
 
-    result = run(task, _load_params(ctx, params), out, base=base, steps=steps, progress=not quiet)
+    result = run(task, _load_params(ctx, params), out, base=base, steps=steps, progress=not quiet, force=force)
     losses = result.losses
     loss = f"  loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}" if losses else ""
     typer.echo(f"wrote {result.out_dir}  {result.manifest['train']['steps']} steps in {result.seconds:.1f}s{loss}")

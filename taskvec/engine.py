@@ -11,6 +11,10 @@ model and its content hash, then the ordered list of edits (vector sha256, λ,
 method), and the content hash of the weights produced. A vector taken from a
 base may be applied to a model edited from that same base (the ledger links
 them), which is how an edit is rolled back: apply the same vector with −λ.
+
+Outputs never destroy inputs or foreign data (:func:`taskvec.io.check_output`):
+an output that is, contains or lies inside an input is refused; an existing
+output must be a previous taskvec output (or the caller passes ``force``).
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ from taskvec.io import (
     TensorSpec,
     _tensor_bytes,
     atomic_dir,
+    check_output,
+    is_taskvec_folder,
     resolve_model,
+    user_path,
     torch_dtype,
 )
 from taskvec.vector import VectorFile, VectorHeader, VectorWriter, check_vectors_homologous, write_sparse_vector
@@ -181,9 +188,11 @@ def extract(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     progress: bool = False,
+    force: bool = False,
 ) -> VectorResult:
     """τ = θ_ft − θ_base over the shared floating tensors selected by include/exclude."""
     bdir, fdir = resolve_model(base), resolve_model(finetuned)
+    dest = check_output(out, [bdir, fdir], kind="file", force=force)
     with TensorSource(bdir, allow_pickle=allow_pickle) as b, TensorSource(fdir, allow_pickle=allow_pickle) as f:
         selected = select_names(_float_names(b), include, exclude)
         ft_selected = select_names(_float_names(f), include, exclude)
@@ -210,7 +219,7 @@ def extract(
         selected_set = set(selected)
         hasher = ContentHasher()
         total = sum(b.info(n).nbytes for n in b.names())
-        with VectorWriter(out, {n: b.info(n).shape for n in selected}, header) as w, _progress(total, "extract", progress) as bar:
+        with VectorWriter(dest, {n: b.info(n).shape for n in selected}, header) as w, _progress(total, "extract", progress) as bar:
             scratch = Scratch()  # two buffers in flight: base and fine-tuned
             for name in sorted(b.names()):
                 t = b.read(name, scratch, "base")
@@ -269,6 +278,7 @@ def combine(
     options: MergeOptions | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    force: bool = False,
 ) -> VectorResult:
     """One vector from several: ``Σ λ τ`` (sum), analogy (λ = 1, 1, −1), TIES, DARE…"""
     options = options or MergeOptions()
@@ -276,6 +286,7 @@ def combine(
     lambdas = [lam for _, lam in vectors]
     ref = vfs[0]
     try:
+        dest = check_output(out, [p for p, _ in vectors], kind="file", force=force)
         header = VectorHeader(
             base_model=ref.base_model,
             base_hash=ref.base_hash,
@@ -283,7 +294,7 @@ def combine(
             recipe={"op": "combine", "inputs": [{"sha256": v.sha256, "lambda": lam} for v, lam in zip(vfs, lambdas)], **options.record()},
         )
         total = sum(4 * math.prod(ref.shape(n)) for n in ref.names) * len(vfs)
-        with VectorWriter(out, ref.shapes(), header) as w, _progress(total, "combine", progress) as bar:
+        with VectorWriter(dest, ref.shapes(), header) as w, _progress(total, "combine", progress) as bar:
             for name in ref.names:
                 taus = [v.read(name) for v in vfs]
                 merged = options.combine(name, taus, lambdas)
@@ -309,9 +320,11 @@ def copy_model_files(src: Path, dst: Path) -> None:
     if not src.is_dir():
         return
     for item in src.iterdir():
-        if item.name in _SKIP or _WEIGHT_FILE.fullmatch(item.name):
-            continue
+        if item.name in _SKIP or _WEIGHT_FILE.fullmatch(item.name) or user_path(item) != str(item):
+            continue  # weights, ledgers, and temp files of taskvec writers
         if item.is_dir():
+            if is_taskvec_folder(item):
+                continue  # an earlier taskvec output saved inside the model folder: not part of the model
             shutil.copytree(item, dst / item.name, ignore=shutil.ignore_patterns(*_SKIP))
         else:
             shutil.copy2(item, dst / item.name)
@@ -405,6 +418,7 @@ def apply(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     allow_pickle: bool = False,
     progress: bool = False,
+    force: bool = False,
 ) -> dict:
     """θ = θ_base + merge(λ_t τ_t) written as a complete Hugging Face model folder.
 
@@ -416,6 +430,7 @@ def apply(
     lambdas = [lam for _, lam in vectors]
     bdir = resolve_model(base)
     try:
+        dest = check_output(out, [bdir, *(p for p, _ in vectors)], kind="folder", force=force)
         with TensorSource(bdir, allow_pickle=allow_pickle) as b:
             ref = vfs[0]
             for name in ref.names:
@@ -457,7 +472,7 @@ def apply(
             def inputs(name: str):
                 return [(f"vector {v.path.name}", lambda v=v: v.read(name)) for v in vfs]
 
-            return _write_model(b, bdir, out, set(ref.names), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
+            return _write_model(b, bdir, dest, set(ref.names), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
     finally:
         for v in vfs:
             v.close()
@@ -475,6 +490,7 @@ def merge(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     allow_pickle: bool = False,
     progress: bool = False,
+    force: bool = False,
 ) -> dict:
     """Extract and apply in one pass: θ_base + merge(λ_t (θ_t − θ_base)), no vector files.
 
@@ -489,6 +505,7 @@ def merge(
     bdir = resolve_model(base)
     dirs = [resolve_model(p) for p, _ in finetuned]
     lambdas = [lam for _, lam in finetuned]
+    dest = check_output(out, [bdir, *dirs], kind="folder", force=force)
     srcs = [TensorSource(d, allow_pickle=allow_pickle) for d in dirs]
     try:
         with TensorSource(bdir, allow_pickle=allow_pickle) as b:
@@ -522,7 +539,7 @@ def merge(
             def inputs(name: str):
                 return [(f"fine-tuned model {p}", lambda s=s: s.read(name)) for (p, _), s in zip(finetuned, srcs)]
 
-            return _write_model(b, bdir, out, set(covered), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="merge")
+            return _write_model(b, bdir, dest, set(covered), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="merge")
     finally:
         for s in srcs:
             s.close()
@@ -542,6 +559,7 @@ def compress(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    force: bool = False,
 ) -> dict:
     """Store a vector sparsified (top-k by magnitude, or DARE) and/or in float16/bfloat16.
 
@@ -555,6 +573,7 @@ def compress(
     if drop is not None:
         algebra.check_drop(drop)
     with VectorFile(vector) as vf:
+        dest = check_output(out, [vector], kind="file", force=force)
         storage: dict = {"kind": "dense"}
         if density is not None:
             storage = {"kind": "sparse", "method": "topk", "density": density}
@@ -571,7 +590,7 @@ def compress(
         max_abs = 0.0
         kept = 0
         sparse_items = []
-        writer = None if storage["kind"] == "sparse" else VectorWriter(out, vf.shapes(), header)
+        writer = None if storage["kind"] == "sparse" else VectorWriter(dest, vf.shapes(), header)
         total = 4 * vf.param_count
         with _progress(total, "compress", progress) as bar:
             if writer:
@@ -606,7 +625,7 @@ def compress(
                 writer.__exit__(None, None, None)
                 sha = writer.sha256
             else:
-                sha = write_sparse_vector(out, header, sparse_items, vf.names, vf.param_count)
+                sha = write_sparse_vector(dest, header, sparse_items, vf.names, vf.param_count)
         return {
             "path": str(out),
             "sha256": sha,
@@ -616,5 +635,5 @@ def compress(
             "relative_l2_error": math.sqrt(err2 / norm2) if norm2 else 0.0,
             "max_abs_error": max_abs,
             "input_bytes": vf.path.stat().st_size,
-            "output_bytes": Path(out).stat().st_size,
+            "output_bytes": dest.stat().st_size,
         }

@@ -20,3 +20,8 @@ class HomologyError(TaskvecError):
 
 class FormatError(TaskvecError):
     """A file is not a valid safetensors / task-vector file."""
+
+
+class WriteError(TaskvecError, OSError):
+    """An OS error while writing an output (disk full, read-only file system, permission denied),
+    reported as one line naming the user's path. Still an ``OSError`` for code that catches those."""

@@ -56,10 +56,10 @@ from transformers import (
 )
 
 from taskvec.config import Params, TaskSpec, TrainSpec
-from taskvec.data import Split, load_split
+from taskvec.data import Split, load_split, resolve_source
 from taskvec.errors import TaskvecError
 from taskvec.heads import EncoderClassifier, build_head, load_encoder, save_head, state_hash
-from taskvec.io import atomic_dir, resolve_model
+from taskvec.io import atomic_dir, check_output, resolve_model
 
 MANIFEST = "finetune.json"
 
@@ -153,6 +153,7 @@ def finetune_task(
     *,
     data_dir: str | Path,
     progress: bool = True,
+    force: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``base``'s encoder on ``spec`` (classification or mlm) and write ``out_dir``.
 
@@ -161,9 +162,12 @@ def finetune_task(
     """
     split = load_split(spec, data_dir, "train", seed=train.seed)
     base_path = resolve_model(base)
+    source = resolve_source(spec, data_dir)
+    inputs = [base_path] + ([Path(source.location)] if source.kind == "mirror" else [])
+    dest = check_output(out_dir, inputs, kind="folder", force=force)  # never an input or foreign data
     transformers.set_seed(train.seed)
     started = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(dest) as tmp:
         if spec.kind == "classification":
             losses, base_hash = _finetune_classifier(base_path, spec, split, train, tmp, progress)
         else:
@@ -224,8 +228,8 @@ def _finetune_mlm(base_path: Path, split: Split, train: TrainSpec, tmp: Path, pr
     return losses, base_hash
 
 
-def finetune(task: str, params: Params, out_dir: str | Path, *, base: str | None = None, steps: int | None = None, progress: bool = True) -> FinetuneResult:
+def finetune(task: str, params: Params, out_dir: str | Path, *, base: str | None = None, steps: int | None = None, progress: bool = True, force: bool = False) -> FinetuneResult:
     """Fine-tune the task called ``task`` in ``params`` (``base``/``steps`` override the file)."""
     spec = params.task(task)
     train = params.train if steps is None else TrainSpec.model_validate(params.train.model_dump() | {"steps": steps})
-    return finetune_task(base or params.base, spec, train, out_dir, data_dir=params.data_root(), progress=progress)
+    return finetune_task(base or params.base, spec, train, out_dir, data_dir=params.data_root(), progress=progress, force=force)

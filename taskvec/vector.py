@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,11 +39,20 @@ import torch
 
 from taskvec import __version__
 from taskvec.errors import FormatError, HomologyError, TaskvecError
-from taskvec.io import Scratch, StreamingWriter, TensorSource, TensorSpec, atomic_path, file_sha256
+from taskvec.io import Scratch, StreamingWriter, TensorSource, TensorSpec, atomic_path, file_sha256, regular_file_size
 
 FORMAT_VERSION = "1"
 SPARSE_SEP = "::"
 _RESERVE = 512  # header bytes kept free so the base hash can be filled in at the end
+_REQUIRED = ("taskvec.base_model", "taskvec.base_hash", "taskvec.param_count", "taskvec.dtype", "taskvec.names", "taskvec.recipe", "taskvec.storage")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -54,37 +64,103 @@ class VectorFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not os.path.lexists(self.path) or (self.path.is_symlink() and not self.path.exists()):
             raise TaskvecError(f"task vector not found: {self.path}")
+        regular_file_size(self.path, "task-vector file")
         self._src = TensorSource(self.path)
+        try:
+            self._validate()
+        except BaseException:
+            self._src.close()
+            raise
+
+    def _validate(self) -> None:
         meta = self._src.metadata
         if meta.get("taskvec.format") is None:
             raise FormatError(f"{self.path}: not a taskvec task vector (no taskvec.format in its header)")
         if meta["taskvec.format"] != FORMAT_VERSION:
             raise FormatError(f"{self.path}: unsupported task-vector format version {meta['taskvec.format']!r}")
-        try:
-            self.base_model = meta["taskvec.base_model"]
-            self.base_hash = meta["taskvec.base_hash"]
-            self.param_count = int(meta["taskvec.param_count"])
-            self.dtype = meta["taskvec.dtype"]
-            self.names: list[str] = json.loads(meta["taskvec.names"])
-            self.recipe: dict = json.loads(meta["taskvec.recipe"])
-            self.storage: dict = json.loads(meta["taskvec.storage"])
-        except (KeyError, ValueError) as exc:
-            raise FormatError(f"{self.path}: corrupt task-vector header ({exc})") from None
+        missing = [k for k in _REQUIRED if k not in meta]
+        if missing:
+            raise FormatError(f"{self.path}: corrupt task-vector header (no {missing[0]})")
+        self.base_model = meta["taskvec.base_model"]
+        self.base_hash = meta["taskvec.base_hash"]
+        if not _HEX64.fullmatch(self.base_hash):
+            raise FormatError(f"{self.path}: corrupt task-vector header (taskvec.base_hash is not a sha256 hex digest)")
+        if not re.fullmatch(r"[0-9]{1,20}", meta["taskvec.param_count"]):
+            raise FormatError(f"{self.path}: corrupt task-vector header (taskvec.param_count is not a non-negative integer)")
+        self.param_count = int(meta["taskvec.param_count"])
+        self.dtype = meta["taskvec.dtype"]
+        self.names: list[str] = self._json("taskvec.names", list, "list of tensor names")
+        if not all(isinstance(n, str) and n for n in self.names):
+            raise FormatError(f"{self.path}: corrupt task-vector header (taskvec.names must be a JSON list of tensor names)")
+        if len(set(self.names)) != len(self.names):
+            dup = next(n for i, n in enumerate(self.names) if n in self.names[:i])
+            raise FormatError(f"{self.path}: corrupt task-vector header (tensor {dup!r} is named twice in taskvec.names)")
+        self.recipe: dict = self._json("taskvec.recipe", dict, "object")
+        self.storage: dict = self._json("taskvec.storage", dict, "object")
+        kind = self.storage.get("kind", "dense")
+        if kind not in ("dense", "sparse"):
+            raise FormatError(f"{self.path}: corrupt task-vector header (storage kind {kind!r} is neither dense nor sparse)")
         self.metadata = dict(meta)
-        self.sparse = self.storage.get("kind") == "sparse"
+        self.sparse = kind == "sparse"
+        stored = set(self._src.names())
         if self.sparse:
-            self._shapes = {k: tuple(v) for k, v in self.storage["shapes"].items()}
+            shapes = self.storage.get("shapes")
+            if not isinstance(shapes, dict) or set(shapes) != set(self.names):
+                raise FormatError(f"{self.path}: corrupt task-vector header (sparse storage must give a shape for every name in taskvec.names)")
+            for name, shape in shapes.items():
+                if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                    raise FormatError(f"{self.path}: corrupt task-vector header (shape of {name!r} is not a list of non-negative integers)")
+            self._shapes = {k: tuple(v) for k, v in shapes.items()}
             expected = {f"{n}{SPARSE_SEP}{part}" for n in self.names for part in ("indices", "values")}
         else:
             self._shapes = {n: self._src.info(n).shape for n in self._src.names()}
             expected = set(self.names)
-        if set(self._src.names()) != expected:
-            missing = sorted(expected - set(self._src.names())) or sorted(set(self._src.names()) - expected)
+        if stored != expected:
+            missing = sorted(expected - stored) or sorted(stored - expected)
             raise FormatError(f"{self.path}: header names do not match stored tensors (first: {missing[0]!r})")
         if not self.names:
             raise TaskvecError(f"{self.path}: empty task vector (no tensors)")
+        if self.sparse:
+            self._check_sparse()
+        else:
+            for name in self.names:
+                if not self._src.info(name).is_float:
+                    raise FormatError(f"{self.path}: tensor {name!r} is stored as {self._src.info(name).dtype}, not floating point")
+        total = sum(_numel(self._shapes[n]) for n in self.names)
+        if total != self.param_count:
+            raise FormatError(f"{self.path}: corrupt task-vector header (taskvec.param_count {self.param_count} but the tensors hold {total} values)")
+
+    def _json(self, key: str, typ: type, what: str):
+        try:
+            value = json.loads(self._src.metadata[key])
+        except (ValueError, RecursionError):
+            raise FormatError(f"{self.path}: corrupt task-vector header ({key} is not valid JSON)") from None
+        if not isinstance(value, typ):
+            raise FormatError(f"{self.path}: corrupt task-vector header ({key} must be a JSON {what}, not {type(value).__name__})")
+        return value
+
+    def _check_sparse(self) -> None:
+        """Every declared size bounded before anything is allocated from it."""
+        memory = _physical_memory()
+        for name in self.names:
+            idx = self._src.info(f"{name}{SPARSE_SEP}indices")
+            vals = self._src.info(f"{name}{SPARSE_SEP}values")
+            numel = _numel(self._shapes[name])
+            if idx.dtype not in ("I32", "I64") or len(idx.shape) != 1:
+                raise FormatError(f"{self.path}: sparse indices of {name!r} must be a flat int32/int64 tensor")
+            if not vals.is_float or len(vals.shape) != 1:
+                raise FormatError(f"{self.path}: sparse values of {name!r} must be a flat floating-point tensor")
+            if idx.shape != vals.shape:
+                raise FormatError(f"{self.path}: sparse tensor {name!r} has {idx.shape[0]} indices but {vals.shape[0]} values")
+            if idx.shape[0] > numel:
+                raise FormatError(f"{self.path}: sparse tensor {name!r} has {idx.shape[0]} indices for a shape of {numel} values")
+            if memory and 4 * numel > memory:
+                raise FormatError(
+                    f"{self.path}: sparse tensor {name!r} declares a dense shape {list(self._shapes[name])} "
+                    f"of {4 * numel / 2**30:.1f} GiB, more than this machine's memory"
+                )
 
     @cached_property
     def sha256(self) -> str:
@@ -103,6 +179,9 @@ class VectorFile:
         idx = self._src.read(f"{name}{SPARSE_SEP}indices").to(torch.int64)
         vals = self._src.read_float32(f"{name}{SPARSE_SEP}values")
         shape = self._shapes[name]
+        numel = _numel(shape)
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or not bool((idx[1:] > idx[:-1]).all())):
+            raise FormatError(f"{self.path}: sparse indices of {name!r} must be strictly increasing positions in [0, {numel})")
         out = torch.zeros(shape, dtype=torch.float32)
         out.view(-1)[idx] = vals
         return out
@@ -313,20 +392,37 @@ class TaskVector:
         return out
 
 
+#: λ in ``PATH:LAMBDA``: a plain decimal or scientific number (no ``_``, ``inf``, ``nan`` or hex).
+LAMBDA_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def parse_vector_arg(arg: str) -> tuple[str, float]:
-    """``PATH[:LAMBDA]`` → (path, λ); λ defaults to 1 (mergekit's convention)."""
+    """``PATH[:LAMBDA]`` → (path, λ); λ defaults to 1 (mergekit's convention).
+
+    LAMBDA must match :data:`LAMBDA_RE`. A path that itself contains ``:``
+    is taken whole when no λ follows it; ``PATH:λ`` is refused as ambiguous
+    when a file literally named ``PATH:λ`` exists beside ``PATH``.
+    """
     path, sep, lam = arg.rpartition(":")
     if not sep or not path:
         return arg, 1.0
-    try:
-        value = float(lam)
-    except ValueError:
-        if os.path.exists(arg):
+    literal = os.path.lexists(arg)
+    if not LAMBDA_RE.fullmatch(lam):
+        if literal:
             return arg, 1.0
-        raise TaskvecError(f"bad vector argument {arg!r}: λ after ':' must be a number") from None
+        raise TaskvecError(
+            f"bad vector argument {arg!r}: lambda must be a finite number in plain decimal after ':' (such as 0.5, -1 or 2e-3)"
+        )
+    if literal:
+        if os.path.lexists(path):
+            raise TaskvecError(
+                f"ambiguous vector argument {arg!r}: both a file named {arg!r} and {path!r} exist; "
+                f"write {arg + ':1'!r} for the first, or rename it"
+            )
+        return arg, 1.0
     from taskvec.algebra import check_lambda
 
-    return path, check_lambda(value)
+    return path, check_lambda(float(lam))
 
 
 __all__ = [

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import subprocess
 import sys
@@ -131,7 +132,8 @@ tasks:
 
 def good_task(ctx: Ctx, **splits: str) -> Path:
     ctx.data("toy", {"train": GOOD_CSV, "validation": GOOD_CSV, "test": GOOD_CSV} | splits)
-    return ctx.params(TASK_YAML)
+    # the full CLI validates the whole file: its pipeline sections must name declared tasks only
+    return ctx.params(TASK_YAML + "finetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n")
 
 
 CASES: list = []
@@ -455,7 +457,7 @@ def _(ctx):
     return _combine(ctx, ctx.v1, f"{ctx.v2}:-inf")
 
 
-@case("lambda-not-a-number", "must be a number")
+@case("lambda-not-a-number", "lambda must be a finite number in plain decimal")
 def _(ctx):
     return _apply(ctx, ctx.base, f"{ctx.v1}:abc")
 
@@ -520,6 +522,619 @@ def _(ctx):
 
 
 # ---------------------------------------------------------------------------
+# Issue 11: outputs never destroy inputs or data taskvec did not write
+
+
+def _model_copy(ctx: Ctx, src: Path, name: str, *, extras: bool = False) -> Path:
+    """A copy of a model folder; with ``extras``, the things a real checkout holds beside the weights."""
+    d = ctx.tmp / name
+    d.mkdir()
+    for f in src.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    if extras:
+        (d / ".git").mkdir()
+        (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        (d / "onnx").mkdir()
+        (d / "onnx" / "model.onnx").write_bytes(b"onnx")
+        (d / "pytorch_model.bin").write_bytes(b"pickle")
+    return d
+
+
+def _vcopy(ctx: Ctx, name: str = "mine.safetensors") -> Path:
+    (ctx.tmp / name).write_bytes(ctx.v1.read_bytes())
+    return ctx.tmp / name
+
+
+@case("apply-output-is-the-base", "is the input")
+def _(ctx):
+    b = _model_copy(ctx, ctx.base, "B", extras=True)
+    return Invocation(["apply", str(b), str(ctx.v1), "-o", str(b)])
+
+
+@case("merge-output-is-a-finetuned-input", "is the input")
+def _(ctx):
+    f = _model_copy(ctx, ctx.ft1, "F")
+    return Invocation(["merge", str(ctx.base), f"{f}:0.5", "-o", str(f)])
+
+
+@case("extract-output-is-the-base-weight-file", "lies inside the input")
+def _(ctx):
+    b = _model_copy(ctx, ctx.base, "B")
+    return Invocation(["extract", str(b), str(ctx.ft1), "-o", str(b / "model.safetensors")])
+
+
+@case("apply-output-inside-the-base", "lies inside the input")
+def _(ctx):
+    b = _model_copy(ctx, ctx.base, "B")
+    return Invocation(["apply", str(b), str(ctx.v1), "-o", str(b / "edited")], outputs=[b / "edited"])
+
+
+@case("apply-output-contains-a-vector-input", "contains the input")
+def _(ctx):
+    d = ctx.tmp / "D"
+    d.mkdir()
+    v = d / "v.safetensors"
+    v.write_bytes(ctx.v1.read_bytes())
+    return Invocation(["apply", str(ctx.base), str(v), "-o", str(d)])
+
+
+@case("apply-output-symlink-to-the-base", "is the input")
+def _(ctx):
+    b = _model_copy(ctx, ctx.base, "B")
+    (ctx.tmp / "link").symlink_to(b, target_is_directory=True)
+    return Invocation(["apply", str(b), str(ctx.v1), "-o", str(ctx.tmp / "link")])
+
+
+@case("combine-output-is-an-input-vector", "is the input")
+def _(ctx):
+    v = _vcopy(ctx)
+    return Invocation(["combine", str(v), str(ctx.v2), "-o", str(v)])
+
+
+@case("compress-output-is-its-input", "is the input")
+def _(ctx):
+    v = _vcopy(ctx)
+    return Invocation(["compress", str(v), "--density", "0.5", "-o", str(v)])
+
+
+@case("apply-output-foreign-folder", "was not written by taskvec")
+def _(ctx):
+    (ctx.tmp / "D" / "docs").mkdir(parents=True)
+    (ctx.tmp / "D" / "docs" / "f").write_text("x\n")
+    return Invocation(["apply", str(ctx.base), str(ctx.v1), "-o", str(ctx.tmp / "D")])
+
+
+@case("merge-output-foreign-folder", "pass --force")
+def _(ctx):
+    (ctx.tmp / "D").mkdir()
+    (ctx.tmp / "D" / "notes.txt").write_text("mine\n")
+    return Invocation(["merge", str(ctx.base), str(ctx.ft1), "-o", str(ctx.tmp / "D")])
+
+
+@case("extract-output-foreign-file", "is not a taskvec task vector")
+def _(ctx):
+    (ctx.tmp / "notes.safetensors").write_text("my notes\n")
+    return Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(ctx.tmp / "notes.safetensors")])
+
+
+@case("combine-output-plain-model-file", "is not a taskvec task vector")
+def _(ctx):
+    b = _model_copy(ctx, ctx.ft2, "M")
+    return Invocation(["combine", str(ctx.v1), str(ctx.v2), "-o", str(b / "model.safetensors")])
+
+
+@case("extract-output-zero-byte-file", "is not a taskvec task vector")
+def _(ctx):
+    (ctx.tmp / "empty.safetensors").touch()
+    return Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(ctx.tmp / "empty.safetensors")])
+
+
+def _device(ctx: Ctx) -> Path:
+    """A character device like /dev/null, made under tmp (never the real one: a regression would replace it)."""
+    node = ctx.tmp / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (PermissionError, AttributeError):
+        os.mkfifo(node)  # without CAP_MKNOD: another non-regular file
+    return node
+
+
+@case("extract-output-dev-null", "is not a regular file")
+def _(ctx):
+    return Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(_device(ctx))])
+
+
+@case("extract-output-fifo", "is not a regular file")
+def _(ctx):
+    os.mkfifo(ctx.tmp / "pipe")
+    return Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(ctx.tmp / "pipe")])
+
+
+@case("extract-output-is-a-folder", "is a folder; give a file path")
+def _(ctx):
+    (ctx.tmp / "vecs").mkdir()
+    return Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(ctx.tmp / "vecs")])
+
+
+@case("apply-output-is-a-device", "exists and is not a folder")
+def _(ctx):
+    return Invocation(["apply", str(ctx.base), str(ctx.v1), "-o", str(_device(ctx))])
+
+
+@case("finetune-output-foreign-folder", "was not written by taskvec")
+def _(ctx):
+    p = good_task(ctx)
+    (ctx.tmp / "outputs" / "agnews").mkdir(parents=True)
+    (ctx.tmp / "outputs" / "agnews" / "finetune.json").write_text("{}\n")
+    return Invocation(["finetune", "toy", "-o", str(ctx.tmp / "outputs"), "--params", str(p), "--base", str(ctx.base), "-q"])
+
+
+@case("finetune-output-inside-the-base", "lies inside the input")
+def _(ctx):
+    p = good_task(ctx)
+    b = _model_copy(ctx, ctx.base, "B")
+    return Invocation(["finetune", "toy", "-o", str(b / "ft"), "--params", str(p), "--base", str(b), "-q"], outputs=[b / "ft"])
+
+
+@case("inspect-png-over-an-input-vector", "is the input")
+def _(ctx):
+    v = _vcopy(ctx)
+    return Invocation(["inspect", str(v), "--png", str(v)])
+
+
+@case("finetune-output-is-the-task-data", "is the input")
+def _(ctx):
+    p = good_task(ctx)
+    return Invocation(["finetune", "toy", "-o", str(ctx.tmp / "data" / "toy"), "--params", str(p), "--base", str(ctx.base), "-q"])
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: crafted headers, indices and shard indexes
+
+
+def _raw(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _raw_text(path: Path, header_text: str, data: bytes) -> Path:
+    raw = header_text.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _vector_meta(ctx: Ctx, **changes: str) -> dict:
+    with safe_open(ctx.v1, "pt") as f:
+        meta = dict(f.metadata())
+    meta.update(changes)
+    return meta
+
+
+def _sparse(ctx: Ctx, name: str, edit: Callable[[dict, dict], None]) -> Path:
+    src = engine.compress(ctx.v1, ctx.tmp / "sparse-src.safetensors", density=0.25)["path"]
+    out = ctx.copy_vector(name, edit, Path(src))
+    Path(src).unlink()
+    return out
+
+
+def _first_sparse(t: dict) -> str:
+    return sorted(k for k in t if k.endswith("::indices"))[0]
+
+
+@case("sparse-index-negative", "strictly increasing positions in [0,")
+def _(ctx):
+    def edit(t, m):
+        k = _first_sparse(t)
+        t[k] = t[k].clone()
+        t[k][0] = -1
+
+    return _apply(ctx, ctx.base, _sparse(ctx, "neg.safetensors", edit))
+
+
+@case("sparse-index-beyond-tensor", "strictly increasing positions in [0,")
+def _(ctx):
+    def edit(t, m):
+        k = _first_sparse(t)
+        shape = json.loads(m["taskvec.storage"])["shapes"][k.split("::")[0]]
+        t[k] = t[k].clone()
+        t[k][-1] = math.prod(shape)
+
+    return _combine(ctx, _sparse(ctx, "far.safetensors", edit))
+
+
+@case("sparse-duplicate-indices", "strictly increasing")
+def _(ctx):
+    def edit(t, m):
+        k = _first_sparse(t)
+        t[k] = t[k].clone()
+        t[k][1] = t[k][0]
+
+    return _apply(ctx, ctx.base, _sparse(ctx, "dup.safetensors", edit))
+
+
+@case("sparse-fewer-values-than-indices", "indices but")
+def _(ctx):
+    def edit(t, m):
+        k = _first_sparse(t).replace("::indices", "::values")
+        t[k] = t[k][:-1].clone()
+
+    return _apply(ctx, ctx.base, _sparse(ctx, "short.safetensors", edit))
+
+
+@case("sparse-dense-shape-terabytes", "more than this machine's memory")
+def _(ctx):
+    def edit(t, m):
+        storage = json.loads(m["taskvec.storage"])
+        name = sorted(storage["shapes"])[0]
+        storage["shapes"][name] = [10**7, 10**7]
+        m["taskvec.storage"] = json.dumps(storage)
+
+    return Invocation(["inspect", str(_sparse(ctx, "bomb.safetensors", edit))])
+
+
+@case("sparse-shapes-not-a-map", "sparse storage must give a shape")
+def _(ctx):
+    def edit(t, m):
+        m["taskvec.storage"] = json.dumps({"kind": "sparse", "shapes": [1, 2]})
+
+    return Invocation(["inspect", str(_sparse(ctx, "shapes.safetensors", edit))])
+
+
+@case("header-overlapping-byte-ranges", "overlaps the previous tensor")
+def _(ctx):
+    meta = _vector_meta(ctx, **{"taskvec.names": '["a", "b"]', "taskvec.param_count": "8"})
+    header = {"__metadata__": meta, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    return Invocation(["inspect", str(_raw(ctx.tmp / "overlap.safetensors", header, bytes(16)))])
+
+
+@case("header-gap-between-tensors", "leaves a gap")
+def _(ctx):
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}
+    return Invocation(["inspect", str(_raw(ctx.tmp / "gap.safetensors", header, bytes(12)))])
+
+
+@case("header-trailing-bytes", "bytes after the last tensor are not described")
+def _(ctx):
+    (ctx.tmp / "tail.safetensors").write_bytes(ctx.v1.read_bytes() + b"\0" * 64)
+    return _apply(ctx, ctx.base, ctx.tmp / "tail.safetensors")
+
+
+@case("header-negative-dimension", "negative dimension")
+def _(ctx):
+    header = {"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}
+    return Invocation(["inspect", str(_raw(ctx.tmp / "neg.safetensors", header, bytes(16)))])
+
+
+@case("header-float-dimension", "shape and offsets must be integers")
+def _(ctx):
+    header = {"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}
+    return Invocation(["inspect", str(_raw(ctx.tmp / "float.safetensors", header, bytes(16)))])
+
+
+@case("header-duplicate-tensor-names", "appears twice")
+def _(ctx):
+    text = '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    return Invocation(["inspect", str(_raw_text(ctx.tmp / "dup.safetensors", text, bytes(8)))])
+
+
+@case("header-metadata-not-strings", "__metadata__ is not a map of strings")
+def _(ctx):
+    header = {"__metadata__": {"taskvec.format": 1}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    return _apply(ctx, ctx.base, _raw(ctx.tmp / "meta.safetensors", header, bytes(4)))
+
+
+@case("header-unknown-dtype", "unsupported safetensors dtype 'F8'")
+def _(ctx):
+    header = {"a": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}
+    return Invocation(["inspect", str(_raw(ctx.tmp / "f8.safetensors", header, bytes(1)))])
+
+
+@case("header-length-one-past-the-file", "corrupt safetensors header (declared length")
+def _(ctx):
+    data = ctx.v1.read_bytes()
+    (ctx.tmp / "long.safetensors").write_bytes(struct.pack("<Q", len(data) - 7) + data[8:])
+    return _apply(ctx, ctx.base, ctx.tmp / "long.safetensors")
+
+
+@case("vector-zero-byte-file", "truncated safetensors file (no header)")
+def _(ctx):
+    (ctx.tmp / "zero.safetensors").touch()
+    return _apply(ctx, ctx.base, ctx.tmp / "zero.safetensors")
+
+
+@case("vector-is-a-folder", "is a folder, not a task-vector file")
+def _(ctx):
+    (ctx.tmp / "d.safetensors").mkdir()
+    return _combine(ctx, ctx.tmp / "d.safetensors")
+
+
+@case("vector-is-a-fifo", "is not a regular file")
+def _(ctx):
+    os.mkfifo(ctx.tmp / "fifo.safetensors")
+    out = ctx.tmp / "out"
+    argv = [str(Path(sys.executable).with_name("taskvec")), "apply", str(ctx.base), str(ctx.tmp / "fifo.safetensors"), "-o", str(out), "-q"]
+    return Invocation(argv=argv, outputs=[out], timeout=SERVICE_TIMEOUT)  # a read of the FIFO would hang: run it bounded
+
+
+@case("model-weights-are-a-fifo", "is not a regular file")
+def _(ctx):
+    d = ctx.tmp / "fifo-model"
+    d.mkdir()
+    os.mkfifo(d / "model.safetensors")
+    out = ctx.tmp / "v.safetensors"
+    argv = [str(Path(sys.executable).with_name("taskvec")), "extract", str(ctx.base), str(d), "-o", str(out), "-q"]
+    return Invocation(argv=argv, outputs=[out], timeout=SERVICE_TIMEOUT)
+
+
+@case("model-weights-dangling-symlink", "safetensors file not found")
+def _(ctx):
+    d = ctx.tmp / "dangling"
+    d.mkdir()
+    (d / "model.safetensors").symlink_to(ctx.tmp / "gone.safetensors")
+    return _extract(ctx, ctx.base, d)
+
+
+@case("base-model-is-a-fifo", "is a file, not a model folder")
+def _(ctx):
+    os.mkfifo(ctx.tmp / "base-fifo")
+    return _extract(ctx, ctx.tmp / "base-fifo", ctx.ft1)
+
+
+@case("names-wrong-json-type", "taskvec.names must be a JSON list of tensor names")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("n.safetensors", lambda t, m: m.update({"taskvec.names": '{"a": 1}'})))
+
+
+@case("names-a-json-string", "taskvec.names must be a JSON list")
+def _(ctx):
+    return Invocation(["inspect", str(ctx.copy_vector("s.safetensors", lambda t, m: m.update({"taskvec.names": '"pooler.dense.bias"'})))])
+
+
+@case("names-list-of-numbers", "taskvec.names must be a JSON list of tensor names")
+def _(ctx):
+    return _combine(ctx, ctx.copy_vector("num.safetensors", lambda t, m: m.update({"taskvec.names": "[1, 2]"})))
+
+
+@case("names-duplicated", "is named twice in taskvec.names")
+def _(ctx):
+    def edit(t, m):
+        names = json.loads(m["taskvec.names"])
+        m["taskvec.names"] = json.dumps(names + names[:1])
+
+    return _apply(ctx, ctx.base, ctx.copy_vector("dn.safetensors", edit))
+
+
+@case("recipe-wrong-json-type", "taskvec.recipe must be a JSON object")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("r.safetensors", lambda t, m: m.update({"taskvec.recipe": "[1]"})))
+
+
+@case("storage-kind-unknown", "is neither dense nor sparse")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("k.safetensors", lambda t, m: m.update({"taskvec.storage": '{"kind": "zip"}'})))
+
+
+@case("param-count-negative", "taskvec.param_count is not a non-negative integer")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("pc.safetensors", lambda t, m: m.update({"taskvec.param_count": "-5"})))
+
+
+@case("param-count-wrong", "but the tensors hold")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("pc2.safetensors", lambda t, m: m.update({"taskvec.param_count": "7"})))
+
+
+@case("base-hash-not-a-digest", "taskvec.base_hash is not a sha256 hex digest")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("bh.safetensors", lambda t, m: m.update({"taskvec.base_hash": "not-a-hash"})))
+
+
+@case("vector-claims-another-base", "differs from the hash")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("other.safetensors", lambda t, m: m.update({"taskvec.base_hash": "f" * 64})))
+
+
+@case("vector-header-missing-key", "corrupt task-vector header (no taskvec.recipe)")
+def _(ctx):
+    return _apply(ctx, ctx.base, ctx.copy_vector("mk.safetensors", lambda t, m: m.pop("taskvec.recipe")))
+
+
+@case("vector-integer-values", "not floating point")
+def _(ctx):
+    def edit(t, m):
+        k = json.loads(m["taskvec.names"])[0]
+        t[k] = t[k].to(torch.int64)
+
+    return _apply(ctx, ctx.base, ctx.copy_vector("int.safetensors", edit))
+
+
+def _sharded(ctx: Ctx) -> tuple[Path, dict]:
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(ctx.ft1).save_pretrained(ctx.tmp / "sh", max_shard_size="30KB")
+    index = json.loads((ctx.tmp / "sh" / "model.safetensors.index.json").read_text())
+    return ctx.tmp / "sh", index
+
+
+def _write_index(folder: Path, index: dict) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@case("shard-index-dotdot-path", "leaves the model folder")
+def _(ctx):
+    sh, index = _sharded(ctx)
+    first = sorted(set(index["weight_map"].values()))[0]
+    (ctx.tmp / "outside.safetensors").write_bytes((sh / first).read_bytes())
+    index["weight_map"] = {k: ("../outside.safetensors" if v == first else v) for k, v in index["weight_map"].items()}
+    _write_index(sh, index)
+    return _extract(ctx, ctx.base, sh)
+
+
+@case("shard-index-absolute-path", "leaves the model folder")
+def _(ctx):
+    sh, index = _sharded(ctx)
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (str(sh / first) if v == first else v) for k, v in index["weight_map"].items()}
+    _write_index(sh, index)
+    return _extract(ctx, ctx.base, sh)
+
+
+@case("shard-symlink-escapes-the-folder", "is a link to a file outside the model folder")
+def _(ctx):
+    sh, index = _sharded(ctx)
+    first = sorted(set(index["weight_map"].values()))[0]
+    (sh / first).rename(ctx.tmp / "elsewhere.safetensors")
+    (sh / first).symlink_to(ctx.tmp / "elsewhere.safetensors")
+    return _extract(ctx, ctx.base, sh)
+
+
+@case("shard-index-names-a-phantom-tensor", "listed in the index but no shard holds it")
+def _(ctx):
+    sh, index = _sharded(ctx)
+    index["weight_map"]["ghost.weight"] = sorted(set(index["weight_map"].values()))[0]
+    _write_index(sh, index)
+    return _extract(ctx, ctx.base, sh)
+
+
+@case("shard-holds-an-unlisted-tensor", "which the index does not list")
+def _(ctx):
+    sh, index = _sharded(ctx)
+    del index["weight_map"][sorted(index["weight_map"])[0]]
+    _write_index(sh, index)
+    return _extract(ctx, ctx.base, sh)
+
+
+@case("shard-index-wrong-shard", "is listed in")
+def _(ctx):
+    sh, index = _sharded(ctx)
+    files = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == files[0])
+    index["weight_map"][name] = files[1]
+    _write_index(sh, index)
+    return _extract(ctx, ctx.base, sh)
+
+
+@case("shard-index-weight-map-a-list", "weight_map is not a non-empty map")
+def _(ctx):
+    sh, index = _sharded(ctx)
+    index["weight_map"] = list(index["weight_map"])
+    _write_index(sh, index)
+    return _extract(ctx, ctx.base, sh)
+
+
+@case("pickle-index-dotdot-path", "leaves the model folder")
+def _(ctx):
+    d = ctx.tmp / "pk"
+    d.mkdir()
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
+    return _extract(ctx, ctx.base, d, "--allow-pickle")
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: the λ grammar
+
+
+@case("lambda-with-underscore", "lambda must be a finite number in plain decimal")
+def _(ctx):
+    return _apply(ctx, ctx.base, f"{ctx.v1}:1_0")
+
+
+@case("lambda-hex", "lambda must be a finite number in plain decimal")
+def _(ctx):
+    return _combine(ctx, f"{ctx.v1}:0x10")
+
+
+@case("lambda-infinity-spelled-out", "lambda must be a finite number in plain decimal")
+def _(ctx):
+    return _apply(ctx, ctx.base, f"{ctx.v1}:Infinity")
+
+
+@case("lambda-overflows-to-inf", "lambda must be a finite number")
+def _(ctx):
+    return _apply(ctx, ctx.base, f"{ctx.v1}:1e999")
+
+
+@case("lambda-empty", "lambda must be a finite number in plain decimal")
+def _(ctx):
+    return _apply(ctx, ctx.base, f"{ctx.v1}:")
+
+
+@case("lambda-ambiguous-with-a-file-of-that-name", "ambiguous vector argument")
+def _(ctx):
+    v = _vcopy(ctx, "task.safetensors")
+    (ctx.tmp / "task.safetensors:2").write_bytes(ctx.v2.read_bytes())
+    return _combine(ctx, f"{v}:2")
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: usage and OS errors are one line too
+
+
+@case("usage-missing-argument", "Missing argument")
+def _(ctx):
+    return Invocation(["apply", str(ctx.base)])
+
+
+@case("usage-missing-out-option", "Missing option '--out'")
+def _(ctx):
+    return Invocation(["extract", str(ctx.base), str(ctx.ft1)])
+
+
+@case("usage-bad-option-value", "Invalid value for '--seed'")
+def _(ctx):
+    return Invocation(["combine", str(ctx.v1), "--seed", "many", "-o", str(ctx.tmp / "c.safetensors")], outputs=[ctx.tmp / "c.safetensors"])
+
+
+@case("usage-unknown-option", "No such option: --bogus")
+def _(ctx):
+    return Invocation(["apply", str(ctx.base), str(ctx.v1), "-o", str(ctx.tmp / "out"), "--bogus"], outputs=[ctx.tmp / "out"])
+
+
+@case("usage-unknown-command", "No such command 'extrakt'")
+def _(ctx):
+    return Invocation(["extrakt", str(ctx.base)])
+
+
+@case("os-read-only-file-system", "cannot write")
+def _(ctx):
+    import errno
+    import tempfile as tf
+
+    def read_only(*a, **k):  # what mkstemp raises on a read-only mount: the temp name, which must not be shown
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(k.get("dir", "."), ".v.safetensors.host-1.x.tmp"))
+
+    ctx.request.getfixturevalue("monkeypatch").setattr(tf, "mkstemp", read_only)
+    return _extract(ctx, ctx.base, ctx.ft1)
+
+
+@case("os-disk-full-while-writing", "No space left on device")
+def _(ctx):
+    import errno
+
+    from taskvec.io import writer
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    ctx.request.getfixturevalue("monkeypatch").setattr(writer.StreamingWriter, "write", full)
+    return _combine(ctx, ctx.v1, ctx.v2)
+
+
+@case("os-permission-denied-names-the-user-path", "Permission denied")
+def _(ctx):
+    import errno
+
+    from taskvec.io import atomic
+
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src), str(dst))
+
+    ctx.request.getfixturevalue("monkeypatch").setattr(atomic.os, "replace", denied)
+    return _apply(ctx, ctx.base, ctx.v1)
+
+
+# ---------------------------------------------------------------------------
 # Data (through `taskvec finetune`, which validates data before touching a model)
 
 
@@ -562,7 +1177,7 @@ def _(ctx):
 
 @case("data-folder-missing", "data folder not found")
 def _(ctx):
-    return _finetune(ctx, ctx.params("tasks:\n  toy:\n    source: ./nowhere\n    labels: [a, b]\n"))
+    return _finetune(ctx, ctx.params("tasks:\n  toy:\n    source: ./nowhere\n    labels: [a, b]\nfinetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n"))
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""safetensors dtype codes <-> torch dtypes, and a tensor's raw bytes."""
+
+from __future__ import annotations
+
+import torch
+
+from taskvec.errors import FormatError, TaskvecError
+
+# safetensors dtype code <-> torch dtype
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        raise TaskvecError(f"unsupported tensor dtype {dtype}") from None
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    try:
+        return _DTYPES[code]
+    except KeyError:
+        raise FormatError(f"unsupported safetensors dtype {code!r}") from None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``float32``/``fp16``/``bf16``/``F16``... -> torch dtype."""
+    aliases = {
+        "float32": "F32", "fp32": "F32", "f32": "F32",
+        "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16",
+        "bfloat16": "BF16", "bf16": "BF16",
+        "float64": "F64", "fp64": "F64",
+    }
+    code = aliases.get(name.lower(), name.upper())
+    if code not in FLOAT_CODES:
+        raise TaskvecError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
+    return _DTYPES[code]
+
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
