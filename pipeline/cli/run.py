@@ -42,12 +42,14 @@ def register(app: typer.Typer) -> None:
         from pipeline import params as P
 
         P.load(params)  # fail fast, one line, before Prefect starts
-        from pipeline.ops.services import check_prefect_api
+        from pipeline.ops.services import prefect_api
 
-        check_prefect_api()
-        from flows.edit import edit
+        # our own Prefect API server (dies with us), started before the heavy imports so they overlap
+        with prefect_api() as api:
+            from flows.edit import edit
 
-        summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency)
+            api.wait()
+            summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency)
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return
