@@ -47,7 +47,12 @@ def run_child(cmd: list[str], *, cwd, env: dict, label: str) -> tuple[int, str]:
     behind to swap its output into ``outputs/`` later. Returns (exit status,
     stderr without the progress lines).
     """
+    from pipeline.ops import services
+
+    if services.STOPPING.is_set():
+        raise TaskvecError(f"{label}: not started, the run is stopping")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    services.adopt(proc)
     kept: list[str] = []
     last = 0.0
     pending = None
@@ -67,6 +72,10 @@ def run_child(cmd: list[str], *, cwd, env: dict, label: str) -> tuple[int, str]:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        services.release(proc)
+    if services.STOPPING.is_set():
+        raise TaskvecError(f"{label}: stopped (the run was interrupted)")
     return proc.returncode, "".join(kept)
 
 

@@ -139,6 +139,47 @@ def child_command(module: str, *args: str, signal_name: str = "SIGKILL") -> list
     return [sys.executable, "-m", "pipeline.ops.child", str(os.getpid()), signal_name, module, *args]
 
 
+import threading as _threading  # noqa: E402
+
+_CHILDREN: set = set()
+#: set when the command is being stopped (signal, Ctrl-C): no new child may start (a retry would outlive the stop)
+STOPPING = _threading.Event()
+
+
+def adopt(proc) -> None:
+    """Register a running child (a ``subprocess.Popen``) to be killed by :func:`stop_children`."""
+    _CHILDREN.add(proc)
+    if STOPPING.is_set():  # stop_children ran meanwhile (it sets STOPPING before it looks at the set)
+        proc.kill()
+
+
+def release(proc) -> None:
+    _CHILDREN.discard(proc)
+
+
+def stop_children() -> int:
+    """Kill every adopted child now and refuse new ones; returns how many were killed.
+
+    Needed on SIGTERM/Ctrl-C: the interpreter's exit waits for Prefect's task
+    threads, which wait for their fine-tunes — those would otherwise run to the
+    end (and swap their outputs into ``outputs/``) after the user stopped the run.
+    Lock-free, as it runs in a signal handler.
+    """
+    STOPPING.set()
+    while True:
+        try:
+            procs = list(_CHILDREN)
+            break
+        except RuntimeError:  # the set changed size while being copied
+            continue
+    n = 0
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------
 # the pipeline's own Prefect API server (instead of Prefect's ephemeral one)
 
@@ -298,8 +339,12 @@ class _Terminated(SystemExit):
 
 
 def _raise_terminated(signum, _frame):
+    """Kill the children first: unwinding the flow waits for its task threads, which wait for them."""
     import signal
 
+    stop_children()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise _Terminated(128 + signum)
 
 
@@ -322,8 +367,9 @@ def prefect_api():
     Enter it *before* importing Prefect or the flows: the server starts in the
     background and ``PREFECT_API_URL`` is set for the Prefect client; call the
     yielded object's ``wait()`` after the heavy imports, just before the flow,
-    so start-up and imports overlap. Inside, SIGTERM and SIGHUP raise
-    :class:`SystemExit`, so the flow's ``finally`` blocks run (its MLflow run
+    so start-up and imports overlap. Inside, SIGTERM, SIGHUP and SIGINT first
+    kill the running children (:func:`stop_children`), then raise
+    :class:`SystemExit` (KeyboardInterrupt for SIGINT), so the flow's ``finally`` blocks run (its MLflow run
     ends FAILED) and the server is stopped on the way out; children started
     with :func:`child_command` die with this process even on SIGKILL.
     """
@@ -337,10 +383,13 @@ def prefect_api():
         server = PrefectServer().start()
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             old[sig] = signal.signal(sig, _raise_terminated)
     try:
         yield server
+    except BaseException:
+        stop_children()
+        raise
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
