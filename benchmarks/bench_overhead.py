@@ -64,7 +64,7 @@ def analyse(summary: dict, wall: float) -> dict:
 
 def cold_project(params: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
-    for d in ("pipeline", "taskvec"):
+    for d in ("pipeline", "taskvec", "bin"):
         shutil.copytree(REPO / d, dest / d, ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / f, dest / f)

@@ -184,6 +184,12 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
         publish_artifacts(p, summary, evaluated["ledger"])
         status = "FINISHED"
         return summary
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: kill the fine-tunes
+            from pipeline.ops.services import stop_children  # now, or unwinding waits for them to finish
+
+            stop_children()
+        raise
     finally:
         tracker.end(parent, status)
 

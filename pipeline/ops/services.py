@@ -206,15 +206,61 @@ def _default_prefect_db() -> "Path | None":
     return home / "prefect.db"
 
 
-def prefect_template_db() -> "Path":
-    """A migrated, empty Prefect database for this Prefect version (``TASKVEC_PREFECT_TEMPLATE`` or the user cache)."""
+def template_dir() -> "Path":
+    """Where migrated empty databases are kept (``TASKVEC_DB_TEMPLATES``, default ``~/.cache/taskvec``)."""
     from pathlib import Path
 
-    env = os.environ.get("TASKVEC_PREFECT_TEMPLATE")
-    if env:
-        return Path(env)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "taskvec"
-    return cache / f"prefect-{_prefect_version()}-empty.db"
+    env = os.environ.get("TASKVEC_DB_TEMPLATES")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "taskvec"
+
+
+def seed_db(db: "Path", template: "Path") -> bool:
+    """Create the SQLite file ``db`` as a copy of ``template`` if ``db`` does not exist yet; True if seeded.
+
+    Atomic create-if-absent (copy to a temporary name, then ``os.link``), so a
+    database that appeared meanwhile is never overwritten.
+    """
+    import shutil
+
+    if db.exists() or not template.is_file():
+        return False
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f"{db.name}.{os.getpid()}.seed")
+    try:
+        shutil.copyfile(template, tmp)
+        os.link(tmp, db)
+        return True
+    except OSError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_db_template(db: "Path", template: "Path", cleanup: tuple[str, ...] = ()) -> None:
+    """Copy a just-migrated database to ``template`` (SQLite online backup, then ``cleanup`` statements); best effort."""
+    import sqlite3
+
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+        src = sqlite3.connect(str(db))
+        dst = sqlite3.connect(str(tmp))
+        try:
+            src.backup(dst)
+            for stmt in cleanup:
+                dst.execute(stmt)
+            dst.commit()
+        finally:
+            dst.close()
+            src.close()
+        os.replace(tmp, template)
+    except (OSError, sqlite3.Error):
+        pass
+
+
+def prefect_template_db() -> "Path":
+    """A migrated, empty Prefect database for this Prefect version (in :func:`template_dir`)."""
+    return template_dir() / f"prefect-{_prefect_version()}-empty.db"
 
 
 class PrefectServer:
@@ -248,20 +294,13 @@ class PrefectServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def start(self) -> "PrefectServer":
-        import shutil
         import subprocess
         from pathlib import Path
 
         self._db = _default_prefect_db()
         if self._db is not None and not self._db.exists():
             self._fresh_db = True
-            template = prefect_template_db()
-            if template.is_file():
-                self._db.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self._db.with_name(self._db.name + ".taskvec-tmp")
-                shutil.copyfile(template, tmp)
-                os.replace(tmp, self._db)
-                self.seeded = True
+            self.seeded = seed_db(self._db, prefect_template_db())
         self.port = _free_port()
         from importlib.util import find_spec
 
@@ -299,23 +338,8 @@ class PrefectServer:
             self._save_template()
 
     def _save_template(self) -> None:
-        """Copy the just-migrated, still empty database to the template (SQLite online backup; best effort)."""
-        import sqlite3
-
-        template = prefect_template_db()
-        try:
-            template.parent.mkdir(parents=True, exist_ok=True)
-            tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
-            src = sqlite3.connect(str(self._db))
-            dst = sqlite3.connect(str(tmp))
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-                src.close()
-            os.replace(tmp, template)
-        except (OSError, sqlite3.Error):
-            pass
+        """Keep the just-migrated, still empty database as the template for later fresh homes."""
+        save_db_template(self._db, prefect_template_db())
 
     def stop(self) -> None:
         import subprocess
@@ -323,6 +347,7 @@ class PrefectServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        _drain_prefect_clients()  # else their exit-time drain retries against the stopped server
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -332,6 +357,29 @@ class PrefectServer:
                 proc.wait()
         if os.environ.get("PREFECT_API_URL") == self.api_url:
             del os.environ["PREFECT_API_URL"]
+
+
+def _drain_prefect_clients(timeout: float = 10) -> None:
+    """Flush the Prefect client's log and event queues (as ``prefect_test_harness`` does before stopping its server)."""
+    import inspect
+    import sys
+
+    if "prefect" not in sys.modules:
+        return
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.utilities.asyncutils import run_coro_as_sync
+
+        async def drain() -> None:
+            for worker in (APILogWorker, EventsWorker):
+                result = worker.drain_all(timeout=timeout)
+                if inspect.isawaitable(result):
+                    await result
+
+        run_coro_as_sync(drain())
+    except Exception:  # noqa: BLE001 - best effort: the server is stopped either way
+        pass
 
 
 class _Terminated(SystemExit):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.ops.services import mlflow_uri
+from pipeline.ops.services import mlflow_uri, save_db_template, seed_db, template_dir
 from taskvec.errors import TaskvecError
 from taskvec.redact import redact_text
 
@@ -101,6 +101,21 @@ def artifact_location(p, uri: str) -> str | None:
     return (p.root / root).resolve().as_uri()
 
 
+def mlflow_template_db() -> Path:
+    """A migrated, empty MLflow SQLite store for this MLflow version (see :func:`pipeline.ops.services.template_dir`)."""
+    from importlib.metadata import version
+
+    return template_dir() / f"mlflow-{version('mlflow')}-empty.db"
+
+
+def _fresh_sqlite(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store that does not exist yet (MLflow would migrate it: ~2–12 s), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    return None if path.exists() else path
+
+
 class Tracker:
     """An MLflow client bound to the pipeline's store and experiment."""
 
@@ -115,8 +130,13 @@ class Tracker:
         mlflow.set_registry_uri(self.uri)
         with LOCK:
             try:
+                fresh = _fresh_sqlite(self.uri)
+                seeded = fresh is not None and seed_db(fresh, mlflow_template_db())
                 self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                 exp = self.client.get_experiment_by_name(p.mlflow.experiment)
+                if fresh is not None and not seeded:
+                    # MLflow just migrated a new store: keep it, without its Default experiment, as the template
+                    save_db_template(fresh, mlflow_template_db(), cleanup=("DELETE FROM experiment_tags", "DELETE FROM experiments"))
                 if exp is None:
                     self.experiment_id = self.client.create_experiment(p.mlflow.experiment, artifact_location=artifact_location(p, self.uri))
                 else:
