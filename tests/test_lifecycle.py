@@ -103,3 +103,6 @@ def test_killing_taskvec_run_leaves_no_process_and_no_running_mlflow_run(tiny_pr
     assert first.info.status == "FAILED" and first.data.tags["taskvec.failed_reason"].startswith(f"orphaned: process {proc.pid} ")
     assert second.info.status == "FINISHED"
     assert any("orphaned MLflow run" in ln for ln in out)
+    # a whole run's console: fine-tune progress lines, no "Loading weights" bars, no telemetry errors
+    assert any("finetune senti: step=2/2 done" in ln for ln in out), "".join(out)[-3000:]
+    assert not any("Loading weights" in ln or "telemetry" in ln.lower() for ln in out), "".join(out)[-3000:]
