@@ -10,7 +10,7 @@ Run from the repository root::
 What it does, all in one process:
 
 1. Loads the base model and the tasks' validation splits once
-   (:class:`taskvec.search.TaskSuite`), exactly as ``taskvec search`` does.
+   (:class:`taskvec.suite.Suite`), exactly as ``taskvec search`` does.
 2. Builds τ: ``FINETUNED − BASE`` when ``--finetuned`` is given, otherwise
    seeded Gaussian noise with 1 % of each tensor's standard deviation.
 3. Measures one evaluation (apply λ in place + score every task) as the
@@ -37,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from taskvec.config import parse_params  # noqa: E402
 from taskvec.heads import load_encoder  # noqa: E402
-from taskvec.search import CachedEvaluator, TaskSuite, WeightEditor, addition_objective, search_lambda, write_outputs  # noqa: E402
+from taskvec.search import CachedEvaluator, addition_objective, search_lambda  # noqa: E402
+from taskvec.search_run import write_outputs  # noqa: E402
+from taskvec.suite import Suite  # noqa: E402
 
 TASKS = {
     "sst2": {"source": "sst2", "labels": ["negative", "positive"]},
@@ -75,11 +77,11 @@ def main() -> None:
         }
     )
     started = time.perf_counter()
-    suite = TaskSuite.load(args.base, list(TASKS), params)
+    suite = Suite.load(args.base, list(TASKS), params, splits=(params.search.split,))
     tau = task_vector(suite.encoder, args.finetuned)
     print(f"setup (load model + data + τ): {time.perf_counter() - started:.1f}s  torch threads {torch.get_num_threads()}")
 
-    with WeightEditor(suite.encoder, tau) as editor:
+    with suite.editor(tau) as editor:
 
         def evaluate(lam: float) -> dict[str, float]:
             editor.apply(lam)

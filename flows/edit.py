@@ -38,6 +38,7 @@ from tasks.extract import extract_task
 from tasks.finetune import finetune_task
 from tasks.register import register_task
 from tasks.search import search_task
+from taskvec.data import validate_tasks
 
 
 def _flow_run_id() -> str | None:
@@ -71,6 +72,7 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
     started = time.perf_counter()
     params_file = str(Path(params_file).resolve())
     p = P.load(params_file)
+    validate_tasks(p, p.finetune.tasks + p.edit.eval_tasks())  # every task's data, before any training
     root = p.root
     os.chdir(root)  # vector recipes record paths relative to the project root, as under `dvc repro`
     storage = result_storage(root)

@@ -15,10 +15,18 @@
    version never becomes champion.
 
 Run: ``python -m flows.promote --model NAME [--version 7]`` or ``taskvec promote``.
+
+Credentials: Prefect stores every flow-run parameter in its database, so a
+tracking or audit URI holding a password must not be one. Callers pass them
+through :func:`by_environment` (``MLFLOW_TRACKING_URI`` / ``TASKVEC_AUDIT_URL``
+of the process running the flow; ``taskvec promote --tracking-uri`` does), and
+the approver's free text is cleaned (:func:`taskvec.redact.clean_text`) before
+it reaches the run input, logs, tags and the audit log.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -34,6 +42,24 @@ class ApprovalInput(RunInput):
     decision: Literal["approve", "reject"]
     reason: str
     recorded_seq: int | None = None  # set by `taskvec approve`, which already wrote the record
+
+
+def by_environment(tracking_uri: str | None, audit_url: str | None) -> tuple[str | None, str | None]:
+    """``(tracking_uri, audit_url)`` safe as flow parameters: a URI carrying a credential moves to the environment.
+
+    It becomes ``MLFLOW_TRACKING_URI`` / ``TASKVEC_AUDIT_URL`` of this process
+    (where the flow runs in-process, as ``taskvec promote`` does) and its
+    parameter is None, so Prefect never stores it.
+    """
+    from taskvec.redact import redact_uri
+
+    out: list[str | None] = []
+    for value, var in ((tracking_uri, "MLFLOW_TRACKING_URI"), (audit_url, "TASKVEC_AUDIT_URL")):
+        if value and redact_uri(value) != value:
+            os.environ[var] = value
+            value = None
+        out.append(value)
+    return out[0], out[1]
 
 
 def _model_name(model: str | None, params_file: str) -> str:
@@ -90,6 +116,13 @@ def promote_flow(
         return {"status": "already_champion", "model": model, "version": version}
     ev = evaluator or spec.evaluator
     uri = ops.client.tracking_uri
+    from taskvec.redact import redact_uri
+
+    if redact_uri(uri) != uri:  # never a task parameter: the tasks read it from this process's environment
+        if tracking_uri:
+            logger.warning("the tracking URI holding a credential was passed as a flow parameter (stored by Prefect); pass it through MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        uri = None
     fut_ch = evaluate_version.submit(uri, model, version, ev)
     fut_cp = evaluate_version.submit(uri, model, champion, ev) if champion else None
     challenger_scores = fut_ch.result()
@@ -122,12 +155,15 @@ def promote_flow(
     else:
         rec = P.record_decision(ops, model, version, decision.decision, decision.approver, decision.reason, flow_run_id=run_id)
     result["decision_seq"] = rec.seq
+    from taskvec.redact import clean_text
+
+    approver = clean_text(decision.approver)
     if decision.decision == "reject":
-        logger.info("rejected by %s: %s", decision.approver, decision.reason)
-        return {**result, "status": "rejected", "approver": decision.approver}
+        logger.info("rejected by %s: %s", approver, clean_text(decision.reason))
+        return {**result, "status": "rejected", "approver": approver}
     move = P.promote(ops, model, version, alias=spec.champion_alias)
     logger.info("champion %s -> %s (audit entry %s)", move.from_version, move.to_version, move.entry.seq)
-    return {**result, "status": "promoted", "approver": decision.approver, "from_version": move.from_version, "audit_seq": move.entry.seq}
+    return {**result, "status": "promoted", "approver": approver, "from_version": move.from_version, "audit_seq": move.entry.seq}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,12 +1,18 @@
 """The ``rollback`` flow: remove one edit from a registered version (see :mod:`pipeline.ops.rollback`).
 
-Builds θ_edit − λτ, checks it against the ledger rebuild without that edit
-(max |diff| within float rounding), registers it as a new version whose
-ledger no longer holds the edit and, when the source was the champion, moves
-``champion`` to it through the audited path. A Prefect artifact reports the
-check.
+Rebuilds base + the remaining edits (the canonical materialisation), checks
+θ_edit − λτ against it (max |diff| within float rounding), evaluates it with
+the promotion evaluator, registers it as a new version whose ledger no longer
+holds the edit and, when the source was the champion, moves ``champion`` to it
+through the audited path. A Prefect artifact reports the check.
 
 Run: ``python -m flows.rollback --model NAME --remove SHA`` or ``taskvec rollback``.
+
+``tracking_uri`` / ``audit_url`` are stored by Prefect with the flow run: never
+pass a URI holding a password as one — give it through ``MLFLOW_TRACKING_URI`` /
+``TASKVEC_AUDIT_URL`` (:func:`flows.promote.by_environment` does this for
+callers). ``approver`` / ``reason`` are cleaned (credentials masked, control
+characters escaped) before they reach tags and the audit log.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ def rollback_flow(
     move_champion: bool = True,
     tracking_uri: str | None = None,
     audit_url: str | None = None,
+    evaluator: str | None = None,
+    params_file: str | None = None,
 ) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact
 
@@ -47,6 +55,8 @@ def rollback_flow(
         approver=approver,
         reason=reason,
         move_champion=move_champion,
+        evaluator=evaluator,
+        params_file=params_file,
     )
     logger.info(res.summary())
     md = (
@@ -64,6 +74,7 @@ def rollback_flow(
         "removed_vector": res.removed["vector_sha256"],
         "max_abs_diff": res.check.max_abs_diff,
         "max_ulps": res.check.max_ulps,
+        "accuracy": res.accuracy,
         "champion_moved": bool(res.champion_moved),
         "audit_seq": res.champion_moved.entry.seq if res.champion_moved else None,
         "notes": res.notes,

@@ -47,6 +47,14 @@ def schedule_config(params_file: str | os.PathLike = "params.yaml") -> dict:
     from pipeline.params import ScheduleSection, load_section
 
     sec = load_section(params_file, "schedule", ScheduleSection)
+    from taskvec.redact import redact_mapping
+
+    clean = redact_mapping(sec.parameters)
+    for key, value in sec.parameters.items():
+        if clean.get(key) != value:  # deployment parameters are stored (and shown) by Prefect
+            from taskvec.errors import TaskvecError
+
+            raise TaskvecError(f"schedule.parameters.{key} holds a credential; Prefect stores deployment parameters: put it in the worker's environment instead")
     return {
         "cron": sec.cron,
         "timezone": sec.timezone,

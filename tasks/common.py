@@ -2,8 +2,8 @@
 
 Every task takes ``inputs``: a JSON-able dict of the content hashes (and
 parameter slices) its step reads. The cache key is the sha256 of the task
-name, ``inputs`` and the source of the code the step runs (the same files
-``dvc.yaml`` lists as the stage's code deps), so an unchanged step is a cache
+name, ``inputs`` and the source of the code the step runs (derived by :mod:`pipeline.deps`
+from the entry point's imports; the same files are ``dvc.yaml``'s code deps), so an unchanged step is a cache
 hit and a changed input, parameter or code file recomputes it. The flow
 passes ``refresh_cache=True`` when a step's output is missing on disk.
 
@@ -22,24 +22,12 @@ from taskvec.errors import TaskvecError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: code each step runs (mirrors the code deps of the dvc.yaml stages)
-STEP_CODE = {
-    "finetune": ["pipeline/steps/finetune.py", "taskvec/train.py", "taskvec/heads.py", "taskvec/data.py"],
-    "extract": ["pipeline/steps/extract.py", "taskvec/engine.py", "taskvec/vector.py"],
-    "compose": ["pipeline/steps/compose.py", "taskvec/engine.py", "taskvec/algebra.py"],
-    "search": ["pipeline/steps/search.py", "taskvec/evaluate.py", "taskvec/heads.py"],
-    "evaluate": ["pipeline/steps/evaluate.py", "pipeline/steps/search.py", "taskvec/engine.py", "taskvec/evaluate.py"],
-    "register": ["pipeline/steps/register.py", "pipeline/ops/registry.py"],
-}
-
 
 def code_hash(step: str) -> str:
-    h = hashlib.sha256()
-    for rel in STEP_CODE.get(step, []):
-        path = ROOT / rel
-        h.update(rel.encode() + b"\0")
-        h.update(path.read_bytes() if path.is_file() else b"<missing>")
-    return h.hexdigest()
+    """sha256 of the code the step runs: its entry point's derived import closure (:mod:`pipeline.deps`)."""
+    from pipeline.deps import code_hash as derived
+
+    return derived(step, ROOT)
 
 
 def cache_key(context, parameters: dict) -> str:

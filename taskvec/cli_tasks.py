@@ -106,7 +106,7 @@ def search(
     quiet: QuietOpt = False,
 ) -> None:
     """Search the scaling coefficient λ for a task-vector composition, reloading nothing per candidate."""
-    from taskvec.search import run_search, write_outputs
+    from taskvec.search_run import run_search, write_outputs
     from taskvec.vector import TaskVector, parse_vector_arg
 
     if strategy not in (None, "golden", "grid"):

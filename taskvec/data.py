@@ -19,17 +19,26 @@ Row caps are deterministic: the split is shuffled with ``datasets``'
 ``Dataset.shuffle(seed=seed)`` and its first N rows are kept. Uncapped
 splits keep their file order.
 
+Mirror CSVs are UTF-8: a leading byte-order mark is stripped (so the first
+column is ``text``, not ``\ufefftext``); any other encoding is refused with one
+line naming the file and the byte offset of the first byte that is not UTF-8
+(re-save the file as UTF-8; latin-1 is not guessed).
+
 Problems are refused with a one-line :class:`~taskvec.errors.TaskvecError`
-before any training starts: missing folder or file, missing text or label
-column, unknown (or empty) label value (naming the value and the 1-based data
-row), and empty split.
+before any training starts: missing folder or file, file not UTF-8, missing
+text or label column, unknown (or empty) label value (naming the value and the
+1-based data row), and empty split. :func:`validate_tasks` checks every split
+of every task an edit plan uses, so a bad label in a control task's test split
+is refused before the first fine-tune, not after the search.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,18 +101,44 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_utf8(spec: TaskSpec, path: Path) -> None:
+    """Refuse a file that is not UTF-8, naming the byte offset of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    fed = 0
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                data = pending + block
+                offset = fed - len(pending) + exc.start
+                raise TaskvecError(
+                    f"task {spec.name}: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset {offset}); re-save it as UTF-8"
+                ) from None
+            fed += len(block)
+        pending = decoder.getstate()[0]
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise TaskvecError(
+                f"task {spec.name}: {path} is not UTF-8 text (truncated character at byte offset {fed - len(pending)}); re-save it as UTF-8"
+            ) from None
+
+
 def _read_mirror(spec: TaskSpec, folder: Path, split: str) -> tuple[datasets.Dataset, str, str]:
     path = folder / f"{split}.csv"
     if not path.is_file():
         raise TaskvecError(f"task {spec.name}: missing file {path}")
-    with path.open(newline="") as handle:
+    _check_utf8(spec, path)
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of the first column's name
         header = next(csv.reader(handle), None) or []
     _check_columns(spec, header, str(path))
     # Every column is read as a string so that label names such as "1" stay names.
     features = datasets.Features({column: datasets.Value("string") for column in header})
     try:
         with _quiet():
-            dataset = datasets.load_dataset("csv", data_files={split: str(path)}, split=split, features=features)
+            dataset = datasets.load_dataset("csv", data_files={split: str(path)}, split=split, features=features, encoding="utf-8-sig")
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; report one line
         if _is_empty_csv(path):
             raise TaskvecError(f"task {spec.name}: split {split} is empty ({path})") from None
@@ -112,7 +147,7 @@ def _read_mirror(spec: TaskSpec, folder: Path, split: str) -> tuple[datasets.Dat
 
 
 def _is_empty_csv(path: Path) -> bool:
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         next(reader, None)
         return next(reader, None) is None
@@ -216,3 +251,21 @@ def load_task(
         splits = ("train",) if spec.kind == "mlm" else ("train", "validation", "test")
     caps = max_rows or {}
     return {name: load_split(spec, data_dir, name, max_rows=caps.get(name), seed=seed) for name in splits}
+
+
+def validate_tasks(params, names: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Load and check every split every named task uses, before any training starts.
+
+    ``params`` is a :class:`taskvec.config.Params` (or a subclass); ``names``
+    the tasks of an edit plan (fine-tuned, target and control tasks alike).
+    Classification tasks need ``train``, ``validation`` and ``test``; mlm tasks
+    ``train``. Each split goes through :func:`load_split` — file present,
+    UTF-8, columns, every label declared, not empty — so the first problem is
+    refused with one line. Returns ``{task: {split: rows}}``.
+    """
+    rows: dict[str, dict[str, int]] = {}
+    for name in dict.fromkeys(names):
+        spec = params.task(name)
+        splits = ("train",) if spec.kind == "mlm" else ("train", "validation", "test")
+        rows[name] = {split: load_split(spec, params.data_root(), split).rows_total for split in splits}
+    return rows

@@ -6,24 +6,29 @@ cuts padding work several-fold; predictions are put back in row order. An
 ``EvalSet`` is reusable, so the λ search tokenises each task once and only
 re-runs the encoder per candidate.
 
-Which head scores a model folder (:func:`resolve_head`): an explicit head
-file; else ``MODEL_DIR/heads/<task>.safetensors`` (written by ``finetune``);
-else the zero-shot head built from the *base* encoder — task vectors never
-touch heads, so every edited model is scored with the base's head.
+Which head scores a model folder (:func:`taskvec.suite.resolve_heads`): an
+explicit head file; else ``MODEL_DIR/heads/<task>.safetensors`` (written by
+``finetune``); else the zero-shot head built from the *base* encoder — task
+vectors never touch heads, so every edited model is scored with the base's head.
+Loading, heads, row caps and the device are the harness's
+(:mod:`taskvec.suite`); this module keeps the metrics and the batched predictor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from taskvec.config import Params, TaskSpec
-from taskvec.data import Split, load_split
+from taskvec.config import Params
+from taskvec.data import Split
 from taskvec.errors import TaskvecError
-from taskvec.heads import EncoderClassifier, Head, build_head, device_of, load_encoder, load_head
+from taskvec.heads import EncoderClassifier, device_of
+
+Place = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
@@ -67,13 +72,19 @@ class EvalSet:
 
 
 @torch.inference_mode()
-def predict(model: EncoderClassifier, evalset: EvalSet) -> np.ndarray:
-    """Predicted class index per row, in the split's row order."""
+def predict(model: EncoderClassifier, evalset: EvalSet, *, place: Place | None = None) -> np.ndarray:
+    """Predicted class index per row, in the split's row order.
+
+    ``place`` moves each batch to the model's device (the harness passes its
+    device policy's; default: ``.to(device_of(model.encoder))``).
+    """
     was_training = model.training
     model.eval()
-    device = device_of(model.encoder)
+    if place is None:
+        device = device_of(model.encoder)
+        place = lambda batch: {k: v.to(device) for k, v in batch.items()}  # noqa: E731
     try:
-        chunks = [model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu() for batch in evalset.batches]
+        chunks = [model(**place(batch)).logits.argmax(-1).cpu() for batch in evalset.batches]
     finally:
         model.train(was_training)
     sorted_pred = torch.cat(chunks).numpy()
@@ -82,30 +93,9 @@ def predict(model: EncoderClassifier, evalset: EvalSet) -> np.ndarray:
     return pred
 
 
-def score(model: EncoderClassifier, evalset: EvalSet) -> dict[str, float]:
+def score(model: EncoderClassifier, evalset: EvalSet, *, place: Place | None = None) -> dict[str, float]:
     """Accuracy and macro-F1 of ``model`` on ``evalset``."""
-    return metrics(evalset.labels, predict(model, evalset), len(model.labels))
-
-
-def resolve_head(
-    model_dir: Path,
-    spec: TaskSpec,
-    *,
-    head_path: str | Path | None = None,
-    base: str | Path | None = None,
-    max_length: int = 128,
-) -> Head:
-    """The head to score ``spec`` with: ``head_path``, else the model's own, else built from ``base``."""
-    path = Path(head_path) if head_path is not None else model_dir / "heads" / f"{spec.name}.safetensors"
-    if head_path is not None or path.is_file():
-        head = load_head(path)
-        if head.labels != spec.labels:
-            raise TaskvecError(f"head {path} has labels {head.labels}, task {spec.name} declares {spec.labels}")
-        return head
-    if base is None:
-        raise TaskvecError(f"no head for task {spec.name} in {model_dir} and no base model to build one")
-    encoder, tokenizer, _ = load_encoder(base)
-    return build_head(encoder, tokenizer, spec.name, spec.labels, spec.head_texts, max_length=max_length)
+    return metrics(evalset.labels, predict(model, evalset, place=place), len(model.labels))
 
 
 def evaluate_model(
@@ -119,17 +109,16 @@ def evaluate_model(
 ) -> dict:
     """Score a model folder (or hub id) on one task split; returns a JSON-able dict.
 
-    ``max_rows`` overrides ``params.eval.max_rows.<split>``.
+    A thin wrapper on :class:`taskvec.suite.Suite` (heads resolved as the
+    module docstring says); ``max_rows`` overrides ``params.eval.max_rows.<split>``.
     """
-    spec = params.task(task)
-    if spec.kind != "classification":
-        raise TaskvecError(f"task {task} is an {spec.kind} task; only classification tasks can be evaluated")
-    cap = max_rows if max_rows is not None else params.eval.max_rows.get(split)
-    data = load_split(spec, params.data_root(), split, max_rows=cap, seed=params.eval.seed)
-    encoder, tokenizer, path = load_encoder(model)
-    if torch.cuda.is_available():
-        encoder.cuda()
-    head = resolve_head(path, spec, head_path=head_path, base=params.base, max_length=params.eval.max_length)
-    evalset = EvalSet.build(data, tokenizer, batch_size=params.eval.batch_size, max_length=params.eval.max_length)
-    result = score(EncoderClassifier(encoder, head), evalset)
-    return {"model": str(model), "task": task, "split": split, **result, "data": evalset.lineage, "head": {"texts": head.texts, "encoder_hash": head.encoder_hash}}
+    from taskvec.suite import Suite
+
+    suite = Suite.load(
+        model, [task], params, splits=(split,), max_rows={split: max_rows}, heads="resolve",
+        head_paths={task: head_path} if head_path is not None else None,
+    )
+    head = suite.heads[task]
+    result = suite.scores(split)[task]
+    lineage = suite.sets[split][task].lineage
+    return {"model": str(model), "task": task, "split": split, **result, "data": lineage, "head": {"texts": head.texts, "encoder_hash": head.encoder_hash}}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +75,21 @@ def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+Place = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+
 @torch.inference_mode()
-def encode(encoder: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
-    """Embed ``texts`` (rows L2-normalised, float32, on CPU) with ``encoder`` in eval mode."""
+def encode(
+    encoder: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 128, place: Place | None = None
+) -> torch.Tensor:
+    """Embed ``texts`` (rows L2-normalised, float32, on CPU) with ``encoder`` in eval mode.
+
+    ``place`` moves each tokenised batch to the encoder's device (default: ``.to(device_of(encoder))``).
+    """
     was_training = encoder.training
     encoder.eval()
     device = device_of(encoder)
+    place = place or (lambda batch: batch.to(device))
     chunks = []
     try:
         for start in range(0, len(texts), batch_size):
@@ -90,7 +99,8 @@ def encode(encoder: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: i
                 truncation=True,
                 max_length=max_length,
                 return_tensors="pt",
-            ).to(device)
+            )
+            batch = place(batch)
             chunks.append(sentence_embedding(encoder, **batch).cpu())
     finally:
         encoder.train(was_training)
@@ -127,10 +137,11 @@ def build_head(
     texts: Sequence[str] | None = None,
     *,
     max_length: int = 128,
+    place: Place | None = None,
 ) -> Head:
-    """Embed the label texts (default: the label names) with ``encoder``."""
+    """Embed the label texts (default: the label names) with ``encoder`` (``place``: see :func:`encode`)."""
     texts = list(labels) if texts is None else list(texts)
-    weight = encode(encoder, tokenizer, texts, max_length=max_length)
+    weight = encode(encoder, tokenizer, texts, max_length=max_length, place=place)
     return Head(task, list(labels), texts, weight, state_hash(encoder))
 
 

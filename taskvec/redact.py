@@ -16,6 +16,14 @@ written somewhere a person or a registry can read should pass through:
   ``***``; every string value goes through :func:`redact_text`.
 * :class:`RedactingFilter` — a :mod:`logging` filter applying
   :func:`redact_text` to every record (install it on the handlers you own).
+* :func:`escape_controls` — free text made single-line and unspoofable:
+  every control character (C0 incl. newline/CR/tab/ESC, DEL, C1), line and
+  paragraph separators and bidi overrides/isolates becomes a visible escape
+  (``\\n``, ``\\x1b``, ``\\u202e``), so a value can never forge a row of a
+  table or a log line.
+* :func:`clean_text` — :func:`redact_text` then :func:`escape_controls`: what
+  free text typed by a person (``--reason``, ``--approver``) goes through before
+  it reaches a tag, the audit log or lineage.
 
 Only the secret parts change: the rest of a URI or a text is kept byte for
 byte, so redacted output stays useful for debugging.
@@ -157,7 +165,8 @@ def redact_text(text: str, secrets: Iterable[str] | None = None) -> str:
 
     def assign(m: re.Match) -> str:
         value = m.group("value")
-        if not _is_secret_name(m.group("name")) or value == MASK or "://" in value or value.lower() in ("bearer", "basic"):
+        already = value == MASK or value.startswith(MASK + "\\")  # masked before, then escaped (clean_text twice)
+        if not _is_secret_name(m.group("name")) or already or "://" in value or value.lower() in ("bearer", "basic"):
             return m.group(0)
         return f"{m.group('name')}{m.group('sep')}{m.group('q')}{MASK}{m.group('q')}"
 
@@ -182,6 +191,50 @@ def redact_mapping(data: Mapping, secrets: Iterable[str] | None = None) -> dict:
     return out
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control / line-breaking / bidi character shown as an escape (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    Printable text, including non-ASCII letters, is kept byte for byte; a
+    backslash is left as is (an escaped value may look like a typed one, but
+    it can never start a new line or reorder what follows).
+
+    >>> escape_controls("ok\\nseq 9 forged\\x1b[2J")
+    'ok\\\\nseq 9 forged\\\\x1b[2J'
+    """
+    if not isinstance(text, str):
+        return text
+
+    def sub(m: re.Match) -> str:
+        ch = m.group(0)
+        if ch in _NAMED:
+            return _NAMED[ch]
+        return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
+    return _CONTROL.sub(sub, text)
+
+
+def clean_text(text: str, secrets: Iterable[str] | None = None) -> str:
+    """Free text safe to record: credentials masked (:func:`redact_text`), control characters escaped."""
+    if not isinstance(text, str):
+        return text
+    return escape_controls(redact_text(text, secrets))
+
+
+def clean_data(value, secrets: Iterable[str] | None = None):
+    """:func:`clean_text` applied to every string (keys and values) of a JSON-like structure."""
+    if isinstance(value, str):
+        return clean_text(value, secrets)
+    if isinstance(value, Mapping):
+        return {clean_text(k, secrets) if isinstance(k, str) else k: clean_data(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(clean_data(v, secrets) for v in value)
+    return value
+
+
 class RedactingFilter(logging.Filter):
     """A logging filter that masks credentials in every record's rendered message."""
 
@@ -196,4 +249,4 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-__all__ = ["MASK", "RedactingFilter", "redact_mapping", "redact_text", "redact_uri", "secret_values"]
+__all__ = ["MASK", "RedactingFilter", "clean_data", "clean_text", "escape_controls", "redact_mapping", "redact_text", "redact_uri", "secret_values"]

@@ -1,11 +1,9 @@
 """Search the scaling coefficient λ of a task-vector composition.
 
 The edited model is ``θ(λ) = θ_base + λ·τ`` (addition) or ``θ_base − λ·τ``
-(negation), where ``τ = Σ wᵢ·τᵢ`` and ``wᵢ`` is the weight given to vector
-``i`` (``VEC:W``, default 1). The model is loaded once; :class:`WeightEditor`
-rewrites the covered tensors *in place* per candidate λ from a float32 copy of
-the base values and restores the base bit-for-bit afterwards — no reload per
-candidate.
+(negation). This module is the search algorithm only; running it on a real
+model (one load, in-place edits by :class:`taskvec.suite.WeightEditor`,
+outputs) is :mod:`taskvec.search_run`.
 
 Objectives (the paper's, §3/§4 of Ilharco et al.):
 
@@ -25,102 +23,32 @@ Strategies, over the lattice ``linspace(lambda_min, lambda_max, grid_points)``
   needs at most 7 evaluations (8 with negation's base evaluation). It never
   exceeds ``max_evals``. Ties prefer the smaller λ (the smaller edit).
 
+Control constraint: ``max_control_drop`` (accuracy points) lets each control
+task lose at most that much against its base accuracy, for negation (on top
+of ``threshold``) and for addition with control tasks. ``details["constraint"]``
+says whether the constraint was binding (the unconstrained best λ breaks it);
+when no searched λ is feasible the search picks λ = 0, the base (one extra
+evaluation if 0 is off the lattice), and says so instead of failing.
+
 Evaluations are cached by λ. The evaluation callable is injectable
-(``λ -> {task: accuracy}``), so tests search known synthetic curves. Outputs:
-``curve.csv``, ``curve.png`` and ``search.json`` in the output folder.
+(``λ -> {task: accuracy}``), so tests search known synthetic curves.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from taskvec.config import Params, SearchSpec
-from taskvec.data import load_split
-from taskvec.errors import HomologyError, TaskvecError
-from taskvec.evaluate import EvalSet, score
-from taskvec.heads import EncoderClassifier, build_head, device_of, load_encoder
-from taskvec.io import atomic_dir
+from taskvec.config import SearchSpec
+from taskvec.errors import TaskvecError
 
 Evaluate = Callable[[float], dict[str, float]]
 INV_PHI = (math.sqrt(5) - 1) / 2
-
-
-class WeightEditor:
-    """Set ``module``'s covered tensors to ``base + λ·τ`` in place; restore ``base`` exactly.
-
-    ``tau`` is keyed by ``module.state_dict()`` names. A float32 copy of the
-    base values of the covered tensors is kept; each :meth:`apply` writes
-    ``(base + λ·τ)`` cast to the tensor's own dtype. Use as a context manager
-    to restore the base on exit.
-    """
-
-    def __init__(self, module: nn.Module, tau: Mapping[str, torch.Tensor]):
-        state = module.state_dict()
-        unknown = [name for name in tau if name not in state]
-        if unknown:
-            raise HomologyError(f"vector tensor {unknown[0]!r} is not in the model ({len(unknown)} unknown in all)")
-        self._targets: dict[str, torch.Tensor] = {}
-        self._base: dict[str, torch.Tensor] = {}
-        self._tau: dict[str, torch.Tensor] = {}
-        for name, delta in tau.items():
-            target = state[name]
-            if tuple(delta.shape) != tuple(target.shape):
-                raise HomologyError(f"vector tensor {name!r} has shape {tuple(delta.shape)}, the model's has {tuple(target.shape)}")
-            if not target.is_floating_point():
-                raise HomologyError(f"vector tensor {name!r} targets a non-floating tensor ({target.dtype})")
-            self._targets[name] = target
-            self._base[name] = target.detach().float().clone()
-            self._tau[name] = delta.detach().to(device=target.device, dtype=torch.float32)
-        self.lam = 0.0
-
-    @torch.no_grad()
-    def apply(self, lam: float) -> None:
-        """Write ``base + lam·τ`` into the module's tensors."""
-        for name, target in self._targets.items():
-            if target.dtype == torch.float32:  # write straight into the parameter, no temporary
-                torch.add(self._base[name], self._tau[name], alpha=lam, out=target)
-            else:
-                target.copy_(torch.add(self._base[name], self._tau[name], alpha=lam))
-        self.lam = float(lam)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Write the saved base values back (exact: float32 holds every float16/bfloat16/float32 value)."""
-        for name, target in self._targets.items():
-            target.copy_(self._base[name])
-        self.lam = 0.0
-
-    def __enter__(self) -> WeightEditor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
-
-def compose(vectors: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
-    """``Σ wᵢ·τᵢ`` in float32; every vector must cover the same tensors."""
-    if not vectors:
-        raise TaskvecError("no task vector given")
-    names = set(vectors[0][0])
-    total: dict[str, torch.Tensor] = {}
-    for tensors, weight in vectors:
-        if set(tensors) != names:
-            raise HomologyError("task vectors cover different tensors")
-        for name, delta in tensors.items():
-            term = delta.float() * weight
-            total[name] = total[name] + term if name in total else term
-    return total
 
 
 @dataclass(frozen=True)
@@ -129,7 +57,9 @@ class Objective:
 
     ``value`` is the natural quantity (mean normalised accuracy, or mean target
     accuracy); ``maximize`` says which way is better; ``feasible`` applies the
-    control constraint.
+    control constraint. ``fallback`` is a λ known to be feasible (λ = 0, the
+    base, under a ``max_control_drop`` constraint) that the search picks,
+    saying so, when no evaluated λ is feasible.
     """
 
     name: str
@@ -137,40 +67,104 @@ class Objective:
     maximize: bool
     feasible: Callable[[Mapping[str, float]], bool] = lambda metrics: True
     describe: dict = field(default_factory=dict)
+    fallback: float | None = None
 
-    def key(self, metrics: Mapping[str, float]) -> float:
-        """Higher is better; infeasible λ rank below everything."""
-        if not self.feasible(metrics):
-            return -math.inf
+    def raw_key(self, metrics: Mapping[str, float]) -> float:
+        """Higher is better, ignoring the constraint."""
         value = self.value(metrics)
         return value if self.maximize else -value
 
+    def key(self, metrics: Mapping[str, float]) -> float:
+        """Higher is better; infeasible λ rank below everything."""
+        return self.raw_key(metrics) if self.feasible(metrics) else -math.inf
 
-def addition_objective(tasks: Sequence[str], reference: Mapping[str, float]) -> Objective:
-    """Mean over ``tasks`` of accuracy / ``reference[task]`` (the task's fine-tuned accuracy)."""
+
+TOLERANCE = 1e-12  # accuracies compared with a floor: ignore float rounding of ``base - drop``
+
+
+def control_floors(
+    controls: Sequence[str], base: Mapping[str, float], *, threshold: float | None = None, max_control_drop: float | None = None
+) -> dict[str, float]:
+    """The lowest accuracy each control may reach: ``threshold × base`` and ``base − max_control_drop/100``, the stricter.
+
+    ``max_control_drop`` is in accuracy *points* (percentage points: 2 = two points, 0.80 → 0.78).
+    """
+    if max_control_drop is not None and max_control_drop < 0:
+        raise TaskvecError(f"max_control_drop must be ≥ 0 points, got {max_control_drop}")
+    missing = [c for c in controls if c not in base]
+    if missing:
+        raise TaskvecError(f"no base accuracy for control task {missing[0]}")
+    floors = {}
+    for c in controls:
+        candidates = [threshold * base[c]] if threshold is not None else []
+        if max_control_drop is not None:
+            candidates.append(base[c] - max_control_drop / 100)
+        floors[c] = max(candidates) if candidates else -math.inf
+    return floors
+
+
+def _within(floors: Mapping[str, float]) -> Callable[[Mapping[str, float]], bool]:
+    return lambda m: all(m[c] >= floor - TOLERANCE for c, floor in floors.items())
+
+
+def addition_objective(
+    tasks: Sequence[str],
+    reference: Mapping[str, float],
+    *,
+    controls: Sequence[str] = (),
+    base: Mapping[str, float] | None = None,
+    max_control_drop: float | None = None,
+) -> Objective:
+    """Mean over ``tasks`` of accuracy / ``reference[task]`` (the task's fine-tuned accuracy).
+
+    With ``controls`` (and their ``base`` accuracies), λ is feasible iff every
+    control loses at most ``max_control_drop`` points; λ = 0 is the fallback.
+    """
     missing = [task for task in tasks if not reference.get(task)]
     if missing:
         raise TaskvecError(f"addition needs a positive fine-tuned reference accuracy for task {missing[0]}")
     tasks = list(tasks)
+    describe: dict = {"tasks": tasks, "reference": dict(reference)}
+    if not controls:
+        return Objective("addition", lambda m: float(np.mean([m[t] / reference[t] for t in tasks])), maximize=True, describe=describe)
+    if base is None or max_control_drop is None:
+        raise TaskvecError("addition with control tasks needs their base accuracies and max_control_drop")
+    floors = control_floors(controls, base, max_control_drop=max_control_drop)
+    describe |= {"controls": list(controls), "base": dict(base), "control_floor": floors, "max_control_drop": max_control_drop}
     return Objective(
         "addition",
         lambda m: float(np.mean([m[t] / reference[t] for t in tasks])),
         maximize=True,
-        describe={"tasks": tasks, "reference": dict(reference)},
+        feasible=_within(floors),
+        describe=describe,
+        fallback=0.0,
     )
 
 
-def negation_objective(targets: Sequence[str], controls: Sequence[str], base: Mapping[str, float], threshold: float = 0.95) -> Objective:
-    """Mean target accuracy (minimised), feasible iff each control ≥ ``threshold`` × its base accuracy."""
+def negation_objective(
+    targets: Sequence[str],
+    controls: Sequence[str],
+    base: Mapping[str, float],
+    threshold: float = 0.95,
+    *,
+    max_control_drop: float | None = None,
+) -> Objective:
+    """Mean target accuracy (minimised), feasible iff each control ≥ ``threshold`` × its base accuracy
+    and, with ``max_control_drop``, loses at most that many points (then λ = 0 is the fallback)."""
     if not targets or not controls:
         raise TaskvecError("negation needs at least one target task and one control task")
-    targets, floors = list(targets), {c: threshold * base[c] for c in controls}
+    targets = list(targets)
+    floors = control_floors(controls, base, threshold=threshold, max_control_drop=max_control_drop)
+    describe = {"targets": targets, "controls": list(controls), "base": dict(base), "control_floor": floors, "threshold": threshold}
+    if max_control_drop is not None:
+        describe["max_control_drop"] = max_control_drop
     return Objective(
         "negation",
         lambda m: float(np.mean([m[t] for t in targets])),
         maximize=False,
-        feasible=lambda m: all(m[c] >= floor for c, floor in floors.items()),
-        describe={"targets": targets, "controls": list(controls), "base": dict(base), "control_floor": floors, "threshold": threshold},
+        feasible=_within(floors),
+        describe=describe,
+        fallback=0.0 if max_control_drop is not None else None,
     )
 
 
@@ -285,10 +279,24 @@ def search_lambda(evaluate: Evaluate, objective: Objective, spec: SearchSpec, *,
         complete = False
     seconds = time.perf_counter() - started
 
-    ranked = sorted(cached.cache, key=lambda lam: (-objective.key(cached.cache[lam]), lam))
-    best = ranked[0]
-    if objective.key(cached.cache[best]) == -math.inf:
+    details: dict = {"objective_details": objective.describe}
+    best = _best(cached.cache, objective)
+    if best is None and objective.fallback is not None:
+        cached(objective.fallback)  # the known-feasible edit (λ = 0: the base); may add one evaluation
+        best = _best(cached.cache, objective)
+        if best is not None:
+            details["constraint"] = {
+                "feasible_found": False,
+                "note": f"no searched λ keeps every control within its floor; picked the fallback λ = {best:g}",
+            }
+    if best is None:
         raise NoFeasibleLambda(f"no feasible λ: every evaluated λ breaks the {objective.name} constraint")
+    unconstrained = min(cached.cache, key=lambda lam: (-objective.raw_key(cached.cache[lam]), lam))
+    if "control_floor" in objective.describe and "constraint" not in details:
+        binding = not objective.feasible(cached.cache[unconstrained])
+        details["constraint"] = {"feasible_found": True, "binding": binding, "unconstrained_best_lambda": unconstrained}
+        if binding:
+            details["constraint"]["note"] = f"the control constraint is binding: λ = {unconstrained:g} scores better but breaks it; picked λ = {best:g}"
     evaluations = [
         {
             "lambda": lam,
@@ -307,127 +315,11 @@ def search_lambda(evaluate: Evaluate, objective: Objective, spec: SearchSpec, *,
         evaluations=evaluations,
         seconds=seconds,
         budget_exhausted=not complete,
-        details={"objective_details": objective.describe},
+        details=details,
     )
 
 
-def write_outputs(result: SearchResult, out_dir: str | Path) -> Path:
-    """Write ``curve.csv``, ``curve.png`` and ``search.json`` into ``out_dir`` (atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(result.evaluations, key=lambda e: e["lambda"])
-    tasks = sorted({task for row in rows for task in row["metrics"]})
-    with atomic_dir(out_dir) as tmp:
-        with (tmp / "curve.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["lambda", "score", "feasible", *tasks])
-            for row in rows:
-                writer.writerow([row["lambda"], row["score"], int(row["feasible"]), *(row["metrics"].get(t, "") for t in tasks)])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        lams = [row["lambda"] for row in rows]
-        for task in tasks:
-            ax.plot(lams, [row["metrics"].get(task, np.nan) for row in rows], marker="o", label=f"{task} accuracy")
-        ax.plot(lams, [row["score"] for row in rows], "k--", marker="s", label=f"{result.objective} score")
-        bad = [row for row in rows if not row["feasible"]]
-        if bad:
-            ax.scatter([row["lambda"] for row in bad], [row["score"] for row in bad], marker="x", s=80, c="red", zorder=3, label="infeasible")
-        ax.axvline(result.best_lambda, color="grey", lw=1, label=f"best λ = {result.best_lambda:.3g}")
-        ax.set_xlabel("λ")
-        ax.set_ylabel("accuracy / score")
-        ax.set_title(f"λ search ({result.objective}, {result.strategy}, {len(rows)} evaluations)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(tmp / "curve.png", dpi=120)
-        plt.close(fig)
-        (tmp / "search.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    return Path(out_dir)
-
-
-@dataclass
-class TaskSuite:
-    """A base model loaded once, with each task's frozen head (built from the base) and tokenised split."""
-
-    encoder: nn.Module
-    models: dict[str, EncoderClassifier]
-    evalsets: dict[str, EvalSet]
-
-    @classmethod
-    def load(cls, base: str | Path, names: Sequence[str], params: Params) -> TaskSuite:
-        """Validate and load ``params.search.split`` of each task (capped by ``params.eval``), then the model."""
-        specs = {name: params.task(name) for name in dict.fromkeys(names)}
-        for name, task in specs.items():
-            if task.kind != "classification":
-                raise TaskvecError(f"task {name} is an {task.kind} task; the search scores classification tasks only")
-        split, cap = params.search.split, params.eval.max_rows.get(params.search.split)
-        splits = {name: load_split(task, params.data_root(), split, max_rows=cap, seed=params.eval.seed) for name, task in specs.items()}
-        encoder, tokenizer, _ = load_encoder(base)
-        if torch.cuda.is_available():
-            encoder.cuda()
-        length = params.eval.max_length
-        models = {
-            name: EncoderClassifier(encoder, build_head(encoder, tokenizer, name, task.labels, task.head_texts, max_length=length))
-            for name, task in specs.items()
-        }
-        evalsets = {
-            name: EvalSet.build(data, tokenizer, batch_size=params.eval.batch_size, max_length=length)
-            for name, data in splits.items()
-        }
-        return cls(encoder, models, evalsets)
-
-    def accuracies(self) -> dict[str, float]:
-        """Accuracy of the encoder *as it is now* on every task."""
-        return {name: score(model, self.evalsets[name])["accuracy"] for name, model in self.models.items()}
-
-
-def run_search(
-    base: str | Path,
-    vectors: Sequence[tuple[Mapping[str, torch.Tensor], float]],
-    objective: str,
-    tasks: Sequence[str],
-    params: Params,
-    *,
-    controls: Sequence[str] = (),
-    reference: Mapping[str, float] | None = None,
-    strategy: str | None = None,
-    progress: bool = True,
-) -> SearchResult:
-    """Load ``base`` once, then search λ for ``vectors`` on real task data.
-
-    For ``addition`` without ``reference``, vector ``i`` is paired with task
-    ``i`` and its fine-tuned accuracy is measured in place as
-    ``θ_base + wᵢ·τᵢ`` (not counted as a search evaluation).
-    """
-    if objective not in ("addition", "negation"):
-        raise TaskvecError(f"unknown objective {objective!r} (addition | negation)")
-    if objective == "addition" and reference is None and len(vectors) != len(tasks):
-        raise TaskvecError(f"addition pairs vectors with tasks: got {len(vectors)} vectors for {len(tasks)} tasks (or pass reference accuracies)")
-    spec = params.search
-    suite = TaskSuite.load(base, [*tasks, *controls], params)
-    tau = compose(vectors)
-    if objective == "addition" and reference is None:
-        reference = {}
-        for task, (tensors, weight) in zip(tasks, vectors, strict=True):
-            with WeightEditor(suite.encoder, tensors) as single:
-                single.apply(weight)
-                reference[task] = score(suite.models[task], suite.evalsets[task])["accuracy"]
-
-    sign = 1.0 if objective == "addition" else -1.0
-    total = spec.grid_points if (strategy or spec.strategy) == "grid" else spec.max_evals
-    with WeightEditor(suite.encoder, {k: sign * v for k, v in tau.items()}) as editor, tqdm(total=total, desc="λ search", unit="eval", disable=not progress) as bar:
-
-        def evaluate(lam: float) -> dict[str, float]:
-            editor.apply(lam)
-            return suite.accuracies()
-
-        cached = CachedEvaluator(evaluate, bar)
-        if objective == "addition":
-            goal = addition_objective(tasks, reference)
-        else:
-            goal = negation_objective(tasks, controls, cached(0.0), spec.control_threshold)
-        result = search_lambda(cached, goal, spec, strategy=strategy)
-    result.details["data"] = {name: evalset.lineage for name, evalset in suite.evalsets.items()}
-    result.details["device"] = str(device_of(suite.encoder))
-    return result
+def _best(cache: Mapping[float, Mapping[str, float]], objective: Objective) -> float | None:
+    """The best feasible λ evaluated (ties: the smaller λ), or None."""
+    best = min(cache, key=lambda lam: (-objective.key(cache[lam]), lam))
+    return None if objective.key(cache[best]) == -math.inf else best

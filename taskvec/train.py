@@ -22,6 +22,10 @@ first ``steps * batch_size`` rows of a seeded shuffle of the train split (each
 row seen at most once unless the split is smaller), batched by similar length
 (Trainer's ``group_by_length`` sampler) to cut padding on CPU.
 
+A fine-tune that diverges (a non-finite loss or weight, e.g. ``train.lr:
+1.0e+6``) is refused with one line before anything is saved: the output
+folder is not written.
+
 The output folder is written atomically (temp folder beside it, then renamed)
 and also holds ``finetune.json``: task, base, budget, data lineage, loss curve,
 wall time and library versions.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import shutil
 import time
@@ -130,6 +135,16 @@ def _run_trainer(model, rows, tokenizer, collator, train: TrainSpec, workdir: Pa
     return [(int(log["step"]), float(log["loss"])) for log in trainer.state.log_history if "loss" in log]
 
 
+def _check_finite(model: torch.nn.Module, losses: list[tuple[int, float]], task: str, train: TrainSpec) -> None:
+    """Refuse a diverged fine-tune (non-finite loss or weight) before its output is saved."""
+    loss = next(((step, value) for step, value in losses if not math.isfinite(value)), None)
+    tensor = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if loss is None and tensor is None:
+        return
+    what = f"loss {loss[1]} at step {loss[0]}" if loss is not None else f"non-finite weights in {tensor}"
+    raise TaskvecError(f"task {task}: the fine-tune diverged ({what}); nothing written: lower train.lr (now {train.lr:g})")
+
+
 def finetune_task(
     base: str | Path,
     spec: TaskSpec,
@@ -183,6 +198,7 @@ def _finetune_classifier(base_path: Path, spec: TaskSpec, split: Split, train: T
     model = EncoderClassifier(encoder, head)
     rows = _tokenize(training_rows(split, train), tokenizer, train.max_length)
     losses = _run_trainer(model, rows, tokenizer, DataCollatorWithPadding(tokenizer), train, tmp, progress)
+    _check_finite(model, losses, spec.name, train)
     encoder.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_head(head, tmp / "heads" / f"{spec.name}.safetensors")
@@ -202,6 +218,7 @@ def _finetune_mlm(base_path: Path, split: Split, train: TrainSpec, tmp: Path, pr
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=train.mlm_probability, seed=train.seed)
     losses = _run_trainer(mlm, rows, tokenizer, collator, train, tmp, progress)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)  # names checked above
+    _check_finite(encoder, losses, split.task, train)
     encoder.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     return losses, base_hash

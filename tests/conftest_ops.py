@@ -6,9 +6,11 @@
   backend store in its own fresh database, artifacts served from a tmp dir;
   yields its ``http://127.0.0.1:PORT`` URI.
 * ``audit_url``: a fresh PostgreSQL database per test for the audit log.
-* ``ops``: :class:`pipeline.ops.promotion.Ops` on both.
+* ``ops``: :class:`pipeline.ops.promotion.Ops` on both (``TASKVEC_PARAMS`` names
+  :func:`fake_evaluate` as the promotion evaluator, which rollback uses).
 * ``edits``: a tiny BERT base, three task vectors (``t1``, ``t2``, ``bad``)
-  and :func:`register_edit` to register ``apply(base, …)`` as a version.
+  and :func:`register_edit` to register ``apply(base, …)`` as a version
+  (through :func:`register_folder`, the pipeline's registration).
 * :func:`fake_evaluate`: deterministic evaluator reading the model's ledger.
 """
 
@@ -40,6 +42,7 @@ __all__ = [
     "model_name",
     "prefect_harness",
     "register_edit",
+    "register_folder",
     "fake_evaluate",
     "pg_url",
     "wait_for",
@@ -120,7 +123,7 @@ def mlflow_server(fresh_db, tmp_path_factory):
     log = tmp_path_factory.mktemp("mlflow-log") / "server.log"
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [
-        str(mlflow_bin), "server",
+        *([str(mlflow_bin)] if mlflow_bin.is_file() else [sys.executable, "-m", "mlflow"]), "server",
         "--backend-store-uri", pg_url(db),
         "--artifacts-destination", str(art),
         "--serve-artifacts",
@@ -198,9 +201,13 @@ def audit_url(fresh_schema):
 
 
 @pytest.fixture
-def ops(mlflow_server, audit_url):
+def ops(mlflow_server, audit_url, tmp_path, monkeypatch):
+    """Ops on the session's server and a fresh audit log; the deployment's params name :func:`fake_evaluate`."""
     from pipeline.ops.promotion import Ops
 
+    params = tmp_path / "ops-params.yaml"
+    params.write_text("promotion:\n  targets: [t1]\n  controls: [c1]\n  evaluator: tests.conftest_ops:fake_evaluate\n")
+    monkeypatch.setenv("TASKVEC_PARAMS", str(params))
     return Ops(mlflow_server, audit_url)
 
 
@@ -217,10 +224,11 @@ def model_name(request):
 class Edits:
     def __init__(self, root: Path):
         from taskvec.engine import extract
-        from tests.conftest import make_tiny_bert, perturb
+        from tests.conftest import perturb
+        from tests.conftest_tasks import make_model
 
         self.root = root
-        self.base = make_tiny_bert(root / "base")
+        self.base = make_model(root / "base")  # tiny BERT + tokenizer: registered versions load as pyfuncs
         self.vectors: dict[str, Path] = {}
         self.sha: dict[str, str] = {}
         for i, name in enumerate(("t1", "t2", "bad"), start=1):
@@ -230,13 +238,18 @@ class Edits:
             self.sha[name] = res.sha256
         self._n = 0
 
-    def build(self, edits: list[tuple[str, float]]) -> Path:
-        """apply(base, edits) into a new folder (chained one apply per edit, like repeated edits)."""
+    def build(self, edits: list[tuple[str, float]], *, heads: bool = False) -> Path:
+        """apply(base, edits) into a new folder (one apply, as the pipeline's evaluate step writes it); ``heads``: add a ``t1`` head."""
         from taskvec.engine import apply
 
         self._n += 1
         out = self.root / "built" / f"m{self._n}"
         apply(self.base, [(self.vectors[n], lam) for n, lam in edits], out)
+        if heads:
+            from taskvec.heads import build_head, load_encoder, save_head
+
+            encoder, tokenizer, _ = load_encoder(out)
+            save_head(build_head(encoder, tokenizer, "t1", ["negative", "positive"], ["bad", "good"]), out / "heads" / "t1.safetensors")
         return out
 
 
@@ -245,20 +258,33 @@ def edits(tmp_path_factory):
     return Edits(tmp_path_factory.mktemp("ops-edits"))
 
 
-def register_edit(ops, model: str, edits: Edits, spec: list[tuple[str, float]], *, alias: str | None = None, log_vectors: bool = True) -> str:
-    """Build ``base + Σ λ τ`` and register it (ledger tag + model folder artifact); returns the version."""
+def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | None = None, vectors: list[Path] = (), description: str = "test edit") -> str:
+    """Register ``folder`` the pipeline's way (:func:`pipeline.ops.registry.register_model`) in a run of ``taskvec-test``; returns the version."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.ops.rollback import register_folder
+    from pipeline.ops import registry
 
-    folder = edits.build(spec)
-    try:
-        ops.client.create_registered_model(model)
-    except MlflowException:
-        pass
-    ledger = json.loads((folder / "taskvec.json").read_text())
-    extra = {"vectors": [edits.vectors[n] for n, _ in spec]} if log_vectors else None
-    v = register_folder(ops, model, folder, tags={"taskvec.ledger": json.dumps(ledger, sort_keys=True)}, description="test edit", extra_artifacts=extra)
+    client = ops.client
+    exp = client.get_experiment_by_name("taskvec-test")
+    if exp is None:
+        try:
+            exp_id = client.create_experiment("taskvec-test")
+        except MlflowException:  # created concurrently
+            exp_id = client.get_experiment_by_name("taskvec-test").experiment_id
+    else:
+        exp_id = exp.experiment_id
+    rid = client.create_run(exp_id).info.run_id
+    ledger = json.loads((Path(folder) / "taskvec.json").read_text())
+    rec = registry.register_model(client, rid, folder, name=model, tags={**registry.ledger_tags(ledger), **(tags or {})}, vectors=list(vectors), version_description=description)
+    client.set_terminated(rid, "FINISHED")
+    return rec["version"]
+
+
+def register_edit(ops, model: str, edits: Edits, spec: list[tuple[str, float]], *, alias: str | None = None, log_vectors: bool = True, heads: bool = False) -> str:
+    """Build ``base + Σ λ τ`` and register it (ledger tags + pyfunc model, vectors with the run); returns the version."""
+    folder = edits.build(spec, heads=heads)
+    vectors = list(dict.fromkeys(edits.vectors[n] for n, _ in spec)) if log_vectors else []
+    v = register_folder(ops, model, folder, vectors=vectors)
     if alias:
         ops.client.set_registered_model_alias(model, alias, v)
     return v

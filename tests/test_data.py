@@ -92,3 +92,50 @@ def test_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TaskvecError, match="cannot load hub dataset someorg/absent split train"):
         load_split(spec("someorg/absent", name="absent"), tmp_path, "train")
+
+
+def test_byte_order_mark_is_stripped(tmp_path):
+    path = write_csv(tmp_path / "bom" / "train.csv", [("good film", "positive"), ("bad film", "negative")])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    split = load_split(spec(name="bom"), tmp_path, "train")
+    assert split.dataset.column_names == ["text", "label"]
+    assert split.dataset["text"] == ["good film", "bad film"] and split.dataset["label"] == [1, 0]
+    assert split.digest == hashlib.sha256(path.read_bytes()).hexdigest()  # lineage: the file's bytes, BOM included
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ("text,label\nun caf\xe9 fin,positive\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at byte offset 17)"),
+        ("text,label\ngood,positive\nok \u00e9".encode() [:-1], "is not UTF-8 text (truncated character at byte offset 28)"),
+    ],
+)
+def test_non_utf8_csv_is_one_line_naming_file_and_offset(tmp_path, payload, expected):
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "train.csv").write_bytes(payload)
+    with pytest.raises(TaskvecError) as err:
+        load_split(spec(name="enc"), tmp_path, "train")
+    msg = str(err.value)
+    assert expected in msg and str(tmp_path / "enc" / "train.csv") in msg and "\n" not in msg
+
+
+def test_non_utf8_byte_after_the_first_block_gets_its_file_offset(tmp_path):
+    from taskvec.data import _check_utf8
+
+    body = b"text,label\n" + b"x" * ((1 << 20) - 12) + "\u00e9".encode() + b"ab\xffcd"  # a 2-byte char split across blocks
+    (tmp_path / "big.csv").write_bytes(body)
+    offset = body.index(b"\xff")
+    assert offset > 1 << 20
+    with pytest.raises(TaskvecError, match=f"byte 0xff at byte offset {offset}"):
+        _check_utf8(spec(), tmp_path / "big.csv")
+
+
+def test_validate_tasks_checks_every_split_of_every_task(data_dir, tmp_path):
+    from taskvec.config import parse_params
+    from taskvec.data import validate_tasks
+
+    params = parse_params({"base": "b", "data_dir": str(data_dir), "tasks": {"senti": {"source": "senti", "labels": LABELS}, "senti_lm": {"source": "senti_lm", "kind": "mlm"}}}, source="t", root=tmp_path)
+    assert validate_tasks(params, ["senti", "senti_lm", "senti"]) == {"senti": {"train": 64, "validation": 16, "test": 16}, "senti_lm": {"train": 48}}
+    write_csv(data_dir / "senti" / "test.csv", [("a", "negative"), ("b", "positive"), ("c", "neutral")])
+    with pytest.raises(TaskvecError, match=r"senti/test.csv data row 3 has unknown label 'neutral'"):
+        validate_tasks(params, ["senti_lm", "senti"])

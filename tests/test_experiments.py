@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from taskvec.config import parse_params
-from benchmarks.paper.experiments import ExperimentParams, MethodSpec, merge_vectors, random_like, run_benchmark
+from benchmarks.paper.experiments import run_benchmark
+from benchmarks.paper.spec import ExperimentParams, MethodSpec
+from benchmarks.paper.vectors import merge_vectors, random_like
 from tests.conftest_tasks import LABELS, sentiment_rows, tiny_model, write_csv, write_mirror  # noqa: F401 - fixtures
 
 

@@ -142,3 +142,48 @@ def test_rollback_of_transaction_appends_nothing(log):
             tx.append("approve", "m", 9, {"approver": "x"})
             raise RuntimeError("boom")
     assert len(log.entries()) == 1 and log.verify().ok
+
+
+def test_meta_table_is_write_once(log):
+    """The log id row can be neither changed, deleted, truncated nor joined by a second row."""
+    import sqlalchemy as sa
+
+    _fill(log, 1)
+    log_id = log.log_id
+    statements = ["UPDATE taskvec_audit_meta SET log_id = 'forged'", "DELETE FROM taskvec_audit_meta", "INSERT INTO taskvec_audit_meta (log_id) VALUES ('second')"]
+    if log.url.startswith("postgresql"):
+        statements.append("TRUNCATE taskvec_audit_meta")
+    for sql in statements:
+        with pytest.raises(sa.exc.DBAPIError, match="write-once"):
+            with log._engine.begin() as conn:
+                conn.exec_driver_sql(sql)
+    with log._engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT log_id FROM taskvec_audit_meta").fetchall() == [(log_id,)]
+
+
+def test_log_id_names_its_location_and_a_recreated_log_is_caught(tmp_path):
+    from pipeline.ops import audit as A
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    first = AuditLog(url)
+    e = first.append("reject", "m", 1, {"approver": "bob", "reason": "no"}, actor="bob")
+    anchor = e.anchor(first.log_id)
+    assert first.log_id.split(".")[0] == A.location_id(url) == A.location_id(str(tmp_path / "audit.db"))
+    (tmp_path / "audit.db").unlink()
+    second = AuditLog(url)  # noticed the file is gone: a new database, a new random part
+    assert second.log_id != first.log_id and second.log_id.split(".")[0] == first.log_id.split(".")[0]
+    rep = second.verify({"m": anchor})
+    assert not rep.ok and "deleted and recreated" in rep.problems[0]
+    other = AuditLog(f"sqlite:///{tmp_path / 'other.db'}")  # another deployment's log: its anchors are not ours
+    assert other.verify({"m": anchor}).ok
+    A.forget(url)
+
+
+def test_free_text_is_redacted_and_escaped_in_entries_and_show(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "s3cr3t-env-value")
+    log = AuditLog(f"sqlite:///{tmp_path / 'audit.db'}")
+    e = log.append("approve", "m", 1, {"reason": "see https://u:pw123@h/x, s3cr3t-env-value\n    2  forged row\r\x1b[31m\u202eevil", "n": [1, "a\nb"]}, actor="ann\nroot")
+    assert e.data == {"reason": "see https://u:***@h/x, ***\\n    2  forged row\\r\\x1b[31m\\u202eevil", "n": [1, "a\\nb"]}
+    assert e.actor == "ann\\nroot" and log.verify().ok
+    shown = format_entries(log.entries()).splitlines()
+    assert len(shown) == 2 and "\x1b" not in shown[1] and "pw123" not in shown[1]

@@ -237,8 +237,6 @@ def test_eight_concurrent_promotions(ops, edits, model_name):
 def test_eight_concurrent_registrations(ops, edits, model_name):
     from mlflow.exceptions import MlflowException
 
-    from pipeline.ops.rollback import register_folder
-
     folder = edits.build([("t1", 0.2)])
     try:
         ops.client.create_registered_model(model_name)

@@ -148,3 +148,104 @@ def test_cli_commands(ops, edits, model_name, monkeypatch, capsys):
     assert code == 1 and "BROKEN" in out and "entry 2" in out
     code, _, err = run("rollback", model_name, "--remove", "ff" * 32)
     assert code == 2 and "unknown vector" in err
+
+
+def test_rolled_back_version_is_first_class(ops, edits, model_name, tmp_path, monkeypatch):
+    """Registered weights = base + remaining edits (bit for bit); reproduce OK; loadable pyfunc; own card and metrics."""
+    import types
+
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.ops import registry
+    from taskvec.io import TensorSource
+
+    v = register_edit(ops, model_name, edits, [("t1", 0.7), ("t2", 0.4), ("bad", 0.9)], heads=True)
+    _champion(ops, model_name, v)
+    # a different store as MLflow's global default: every call must use the ops client's URI
+    decoy = f"sqlite:///{tmp_path / 'decoy.db'}"
+    mlflow.set_tracking_uri(decoy)
+    mlflow.set_registry_uri(decoy)
+    res = rollback(ops, model_name, edits.sha["bad"], approver="oncall", reason="bad edit")
+    mv = ops.client.get_model_version(model_name, res.new_version)
+    # the registered weights are exactly apply(base, remaining edits)
+    with TensorSource(edits.build([("t1", 0.7), ("t2", 0.4)])) as s:
+        expected_hash = s.content_hash()
+    assert mv.tags["taskvec.output_hash"] == res.ledger["output_hash"] == expected_hash
+    assert float(mv.tags["taskvec.rollback_max_abs_diff"]) == res.check.max_abs_diff <= 1e-5
+    rep = registry.reproduce(types.SimpleNamespace(root=tmp_path), model_name, res.new_version, client=ops.client)
+    assert rep["ok"] and rep["rebuilt_hash"] == rep["registered_hash"] == expected_hash
+    # registered like any other version: same experiment as the source's run, artifacts under its root
+    src = ops.client.get_model_version(model_name, v)
+    exp = ops.client.get_experiment(ops.client.get_run(src.run_id).info.experiment_id)
+    assert ops.client.get_run(mv.run_id).info.experiment_id == exp.experiment_id
+    assert mv.source.startswith("models:/m-")
+    assert ops.client.get_logged_model(mv.source.split("/")[-1]).artifact_location.startswith(exp.artifact_location)
+    # metrics recomputed by the promotion evaluator (fake_evaluate: t1 0.6 + 0.2·0.7, t2 0.6 + 0.2·0.4, c1 unhurt)
+    assert res.accuracy == pytest.approx({"t1": 0.74, "t2": 0.68, "c1": 0.90})
+    assert json.loads(mv.tags["metrics.accuracy"]) == res.accuracy
+    assert ops.client.get_run(mv.run_id).data.metrics["accuracy.c1"] == pytest.approx(0.90)
+    # its model card lists the remaining edits and the new accuracies only
+    folder = registry.download_version(mv, tmp_path / "dl", ops.client.tracking_uri)
+    card = (folder / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| ") and "`" in line]
+    assert [r.split("`")[1] for r in rows] == [edits.sha["t1"], edits.sha["t2"]]
+    assert "| c1 | 0.9000 |" in card and "| t1 | 0.7400 |" in card
+    # and it loads and predicts through the registry alias
+    mlflow.set_tracking_uri(ops.client.tracking_uri)
+    mlflow.set_registry_uri(ops.client.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
+    out = model.predict(pd.DataFrame({"text": ["good"], "task": ["t1"]}))
+    assert out["label"].tolist() == ["positive"]
+    with pytest.raises(MlflowException, match="unknown task 'agnews'"):
+        model.predict(pd.DataFrame({"text": ["good"], "task": ["agnews"]}))
+
+
+def test_rejected_version_is_not_rolled_back(ops, edits, model_name):
+    v = register_edit(ops, model_name, edits, [("t1", 0.5), ("t2", 0.5)])
+    P.record_gates(ops, model_name, v, P.apply_gates({"t1": 0.9}, None, P.PromotionSpec(targets=["t1"])), champion_version=None)
+    P.record_decision(ops, model_name, v, "reject", "bob", "no")
+    before = _snapshot(ops, model_name)
+    with pytest.raises(TaskvecError, match="was rejected"):
+        rollback(ops, model_name, edits.sha["t1"], version=v)
+    with pytest.raises(TaskvecError, match="was rejected"):
+        P.check_promotable(ops, model_name, v)
+    assert _snapshot(ops, model_name) == before
+
+
+def test_cli_bad_input_is_one_line_exit_2(ops, edits, model_name, monkeypatch, capsys, tmp_path):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("TASKVEC_AUDIT_URL", ops.audit.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ops.client.tracking_uri)
+    monkeypatch.setenv("TASKVEC_SERVICE_TIMEOUT", "3")
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as ei:
+            main(list(argv))
+        out = capsys.readouterr()
+        return ei.value.code, out.out, out.err
+
+    v = register_edit(ops, model_name, edits, [("t1", 0.5)])
+    P.record_gates(ops, model_name, v, P.apply_gates({"t1": 0.9}, None, P.PromotionSpec(targets=["t1"])), champion_version=None)
+    P.record_decision(ops, model_name, v, "reject", "bob", "no")
+    capsys.readouterr()
+    before = _snapshot(ops, model_name)
+    dead = "http://127.0.0.1:9"
+    cases = [
+        (("promote", model_name, "--version", "42"), "no version 42"),
+        (("promote", "nope-" + model_name, "--version", "1"), "not found"),
+        (("promote", model_name, "--version", v), "was rejected"),
+        (("promote", model_name, "--version", "1", "--tracking-uri", dead), "unreachable"),
+        (("rollback", model_name, "--remove", edits.sha["t1"]), "no version with alias 'champion'"),
+        (("rollback", model_name, "--remove", edits.sha["t1"], "--version", "42"), "no version 42"),
+        (("rollback", model_name, "--remove", edits.sha["t1"], "--tracking-uri", dead), "unreachable"),
+        (("lineage", model_name, "42"), "no version 42"),
+        (("reproduce", "nope-" + model_name, "1"), "not found"),
+    ]
+    for argv, msg in cases:
+        code, out, err = run(*argv)
+        assert code == 2, (argv, code, out, err)
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
+    assert _snapshot(ops, model_name) == before

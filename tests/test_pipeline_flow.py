@@ -75,7 +75,7 @@ def test_edit_flow_registers_a_reproducible_version(tiny_project):
     card = (folder / "README.md").read_text()
     assert ledger["output_hash"] in card and ledger["base_hash"] in card
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-edit@challenger")
-    preds = pyfunc.predict([{"text": "the movie was great", "task": "senti"}, {"text": "free prize call", "task": "spam"}])
+    preds = pyfunc.predict([{"text": "the movie was great", "task": "senti"}, {"text": "free prize call", "task": "spam"}])["label"].tolist()
     assert preds[0] in ("negative", "positive") and preds[1] in ("ham", "spam")
 
     # rebuilding from the ledger gives the registered weights

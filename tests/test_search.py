@@ -12,17 +12,9 @@ import torch
 from taskvec.config import SearchSpec
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.heads import load_encoder
-from taskvec.search import (
-    CachedEvaluator,
-    WeightEditor,
-    addition_objective,
-    compose,
-    lattice,
-    negation_objective,
-    run_search,
-    search_lambda,
-    write_outputs,
-)
+from taskvec.search import CachedEvaluator, addition_objective, lattice, negation_objective, search_lambda
+from taskvec.search_run import compose, run_search, write_outputs
+from taskvec.suite import WeightEditor
 from tests.conftest_tasks import data_dir, params, tiny_model  # noqa: F401 - fixtures
 
 SPEC = SearchSpec()
@@ -171,3 +163,63 @@ def test_run_search_refusals(tiny_model, params):
         run_search(tiny_model, [({}, 1.0), ({}, 1.0)], "addition", ["senti"], params)
     with pytest.raises(TaskvecError, match="mlm task"):
         run_search(tiny_model, [({}, 1.0)], "negation", ["senti_lm"], params, controls=["senti"])
+
+
+# --- max_control_drop: a control task may lose at most that many accuracy points -----------------
+
+
+@pytest.mark.parametrize("spec", [SPEC, GRID])
+def test_negation_max_control_drop_picks_the_best_feasible_lambda_and_says_the_constraint_binds(spec):
+    evaluate = CachedEvaluator(negation_curve)
+    # 2 points: control ≥ 0.78 (stricter than 0.95 × 0.8 = 0.76) ⇔ 0.8 − 0.5(λ − 0.5) ≥ 0.78 ⇔ λ ≤ 0.54.
+    objective = negation_objective(["toxic"], ["control"], evaluate(0.0), 0.95, max_control_drop=2)
+    assert objective.describe["control_floor"]["control"] == pytest.approx(0.78)
+    result = search_lambda(evaluate, objective, spec)
+    assert result.best_lambda == pytest.approx(0.5)
+    assert result.best_metrics["control"] >= 0.8 - 0.02
+    constraint = result.details["constraint"]
+    assert constraint["binding"] and constraint["feasible_found"] and constraint["unconstrained_best_lambda"] > 0.54
+    assert "binding" in constraint["note"] and "λ = 0.5" in constraint["note"]
+    assert all(e["feasible"] == (e["lambda"] <= 0.54) for e in result.evaluations)
+
+
+def test_max_control_drop_is_inclusive_and_a_loose_one_does_not_bind():
+    curve = lambda lam: {"t": 0.9 - 0.5 * lam, "c": 0.8 - 0.1 * lam}  # noqa: E731 - control loses 2 points at λ = 0.2
+    tight = search_lambda(curve, negation_objective(["t"], ["c"], curve(0.0), 0.0, max_control_drop=2), GRID)
+    assert tight.best_lambda == pytest.approx(0.2)  # exactly 2 points lost is allowed
+    loose = search_lambda(curve, negation_objective(["t"], ["c"], curve(0.0), 0.0, max_control_drop=50), GRID)
+    assert loose.best_lambda == 1.0 and loose.details["constraint"] == {"feasible_found": True, "binding": False, "unconstrained_best_lambda": 1.0}
+
+
+def test_when_no_searched_lambda_is_feasible_the_fallback_is_lambda_zero():
+    calls = []
+
+    def curve(lam):
+        calls.append(lam)
+        return {"t": 0.9 - 0.5 * lam, "c": 0.8 - 0.5 * lam}  # every λ > 0.02 loses more than one point
+
+    spec = SearchSpec(lambda_min=0.2, lambda_max=1.0, grid_points=5)
+    result = search_lambda(curve, negation_objective(["t"], ["c"], {"t": 0.9, "c": 0.8}, 0.95, max_control_drop=1), spec)
+    assert result.best_lambda == 0.0 and result.best_metrics == {"t": 0.9, "c": 0.8}
+    assert calls[-1] == 0.0 and 0.0 not in lattice(spec)  # evaluated once more, after the search
+    assert result.details["constraint"]["feasible_found"] is False and "fallback λ = 0" in result.details["constraint"]["note"]
+    # Without max_control_drop there is no known-feasible fallback: refused as before.
+    with pytest.raises(TaskvecError, match="no feasible λ"):
+        search_lambda(curve, negation_objective(["t"], ["c"], {"t": 0.9, "c": 2.0}, 0.95), spec)
+
+
+@pytest.mark.parametrize("spec", [SPEC, GRID])
+def test_addition_with_a_control_task(spec):
+    curve = lambda lam: {"a": 0.9 - (lam - 0.8) ** 2, "c": 0.8 if lam <= 0.3 else 0.8 - 0.2 * (lam - 0.3)}  # noqa: E731
+    objective = addition_objective(["a"], {"a": 0.9}, controls=["c"], base={"c": 0.8}, max_control_drop=5)
+    result = search_lambda(curve, objective, spec)
+    # c ≥ 0.75 ⇔ λ ≤ 0.55; the accuracy of a rises up to λ = 0.8, so the best feasible λ is 0.55.
+    assert result.best_lambda == pytest.approx(0.55)
+    assert result.details["constraint"]["binding"]
+    assert result.best_score == pytest.approx(curve(result.best_lambda)["a"] / 0.9)
+    with pytest.raises(TaskvecError, match="base accuracies and max_control_drop"):
+        addition_objective(["a"], {"a": 0.9}, controls=["c"])
+    with pytest.raises(TaskvecError, match="must be ≥ 0 points"):
+        negation_objective(["t"], ["c"], {"c": 0.8}, max_control_drop=-1)
+    with pytest.raises(TaskvecError, match="no base accuracy for control task c"):
+        addition_objective(["a"], {"a": 0.9}, controls=["c"], base={}, max_control_drop=1)

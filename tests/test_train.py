@@ -92,3 +92,12 @@ def test_finetune_command(params, data_dir, tiny_model, tmp_path):
     assert "2 steps in" in result.output and (tmp_path / "cli" / "model.safetensors").is_file()
     unknown = CliRunner().invoke(app, ["finetune", "nope", "-p", str(path), "-o", str(tmp_path / "x")])
     assert isinstance(unknown.exception, TaskvecError) and "unknown task 'nope'" in str(unknown.exception)
+
+
+def test_diverging_finetune_is_refused_and_writes_nothing(params, tmp_path):
+    diverging = params.model_copy(update={"train": params.train.model_copy(update={"lr": 1.0e6})})
+    with pytest.raises(TaskvecError) as err:
+        finetune("senti", diverging, tmp_path / "out" / "senti", steps=4, progress=False)
+    assert "task senti: the fine-tune diverged (non-finite weights in" in str(err.value) and "lower train.lr (now 1e+06)" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "out").iterdir()) == []  # neither the folder nor its temporary sibling

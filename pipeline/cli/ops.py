@@ -4,12 +4,18 @@
     taskvec approve MODEL VERSION --approver NAME --reason TEXT  approval record; resumes a paused promote run
     taskvec reject  MODEL VERSION --approver NAME --reason TEXT  rejection record (final for that version)
     taskvec champion-revert MODEL --approver NAME --reason TEXT  point champion back to the previous champion
-    taskvec rollback MODEL --remove SHA [--version champion]     θ − λτ, checked, registered, audited
+    taskvec rollback MODEL --remove SHA [--version champion]     base + remaining edits, checked vs θ − λτ, registered, audited
     taskvec audit verify | audit show                            check / print the hash-chained audit log
 
 Tracking server: ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` or params.yaml's
 ``mlflow.tracking_uri``; audit log: ``--audit-url`` or ``TASKVEC_AUDIT_URL``
 (default: beside the tracking store, see :func:`pipeline.ops.audit.default_url`).
+
+``--approver`` / ``--reason`` are free text: they are cleaned
+(:func:`taskvec.redact.clean_text`: credentials masked, control characters
+escaped) before they reach the audit log, tags, lineage or a Prefect run
+input. ``taskvec promote --tracking-uri URI-with-password`` hands the URI to
+the flow through the environment, never as a (stored) flow-run parameter.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ def _resume_paused(ops, model: str, version: str, run_input: dict) -> str | None
 
 def _decide(model: str, version: str, decision: str, approver: str, reason: str, tracking_uri, audit_url, resume: bool) -> None:
     from pipeline.ops import promotion as P
+    from taskvec.redact import clean_text
+
+    approver, reason = clean_text(approver), clean_text(reason)
 
     ops = _ops(tracking_uri, audit_url)
     version = str(P.get_version(ops.client, model, version).version)
@@ -115,11 +124,20 @@ def register(app: typer.Typer) -> None:
         audit_url: AuditUrl = None,
     ) -> None:
         """Run the promote flow: evaluate challenger vs champion, gate, wait for approval, move champion."""
+        from pipeline.ops import promotion as P
         from pipeline.ops.services import check_prefect_api
 
-        check_prefect_api()
-        from flows.promote import promote_flow
+        # bad input is one line and exit 2 before a flow run starts: unknown model/version, rejected version, bad evaluator, dead store
+        spec = P.load_spec(params)
+        P.load_evaluator(evaluator or spec.evaluator)
+        from flows.promote import _model_name
 
+        ops = _ops(tracking_uri, audit_url)
+        P.check_promotable(ops, _model_name(model, str(params)), version)
+        check_prefect_api()
+        from flows.promote import by_environment, promote_flow
+
+        tracking_uri, audit_url = by_environment(tracking_uri, audit_url)  # a credential is never a stored flow parameter
         res = promote_flow(model=model, version=version, params_file=str(params), tracking_uri=tracking_uri, audit_url=audit_url, evaluator=evaluator, wait_for_approval=not no_wait)
         typer.echo(json.dumps(res, indent=2, default=str))
 
@@ -146,16 +164,18 @@ def register(app: typer.Typer) -> None:
         approver: Annotated[Optional[str], typer.Option("--approver", help="Operator approving the champion move (default: $TASKVEC_ACTOR or user).")] = None,
         reason: Annotated[Optional[str], typer.Option("--reason", help="Why (audit log).")] = None,
         no_move: Annotated[bool, typer.Option("--no-move", help="Register the rolled-back version but leave champion where it is.")] = False,
+        evaluator: Annotated[Optional[str], typer.Option("--evaluator", help="module:function scoring the rolled-back model -> {task: accuracy} (default: params.yaml promotion.evaluator).")] = None,
+        params: Annotated[Optional[Path], typer.Option("--params", help="params.yaml naming the promotion evaluator (default: $TASKVEC_PARAMS, else ./params.yaml).")] = None,
         as_json: AsJson = False,
         tracking_uri: TrackingUri = None,
         audit_url: AuditUrl = None,
     ) -> None:
-        """Subtract an edit (θ − λτ), check it against the ledger rebuild, register it, move champion if needed."""
+        """Rebuild base + the remaining edits, check it against θ − λτ, evaluate and register it, move champion if needed."""
         from pipeline.ops.rollback import rollback
 
-        res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move)
+        res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move, evaluator=evaluator, params_file=params)
         if as_json:
-            typer.echo(json.dumps({"source_version": res.source_version, "new_version": res.new_version, "removed": res.removed, "max_abs_diff": res.check.max_abs_diff, "max_ulps": res.check.max_ulps, "champion_moved": bool(res.champion_moved), "notes": res.notes}, indent=2))
+            typer.echo(json.dumps({"source_version": res.source_version, "new_version": res.new_version, "removed": res.removed, "max_abs_diff": res.check.max_abs_diff, "max_ulps": res.check.max_ulps, "accuracy": res.accuracy, "champion_moved": bool(res.champion_moved), "notes": res.notes}, indent=2))
         else:
             typer.echo(res.summary())
             for n in res.notes:
@@ -174,7 +194,7 @@ def register(app: typer.Typer) -> None:
 
             report = AuditLog(audit_url or default_url()).verify()
         else:
-            from pipeline.ops.promotion import verify
+            from pipeline.ops.integrity import verify
 
             report = verify(_ops(tracking_uri, audit_url))
         if as_json:

@@ -41,11 +41,14 @@ def register(app: typer.Typer) -> None:
         _offline_env()
         from pipeline import params as P
 
-        P.load(params)  # fail fast, one line, before Prefect starts
+        p = P.load(params)  # fail fast, one line, before Prefect starts
         from pipeline.ops.services import prefect_api
 
         # our own Prefect API server (dies with us), started before the heavy imports so they overlap
         with prefect_api() as api:
+            from taskvec.data import validate_tasks
+
+            validate_tasks(p, p.finetune.tasks + p.edit.eval_tasks())  # all data of the plan, before any training
             from flows.edit import edit
 
             api.wait()

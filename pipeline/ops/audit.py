@@ -15,13 +15,29 @@ takes a database-wide lock — ``BEGIN IMMEDIATE`` on SQLite,
 many) serialise on that lock.
 
 Append-only is enforced by triggers that abort any ``UPDATE``/``DELETE`` (and
-``TRUNCATE`` on PostgreSQL), and *detected* by :meth:`AuditLog.verify`, which
+``TRUNCATE`` on PostgreSQL) on *both* tables — the entries and
+``taskvec_audit_meta``, which holds the log's id and accepts exactly one row —
+and *detected* by :meth:`AuditLog.verify`, which
 recomputes every hash, checks the ``seq`` run has no gap and every
 ``prev_hash`` links, and compares the head against *anchors* kept outside the
 database (the ``taskvec.audit_head`` tag — ``log_id:seq:hash`` — that
 :mod:`pipeline.ops.promotion` sets on each registered model with every entry of
-that model), so cutting entries off the end is caught too. ``log_id`` is a
-random id stored with the table, so several audit logs may share a registry.
+that model), so cutting entries off the end is caught too.
+
+``log_id`` is ``<location>.<random>``: ``location`` is a digest of where the
+log lives (the SQLite file's absolute path, or the server URL without its
+password), the random part is drawn when the table is created. Several audit
+logs may share a registry (an anchor of another location is another
+deployment's), but an anchor of the *same* location with another random part
+means the database was deleted and recreated, or its meta row rewritten —
+:meth:`AuditLog.verify` reports it, and :mod:`pipeline.ops.integrity` refuses
+every audited write on a model anchored in another log, so a lost or replaced
+database can never launder a rejection.
+
+Free text in entries (payload strings, actor) is recorded through
+:func:`taskvec.redact.clean_text`: credentials masked, control characters
+escaped — the log never stores a password and no value can forge a row of
+``audit show``.
 
 :meth:`AuditLog.transaction` yields an open, locked transaction: callers do
 their external side effects (moving an MLflow alias, setting tags) while the
@@ -45,7 +61,7 @@ from typing import Any
 
 from taskvec.errors import TaskvecError
 from pipeline.ops.services import normalize_db_url as normalize_url
-from taskvec.redact import redact_uri
+from taskvec.redact import clean_data, clean_text, escape_controls, redact_uri
 
 TABLE = "taskvec_audit"
 GENESIS = "0" * 64
@@ -194,6 +210,40 @@ def _lock(conn) -> None:
     # SQLite: BEGIN IMMEDIATE (see _engine) already holds the write lock
 
 
+def location_id(url: str) -> str:
+    """Digest of where a log lives: SQLite file path (absolute), else the URL without its password."""
+    import sqlalchemy as sa
+
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        db = url.split("///", 1)[-1]
+        key = "sqlite:" + (db if db in ("", ":memory:") else str(Path(db).expanduser().resolve()))
+    else:
+        try:
+            key = sa.engine.make_url(url).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - an unparsable URL still gets a stable id
+            key = redact_uri(url)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def split_log_id(log_id: str) -> tuple[str | None, str]:
+    """``(location, random)`` of a log id; logs made before locations were recorded have location None."""
+    loc, dot, rand = str(log_id).partition(".")
+    return (loc, rand) if dot else (None, str(log_id))
+
+
+def forget(url: str) -> None:
+    """Drop this process's cached engine and schema state for ``url`` (after the database was deleted)."""
+    url = normalize_url(url)
+    with _ENGINES_LOCK:
+        eng = _ENGINES.pop(url, None)
+        _SCHEMA_DONE.pop(url, None)
+    if eng is not None:
+        eng.dispose()
+
+
+_META_GUARD = "taskvec audit meta is write-once"
+
 _SQLITE_DDL = [
     f"CREATE TABLE IF NOT EXISTS {TABLE}_meta (log_id TEXT NOT NULL)",
     f"""CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -204,6 +254,13 @@ _SQLITE_DDL = [
         BEGIN SELECT RAISE(ABORT, 'taskvec audit log is append-only'); END""",
     f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_no_delete BEFORE DELETE ON {TABLE}
         BEGIN SELECT RAISE(ABORT, 'taskvec audit log is append-only'); END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_meta_no_update BEFORE UPDATE ON {TABLE}_meta
+        BEGIN SELECT RAISE(ABORT, '{_META_GUARD}'); END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_meta_no_delete BEFORE DELETE ON {TABLE}_meta
+        BEGIN SELECT RAISE(ABORT, '{_META_GUARD}'); END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_meta_once BEFORE INSERT ON {TABLE}_meta
+        WHEN (SELECT count(*) FROM {TABLE}_meta) > 0
+        BEGIN SELECT RAISE(ABORT, '{_META_GUARD}'); END""",
 ]
 
 _PG_DDL = [
@@ -218,6 +275,18 @@ _PG_DDL = [
         FOR EACH ROW EXECUTE FUNCTION {TABLE}_append_only()""",
     f"""CREATE OR REPLACE TRIGGER {TABLE}_no_truncate BEFORE TRUNCATE ON {TABLE}
         FOR EACH STATEMENT EXECUTE FUNCTION {TABLE}_append_only()""",
+    f"""CREATE OR REPLACE FUNCTION {TABLE}_meta_guard() RETURNS trigger AS $$
+        BEGIN
+          IF TG_OP = 'INSERT' THEN
+            IF EXISTS (SELECT 1 FROM {TABLE}_meta) THEN RAISE EXCEPTION '{_META_GUARD}'; END IF;
+            RETURN NEW;
+          END IF;
+          RAISE EXCEPTION '{_META_GUARD}';
+        END $$ LANGUAGE plpgsql""",
+    f"""CREATE OR REPLACE TRIGGER {TABLE}_meta_no_change BEFORE INSERT OR UPDATE OR DELETE ON {TABLE}_meta
+        FOR EACH ROW EXECUTE FUNCTION {TABLE}_meta_guard()""",
+    f"""CREATE OR REPLACE TRIGGER {TABLE}_meta_no_truncate BEFORE TRUNCATE ON {TABLE}_meta
+        FOR EACH STATEMENT EXECUTE FUNCTION {TABLE}_meta_guard()""",
 ]
 
 
@@ -262,9 +331,9 @@ class AuditTransaction:
         seq = 1 if head is None else head.seq + 1
         prev = GENESIS if head is None else head.hash
         ts = now_iso()
-        actor = actor or default_actor()
+        actor = clean_text(actor or default_actor())
         version = None if version is None else str(version)
-        body = canonical_json(payload or {})
+        body = canonical_json(clean_data(payload or {}))
         digest = entry_hash(seq, ts, actor, action, model, version, body, prev)
         self._conn.exec_driver_sql(
             f"INSERT INTO {TABLE} ({_COLS}) VALUES ({', '.join([_ph(self._conn)] * 9)})",
@@ -293,6 +362,10 @@ class AuditLog:
 
     def __init__(self, url: str | None = None):
         self.url = normalize_url(url) if url else default_url()
+        if self.url in _SCHEMA_DONE and self.url.startswith("sqlite"):
+            db = self.url.split("///", 1)[-1]
+            if db and db != ":memory:" and not Path(db).exists():
+                forget(self.url)  # deleted under this process: open it as a new database
         self._engine = _engine(self.url)
         self._ensure_schema()
 
@@ -311,7 +384,7 @@ class AuditLog:
                 if row is None:
                     import uuid
 
-                    row = (uuid.uuid4().hex,)
+                    row = (f"{location_id(self.url)}.{uuid.uuid4().hex}",)
                     conn.exec_driver_sql(f"INSERT INTO {TABLE}_meta (log_id) VALUES ({_ph(conn)})", row)
                 self.log_id = row[0]
         except sa.exc.OperationalError as exc:
@@ -350,9 +423,12 @@ class AuditLog:
             r = conn.exec_driver_sql(f"SELECT {_COLS} FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
             return _row(r) if r else None
 
-    def verify(self, anchors: dict[str, str] | None = None) -> VerifyReport:
-        """Recompute the chain; ``anchors`` maps model → ``"log_id:seq:hash"`` recorded outside the database."""
-        entries = self.entries()
+    def verify(self, anchors: dict[str, str] | None = None, *, entries: list[AuditEntry] | None = None) -> VerifyReport:
+        """Recompute the chain; ``anchors`` maps model → ``"log_id:seq:hash"`` recorded outside the database.
+
+        ``entries``: the log's entries already read (e.g. inside an open :meth:`transaction`); default: read them.
+        """
+        entries = self.entries() if entries is None else entries
         problems: list[str] = []
         prev = GENESIS
         by_seq: dict[int, AuditEntry] = {}
@@ -379,7 +455,11 @@ class AuditLog:
                 problems.append(f"model {model}: malformed audit anchor {anchor!r}")
                 continue
             if log_id != self.log_id:
-                continue  # anchored in another audit log (another deployment sharing the registry)
+                problem = self.foreign_anchor_problem(model, log_id, seq, has_entries=any(x.model == model for x in entries))
+                if problem:
+                    problems.append(problem)
+                    checked += 1
+                continue  # else: anchored in another audit log (another deployment sharing the registry)
             checked += 1
             e = by_seq.get(seq)
             if e is None:
@@ -395,6 +475,20 @@ class AuditLog:
         return VerifyReport(ok=not problems, entries=len(entries), head=head, problems=problems, anchors_checked=checked)
 
 
+    def foreign_anchor_problem(self, model: str, log_id: str, seq: int, *, has_entries: bool) -> str | None:
+        """Why an anchor naming another log is a problem here (None: another deployment's log, fine)."""
+        mine, _ = split_log_id(self.log_id)
+        theirs, _ = split_log_id(log_id)
+        if theirs is not None and theirs == mine:
+            return (
+                f"model {model}: anchored at entry {seq} of audit log {log_id}, but the database at this location is now log {self.log_id}"
+                " (the audit database was deleted and recreated, or its meta row rewritten)"
+            )
+        if has_entries:
+            return f"model {model}: this audit log has entries for it, but its anchor names another audit log ({log_id}, entry {seq}): the anchor or the log was replaced"
+        return None
+
+
 @contextmanager
 def _nullctx():
     yield
@@ -407,6 +501,7 @@ def format_entries(entries: list[AuditEntry], *, as_json: bool = False) -> str:
     for e in entries:
         data = e.data
         detail_keys = ("approver", "decision", "reason", "from_version", "to_version", "removed_vector", "passed")
-        details = ", ".join(f"{k}={data[k]}" for k in detail_keys if k in data)
-        lines.append(f"{e.seq:>5}  {e.ts[:26]:<26}  {e.actor[:12]:<12}  {e.action:<12}  {e.model[:20]:<20}  {e.version or '-':>4}  {e.hash[:12]}  {details}")
+        details = escape_controls(", ".join(f"{k}={data[k]}" for k in detail_keys if k in data))
+        esc = escape_controls  # entries written before free text was cleaned may still hold control characters
+        lines.append(f"{e.seq:>5}  {esc(e.ts[:26]):<26}  {esc(e.actor)[:12]:<12}  {esc(e.action):<12}  {esc(e.model)[:20]:<20}  {esc(e.version or '-'):>4}  {e.hash[:12]}  {details}")
     return "\n".join(lines)

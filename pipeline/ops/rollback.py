@@ -1,25 +1,30 @@
-"""Roll one edit back out of a registered model version: θ_edit − λτ, checked and audited.
+"""Roll one edit back out of a registered model version, as a first-class new version.
 
 :func:`rollback`:
 
 1. finds the edit (by vector sha256 or a unique prefix of ≥ 8 hex digits) in
    the version's ledger — an unknown vector, or one the version does not
    contain, is a one-line error before anything changes;
-2. finds the vector file (``--vector PATH``, the version's run artifacts under
-   ``vectors/``, or local search folders such as ``outputs/vectors``), checked
-   by sha256;
-3. subtracts it from the downloaded edited weights
-   (``taskvec.engine.apply(edited, [(τ, −λ)])``) and rewrites the ledger of the
-   result so its edits no longer hold the removed edit (``output_hash`` stays
-   that of the weights actually written);
-4. rebuilds the model from the base with the remaining edits and compares
-   every tensor: the maximum absolute difference is reported and must be
-   within floating-point rounding (a few ulps of the values involved);
-5. registers the result as a new version of the same registered model, its
-   ``taskvec.ledger`` tag being the new ledger; and, when the source version
-   was the champion, moves ``champion`` to it through
-   :func:`pipeline.ops.promotion.move_alias` (action ``rollback``, approved by the
-   operator). Otherwise a ``rollback`` audit entry records the new version.
+2. finds the vector files (``--vector PATH``, the version's run artifacts
+   under ``vectors/``, or local search folders such as ``outputs/vectors``),
+   checked by sha256 (:class:`pipeline.ops.registry.VectorResolver`);
+3. builds the new weights the canonical way: base + the remaining edits, via
+   :func:`pipeline.ops.registry.materialise` — the same function
+   ``taskvec reproduce`` uses, so the new version reproduces bit for bit;
+4. verifies: subtracts the edit from the downloaded weights
+   (``taskvec.engine.apply(edited, [(τ, −λ)])``) and compares every tensor
+   with the rebuild: the maximum absolute difference is recorded and must
+   be within floating-point rounding (a few ulps of the values involved);
+5. evaluates the rebuild with the promotion evaluator
+   (``promotion.evaluator`` of params.yaml, through
+   :func:`pipeline.ops.promotion.load_evaluator`), writes its model card
+   (remaining edits, new accuracies, the rollback) and registers it with
+   :func:`pipeline.ops.registry.register_model` — like any other version:
+   MLmodel, signature, artifacts under the source run's experiment artifact
+   root, ledger tags, vectors;
+6. when the source version was the champion, moves ``champion`` to it through
+   :func:`pipeline.ops.promotion.move_alias` (action ``rollback``, approved by
+   the operator). Otherwise a ``rollback`` audit entry records the new version.
 """
 
 from __future__ import annotations
@@ -33,10 +38,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.ops.promotion import CHAMPION, LEDGER_TAG, Move, Ops, alias_version, audited_append, download_version, get_version, ledger_of, move_alias
+from pipeline.ops import registry
+from pipeline.ops.promotion import CHAMPION, LEDGER_TAG, Move, Ops, alias_version, audited_append, get_version, ledger_of, move_alias, rejection
 from taskvec.errors import TaskvecError
 
 ULP_FACTOR = 4.0  # allowed error per float operation, in units of eps·|value|
+ROLLBACK_EXPERIMENT = "taskvec-rollback"
+CARD = "README.md"
+
+
 ROLLBACK_EXPERIMENT = "taskvec-rollback"
 
 
@@ -61,22 +71,25 @@ class RollbackResult:
     removed: dict
     check: Check
     ledger: dict
+    accuracy: dict[str, float] = field(default_factory=dict)
     champion_moved: Move | None = None
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         s = (
             f"{self.model}: version {self.new_version} = version {self.source_version} without edit {self.removed['vector_sha256'][:12]} "
-            f"(λ={self.removed['lambda']:g}); max |diff| vs ledger rebuild {self.check.max_abs_diff:.3e} "
+            f"(λ={self.removed['lambda']:g}), rebuilt from the base with the remaining edits; max |diff| of θ − λτ vs that rebuild {self.check.max_abs_diff:.3e} "
             f"({self.check.max_ulps:.2f} ulp, limit {self.check.tolerance_ulps:g}) over {self.check.tensors} tensors"
         )
+        if self.accuracy:
+            s += "; accuracy " + ", ".join(f"{t} {a:.4f}" for t, a in sorted(self.accuracy.items()))
         if self.champion_moved:
             s += f"; champion {self.champion_moved.from_version} → {self.champion_moved.to_version} (audit entry {self.champion_moved.entry.seq})"
         return s
 
 
 # ---------------------------------------------------------------------------
-# Finding the edit and the vector files
+# Finding the edit
 
 
 def _norm_sha(sha: str) -> str:
@@ -121,103 +134,13 @@ def _known_shas(ops: Ops, model: str) -> set[str]:
     return out
 
 
-def _search_vector(sha: str, folders: list[Path]) -> Path | None:
-    from taskvec.io import file_sha256
-
-    for folder in folders:
-        if folder.is_file():
-            candidates = [folder]
-        elif folder.is_dir():
-            candidates = sorted(folder.rglob("*.safetensors"))
-        else:
-            continue
-        for path in candidates:
-            try:
-                if path.stat().st_size and file_sha256(path) == sha:
-                    return path
-            except OSError:
-                continue
-    return None
-
-
-def _run_vectors(ops: Ops, mv, dst: Path) -> list[Path]:
-    """Vector files logged with the version's run (``vectors/`` artifacts), downloaded once."""
-    if not mv.run_id:
-        return []
-    import mlflow
-
-    found = []
-    for sub in ("vectors", "edit"):
-        try:
-            found.append(Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=sub, dst_path=str(dst), tracking_uri=ops.client.tracking_uri)))
-        except Exception:  # no such artifact folder
-            continue
-    return found
-
-
 def default_search_dirs() -> list[Path]:
     roots = [Path(os.environ.get("TASKVEC_VECTOR_DIRS", "")).expanduser()] if os.environ.get("TASKVEC_VECTOR_DIRS") else []
     return roots + [Path("outputs/vectors"), Path("outputs/edit")]
 
 
-class VectorResolver:
-    def __init__(self, ops: Ops, mv, workdir: Path, explicit: list[Path] | None = None, search_dirs: list[Path] | None = None):
-        self.ops, self.mv, self.workdir = ops, mv, workdir
-        self.explicit = [Path(p) for p in explicit or []]
-        self.search_dirs = list(search_dirs) if search_dirs is not None else default_search_dirs()
-        self._run_dirs: list[Path] | None = None
-
-    def __call__(self, sha: str) -> Path:
-        from taskvec.io import file_sha256
-
-        for p in self.explicit:
-            if not p.is_file():
-                raise TaskvecError(f"vector file not found: {p}")
-        hit = _search_vector(sha, self.explicit)
-        if hit:
-            return hit
-        if self._run_dirs is None:
-            self._run_dirs = _run_vectors(self.ops, self.mv, self.workdir / "run-vectors")
-        hit = _search_vector(sha, self._run_dirs + self.search_dirs)
-        if hit:
-            return hit
-        if self.explicit:
-            got = ", ".join(f"{p} ({file_sha256(p)[:12]})" for p in self.explicit)
-            raise TaskvecError(f"no vector file with sha256 {sha[:12]} among {got}")
-        raise TaskvecError(f"vector file with sha256 {sha[:12]} not found with version {self.mv.version}'s run or in {', '.join(map(str, self.search_dirs))}; give it with --vector PATH")
-
-
 # ---------------------------------------------------------------------------
-# Rebuild and compare
-
-
-def _segments(edits: list[dict]) -> list[tuple[list[dict], dict]]:
-    """Consecutive sum edits grouped into one apply; each merge edit its own apply."""
-    out: list[tuple[list[dict], dict]] = []
-    for e in edits:
-        if "merge" in e:
-            out.append(([dict(m) for m in e["merge"]], {k: v for k, v in e.items() if k != "merge"}))
-        elif out and out[-1][1].get("method") == "sum" and "merge" not in out[-1][1]:
-            out[-1][0].append(e)
-        else:
-            out.append(([e], {"method": "sum"}))
-    return out
-
-
-def rebuild(base: str | os.PathLike, edits: list[dict], resolve, out: Path) -> Path:
-    """The model the ledger describes: base + edits, applied as recorded."""
-    from taskvec.engine import MergeOptions, apply
-    from taskvec.io import resolve_model
-
-    current: Path = resolve_model(base)
-    if not edits:
-        return current
-    for i, (group, opts) in enumerate(_segments(edits)):
-        options = MergeOptions(method=opts.get("method", "sum"), density=opts.get("density", 1.0), drop=opts.get("drop", 0.0), seed=opts.get("seed", 0))
-        step = out / f"step{i}"
-        apply(current, [(resolve(e["vector_sha256"]), float(e["lambda"])) for e in group], step, options=options)
-        current = step
-    return current
+# Compare the subtraction with the rebuild
 
 
 def compare(a_dir: Path, b_dir: Path, scale_dirs: list[Path], n_ops: int, terms: list[tuple[Path, float]] = ()) -> Check:
@@ -269,37 +192,117 @@ def compare(a_dir: Path, b_dir: Path, scale_dirs: list[Path], n_ops: int, terms:
 
 
 # ---------------------------------------------------------------------------
-# Registration (adapter; uses pipeline.ops.registry when it offers a folder registration)
+# Evaluation, model card, registration
 
 
-def register_folder(ops: Ops, model: str, folder: Path, *, tags: dict[str, str], description: str, extra_artifacts: dict[str, list[Path]] | None = None, metrics: dict[str, float] | None = None) -> str:
-    """Log ``folder`` as the ``model`` artifact of a new run and register it as a new version; returns the version."""
+def resolve_evaluator(evaluator=None, params_file: str | os.PathLike | None = None):
+    """``(name, callable)``: the given evaluator, else ``promotion.evaluator`` of the params file."""
+    from pipeline.ops.promotion import load_evaluator, load_spec
+    from pipeline.params import PromotionSpec
+
+    if evaluator is None:
+        path = params_file or os.environ.get("TASKVEC_PARAMS", "params.yaml")
+        evaluator = load_spec(path).evaluator if Path(path).is_file() else PromotionSpec().evaluator
+    name = evaluator if isinstance(evaluator, str) else f"{getattr(evaluator, '__module__', '?')}:{getattr(evaluator, '__qualname__', repr(evaluator))}"
+    return name, load_evaluator(evaluator)
+
+
+def evaluate(folder: Path, evaluator=None, params_file: str | os.PathLike | None = None) -> tuple[str, dict[str, float]]:
+    """The promotion evaluator's ``{task: accuracy}`` of a model folder (one line on failure)."""
+    name, fn = resolve_evaluator(evaluator, params_file)
+    try:
+        scores = fn(folder)
+    except TaskvecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an evaluator's crash: one line, nothing registered
+        raise TaskvecError(f"evaluator {name} failed on the rolled-back model: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; nothing registered") from None
+    return name, {str(k): float(v) for k, v in scores.items()}
+
+
+def model_card(model: str, ledger: dict, *, source_version: str, removed: dict, check: Check, evaluator: str, accuracy: dict[str, float]) -> str:
+    """README.md of a rolled-back version: its remaining edits, its own accuracies, and how it was made."""
+    rows = []
+    for e in ledger["edits"]:
+        for item in e.get("merge", [e]):
+            rows.append(f"| {len(rows) + 1} | `{item['vector_sha256']}` | {item.get('vector', '')} | {float(item['lambda']):+.6g} | {e.get('method', 'sum')} |")
+    acc = [f"| {t} | {a:.4f} |" for t, a in sorted(accuracy.items())]
+    return f"""---
+library_name: transformers
+base_model: {ledger['base_model']}
+tags: [taskvec, task-arithmetic, model-editing, rollback]
+---
+
+# Task-arithmetic edit of `{ledger['base_model']}` ({model}, rollback of version {source_version})
+
+Version {source_version} of `{model}` without the edit of vector `{removed['vector_sha256']}` (λ = {float(removed['lambda']):g}).
+The weights are the canonical rebuild from the ledger below: base + the remaining edits, applied in order
+(`taskvec reproduce {model} <this version>` rebuilds them bit for bit). Verification: θ(v{source_version}) − λτ
+agrees with this rebuild to max |diff| {check.max_abs_diff:.3e} ({check.max_ulps:.2f} ulp; limit {check.tolerance_ulps:g}) over {check.tensors} tensors.
+
+Load it with `transformers.AutoModel.from_pretrained(<this folder>)` (an encoder; sentence embeddings are the
+mean-pooled, L2-normalised last hidden states) and score a task with its frozen head in `heads/<task>.safetensors`.
+
+## Edit ledger (`taskvec.json`)
+
+- base model: `{ledger['base_model']}`
+- base content hash: `{ledger['base_hash']}`
+- output content hash: `{ledger['output_hash']}`
+
+| # | vector sha256 | vector | λ | method |
+| --- | --- | --- | --- | --- |
+{chr(10).join(rows) if rows else '| – | (no edits: the base model) | | | |'}
+
+## Metrics (recomputed for this version by `{evaluator}`)
+
+| task | accuracy |
+| --- | --- |
+{chr(10).join(acc) if acc else '| – | – |'}
+"""
+
+
+def _experiment_for(client, mv) -> str:
+    """The experiment of the source version's run (so artifacts land under its artifact root), else taskvec-rollback."""
     from mlflow.exceptions import MlflowException
 
-    client = ops.client
-    exp = client.get_experiment_by_name(ROLLBACK_EXPERIMENT)
-    if exp is None:
+    if getattr(mv, "run_id", None):
         try:
-            exp_id = client.create_experiment(ROLLBACK_EXPERIMENT)
-        except MlflowException:  # created concurrently
-            exp_id = client.get_experiment_by_name(ROLLBACK_EXPERIMENT).experiment_id
-    else:
-        exp_id = exp.experiment_id
-    run = client.create_run(exp_id, tags={"taskvec.kind": "rollback", **{k: v for k, v in tags.items() if len(v) < 5000}})
+            return client.get_run(mv.run_id).info.experiment_id
+        except MlflowException:
+            pass
+    exp = client.get_experiment_by_name(ROLLBACK_EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    try:
+        from pipeline import params as P
+        from pipeline.ops import tracking
+
+        location = tracking.artifact_location(P.load(os.environ.get("TASKVEC_PARAMS", "params.yaml")), client.tracking_uri)
+    except Exception:  # noqa: BLE001 - no params.yaml here: the store's default artifact root
+        pass
+    try:
+        return client.create_experiment(ROLLBACK_EXPERIMENT, artifact_location=location)
+    except MlflowException:  # created concurrently
+        return client.get_experiment_by_name(ROLLBACK_EXPERIMENT).experiment_id
+
+
+def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[str, str], vectors: list[Path], metrics: dict[str, float], description: str) -> dict:
+    """A run in the source version's experiment, then :func:`pipeline.ops.registry.register_model` in it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    client = ops.client
+    small = {k: v for k, v in tags.items() if len(v) < 5000}
+    run = client.create_run(_experiment_for(client, source), tags={MLFLOW_RUN_NAME: f"rollback of {model} v{source.version}", "taskvec.kind": "rollback", **small})
     rid = run.info.run_id
     try:
-        client.log_artifacts(rid, str(folder), "model")
-        for sub, files in (extra_artifacts or {}).items():
-            for f in files:
-                client.log_artifact(rid, str(f), sub)
-        for k, v in (metrics or {}).items():
-            client.log_metric(rid, k, v)
+        for k, v in metrics.items():
+            client.log_metric(rid, k, float(v))
+        rec = registry.register_model(client, rid, folder, name=model, tags=tags, vectors=vectors, version_description=description)
         client.set_terminated(rid, "FINISHED")
-    except Exception:
+    except BaseException:
         client.set_terminated(rid, "FAILED")
         raise
-    mv = client.create_model_version(model, source=f"{run.info.artifact_uri}/model", run_id=rid, tags=tags, description=description)
-    return str(mv.version)
+    return rec
 
 
 def rollback(
@@ -313,17 +316,22 @@ def rollback(
     approver: str | None = None,
     reason: str | None = None,
     move_champion: bool = True,
+    evaluator=None,
+    params_file: str | os.PathLike | None = None,
     workdir: str | os.PathLike | None = None,
 ) -> RollbackResult:
     """Remove one edit from ``model``'s ``version``; see the module docstring."""
     from taskvec.engine import LEDGER_FILE, apply
-    from taskvec.io import TensorSource, file_sha256
+    from taskvec.io import TensorSource, file_sha256, resolve_model
 
     from pipeline.ops.audit import default_actor
 
     sha = _norm_sha(vector_sha)
     mv = get_version(ops.client, model, version)
     src_version = str(mv.version)
+    rej = rejection(ops, model, src_version)
+    if rej is not None:
+        raise TaskvecError(f"{model} version {src_version} was rejected (audit entry {rej.seq}); roll back from the champion or another accepted version")
     ledger = ledger_of(ops.client, mv)
     try:
         idx = find_edit(ledger, sha)
@@ -337,65 +345,57 @@ def rollback(
     champion = alias_version(ops.client, model, CHAMPION)
     approver = (approver or default_actor()).strip()
     reason = (reason or f"remove edit {removed['vector_sha256'][:12]} from version {src_version}").strip()
+    evaluator_name, evaluator_fn = resolve_evaluator(evaluator, params_file)  # a bad evaluator fails before any work
 
     tmp_owner = workdir is None
     work = Path(tempfile.mkdtemp(prefix="taskvec-rollback-")) if workdir is None else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        resolve = VectorResolver(ops, mv, work, vectors, search_dirs)
+        resolve = registry.VectorResolver(ops.client, mv, work, vectors, search_dirs if search_dirs is not None else default_search_dirs())
         vec = resolve(removed["vector_sha256"])
-        edited = download_version(mv, work / "edited", ops.client.tracking_uri)
-        if not (edited / LEDGER_FILE).is_file():
-            raise TaskvecError(f"{model} version {src_version}: the artifact at {mv.source} is not a taskvec model folder (no {LEDGER_FILE})")
+        edited = registry.download_version(mv, work / "edited", ops.client.tracking_uri)
         with TensorSource(edited) as s:
             if s.content_hash() != ledger.get("output_hash"):
                 raise TaskvecError(f"{model} version {src_version}: weights do not match the ledger's output_hash; refusing to roll back")
-        out = work / "rolled-back"
-        apply(edited, [(vec, -float(removed["lambda"]))], out)
-        new_ledger = json.loads((out / LEDGER_FILE).read_text())
-        written = new_ledger["output_hash"]
-        new_ledger = {
-            **ledger,
-            "edits": remaining,
-            "output_hash": written,
-            "weight_files": new_ledger.get("weight_files", ledger.get("weight_files")),
-            "rollback": {"source_version": src_version, "removed": removed},
-        }
-        (out / LEDGER_FILE).write_text(json.dumps(new_ledger, indent=2, sort_keys=True) + "\n")
-
-        rebuilt = rebuild(ledger["base_model"], remaining, resolve, work / "rebuild")
-        with TensorSource(rebuilt) as rb:
-            if rb.content_hash() != ledger["base_hash"] and not remaining:
-                raise TaskvecError(f"base model {ledger['base_model']} does not match the ledger's base hash {ledger['base_hash'][:12]}")
-        from taskvec.io import resolve_model
-
+        # the new weights: the canonical rebuild of the remaining ledger
+        out = work / "model"
+        new_ledger = registry.materialise(ledger["base_model"], remaining, resolve, out, base_hash=ledger["base_hash"])
+        # the verification: θ − λτ must agree with it within float rounding
+        subtracted = work / "subtracted"
+        apply(edited, [(vec, -float(removed["lambda"]))], subtracted)
         terms = [(resolve(e["vector_sha256"]), e["lambda"]) for e in ledger["edits"] if "merge" not in e]
         terms += [(resolve(m["vector_sha256"]), m["lambda"]) for e in ledger["edits"] if "merge" in e for m in e["merge"]]
-        check = compare(out, rebuilt, [edited, resolve_model(ledger["base_model"])], n_ops=len(ledger["edits"]) + 2, terms=terms)
+        check = compare(subtracted, out, [edited, resolve_model(ledger["base_model"])], n_ops=len(ledger["edits"]) + 2, terms=terms)
         if not check.ok:
             raise TaskvecError(
                 f"rollback check failed: max |diff| {check.max_abs_diff:.3e} ({check.max_ulps:.1f} ulp > {check.tolerance_ulps:g}) in tensor {check.worst_tensor}; nothing registered"
             )
+        if (edited / "heads").is_dir():
+            shutil.copytree(edited / "heads", out / "heads", dirs_exist_ok=True)
+        _, accuracy = evaluate(out, evaluator_fn, params_file)
+        (out / CARD).write_text(model_card(model, new_ledger, source_version=src_version, removed=removed, check=check, evaluator=evaluator_name, accuracy=accuracy))
+        with TensorSource(out) as s:  # heads and card are not weights: the ledger still describes the folder
+            if s.content_hash(use_cache=False) != new_ledger["output_hash"] or json.loads((out / LEDGER_FILE).read_text())["output_hash"] != new_ledger["output_hash"]:
+                raise TaskvecError("rolled-back model folder does not match its ledger; nothing registered")
 
-        vec_files = [resolve(e["vector_sha256"]) for e in remaining if "merge" not in e] + [vec]
+        vec_files = [resolve(i["vector_sha256"]) for e in remaining for i in e.get("merge", [e])] + [vec]
         tags = {
-            LEDGER_TAG: json.dumps(new_ledger, sort_keys=True),
+            **registry.ledger_tags(new_ledger),
             "taskvec.rollback_of": src_version,
             "taskvec.removed_vector": removed["vector_sha256"],
             "taskvec.removed_lambda": repr(float(removed["lambda"])),
             "taskvec.rollback_max_abs_diff": repr(check.max_abs_diff),
-            "taskvec.base_hash": ledger["base_hash"],
-            "taskvec.output_hash": written,
+            "taskvec.rollback_max_ulps": repr(check.max_ulps),
+            "taskvec.evaluator": evaluator_name,
+            "metrics.accuracy": json.dumps(accuracy, sort_keys=True),
         }
-        new_version = register_folder(
-            ops,
-            model,
-            out,
-            tags=tags,
-            description=f"Version {src_version} with edit {removed['vector_sha256'][:12]} (λ={removed['lambda']:g}) rolled back.",
-            extra_artifacts={"vectors": sorted({file_sha256(p): p for p in vec_files}.values())},
-            metrics={"rollback_max_abs_diff": check.max_abs_diff, "rollback_max_ulps": check.max_ulps},
+        metrics = {"rollback_max_abs_diff": check.max_abs_diff, "rollback_max_ulps": check.max_ulps, **{f"accuracy.{t}": a for t, a in accuracy.items()}}
+        rec = register_version(
+            ops, model, out, source=mv, tags=tags, metrics=metrics,
+            vectors=sorted({file_sha256(p): p for p in vec_files}.values()),
+            description=f"Version {src_version} with edit {removed['vector_sha256'][:12]} (λ={removed['lambda']:g}) rolled back: base + remaining edits.",
         )
+        new_version = rec["version"]
         details = {
             "kind": "rollback",
             "source_version": src_version,
@@ -404,9 +404,10 @@ def rollback(
             "removed_lambda": removed["lambda"],
             "max_abs_diff": check.max_abs_diff,
             "max_ulps": check.max_ulps,
-            "output_hash": written,
+            "output_hash": new_ledger["output_hash"],
+            "accuracy": accuracy,
         }
-        result = RollbackResult(model, src_version, new_version, removed, check, new_ledger)
+        result = RollbackResult(model, src_version, new_version, removed, check, new_ledger, accuracy)
         try:
             if move_champion and champion == src_version:
                 result.champion_moved = move_alias(ops, model, new_version, action="rollback", inline_approval=(approver, reason), payload=details, actor=approver)

@@ -35,12 +35,15 @@ CARD = "README.md"
 
 
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
+    import torch
+
     from taskvec.engine import apply
     from taskvec.heads import save_head
     from taskvec.io import atomic_dir
+    from taskvec.suite import Suite
 
     from pipeline.steps.compose import RECORD
-    from pipeline.steps.search import BEST, Scorer
+    from pipeline.steps.search import BEST
 
     started = time.perf_counter()
     p = P.load(params_file)
@@ -60,20 +63,20 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         vectors.append((str(path), round(lam * float(item["sign"]), 10)))
     tasks = p.edit.eval_tasks()
     split = "test"
-    scorer = Scorer(p, tasks, split)
+    suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32)
     out = P.model_dir(p)
     with atomic_dir(out) as tmp:
         ledger = apply(p.base, vectors, tmp, options=p.edit.merge_options())
         for t in tasks:
-            save_head(scorer.heads[t], tmp / "heads" / f"{t}.safetensors")
-        base_acc = scorer.score()
-        edited_acc = scorer.score_model(tmp)
-        ft_acc = {t: scorer.score_model(P.finetuned_dir(p, t), [t])[t] for t in p.edit.target_tasks() if P.finetuned_dir(p, t).is_dir()}
+            save_head(suite.heads[t], tmp / "heads" / f"{t}.safetensors")
+        base_acc = suite.accuracies()
+        edited_acc = suite.score_model(tmp)
+        ft_acc = {t: suite.score_model(P.finetuned_dir(p, t), tasks=[t])[t] for t in p.edit.target_tasks() if P.finetuned_dir(p, t).is_dir()}
         metrics = _metrics(p, base_acc, edited_acc, ft_acc, lam)
         provenance = {
             "params_sha256": P.params_hash(Path(params_file)),
             "git": P.git_commit(p.root),
-            "data": scorer.lineage,
+            "data": suite.lineage(split),
             "composition": {"vector_sha256": record["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in record["inputs"]], "options": record["options"]},
             "search": {k: best[k] for k in ("lambda", "objective", "strategy", "split", "evaluations")},
         }

@@ -1,6 +1,7 @@
 """Step 6 — register: the edited model as a new MLflow registered-model version (alias ``challenger``).
 
-Logs ``outputs/model`` as a pyfunc model (see :mod:`pipeline.ops.registry`), the
+Logs ``outputs/model`` as the serving pyfunc (:func:`pipeline.ops.registry.register_model`,
+the same registration rollback uses; model class in :mod:`pipeline.ops.serving`), the
 task vectors beside it, and registers a version carrying the reproducibility
 tags (ledger, git commit, dvc.lock hashes, params hash, dataset digests,
 Prefect flow-run id). Writes ``outputs/registry/registered.json``.

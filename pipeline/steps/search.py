@@ -13,12 +13,14 @@ split capped by ``eval.max_rows``:
 The search itself is the core's (:func:`taskvec.search.search_lambda`):
 ``search.strategy: grid`` scores the paper's grid of ``grid_points`` λ values
 on [lambda_min, lambda_max]; ``golden`` runs golden-section search over the
-same lattice with at most ``max_evals`` model evaluations. Weights are updated
-in place by :class:`taskvec.search.WeightEditor` (θ₀ + λτ per covered
-tensor, base restored exactly), so one encoder is loaded once.
+same lattice with at most ``max_evals`` model evaluations. Scoring is the
+harness's (:class:`taskvec.suite.Suite`: one encoder loaded once, on CUDA when
+available); weights are updated in place by its
+:class:`~taskvec.suite.WeightEditor` (θ₀ + λτ per covered tensor, base
+restored exactly).
 
-Writes ``curve.csv`` (λ, objective, feasible, per-task accuracy),
-``curve.png`` and ``best.json`` (best λ, its scores, base and fine-tuned
+Writes ``curve.csv`` (λ, objective, feasible, ``acc/<task>``; the harness's
+:func:`~taskvec.suite.write_curve`), ``curve.png`` and ``best.json`` (best λ, its scores, base and fine-tuned
 references); the ``lambda`` plot and the ``search`` metrics of ``dvc.yaml``.
 
     python -m pipeline.steps.search --params params.yaml
@@ -26,8 +28,6 @@ references); the ``lambda`` plot and the ``search`` metrics of ``dvc.yaml``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import sys
@@ -40,44 +40,6 @@ from taskvec.errors import TaskvecError
 CURVE = "curve.csv"
 PLOT = "curve.png"
 BEST = "best.json"
-
-
-class Scorer:
-    """Encoder loaded once; heads and tokenised eval sets per task."""
-
-    def __init__(self, p: P.PipelineParams, tasks: list[str], split: str):
-        import torch
-
-        from taskvec.data import load_split
-        from taskvec.evaluate import EvalSet
-        from taskvec.heads import build_head, load_encoder
-
-        self.torch = torch
-        self.encoder, self.tokenizer, _ = load_encoder(p.base, dtype=torch.float32)
-        self.encoder.eval()
-        self.heads = {}
-        self.sets = {}
-        self.lineage = {}
-        for t in tasks:
-            spec = p.task(t)
-            self.heads[t] = build_head(self.encoder, self.tokenizer, t, spec.labels, spec.head_texts, max_length=p.eval.max_length)
-            data = load_split(spec, p.data_root(), split, max_rows=p.eval.max_rows.get(split), seed=p.eval.seed)
-            self.sets[t] = EvalSet.build(data, self.tokenizer, batch_size=p.eval.batch_size, max_length=p.eval.max_length)
-            self.lineage[t] = data.lineage()
-
-    def score(self, encoder=None, tasks: list[str] | None = None) -> dict[str, float]:
-        from taskvec.evaluate import score
-        from taskvec.heads import EncoderClassifier
-
-        enc = encoder or self.encoder
-        return {t: score(EncoderClassifier(enc, self.heads[t]), s)["accuracy"] for t, s in self.sets.items() if tasks is None or t in tasks}
-
-    def score_model(self, folder: Path, tasks: list[str] | None = None) -> dict[str, float]:
-        from taskvec.heads import load_encoder
-
-        enc, _, _ = load_encoder(folder, dtype=self.torch.float32)
-        enc.eval()
-        return self.score(enc, tasks)
 
 
 def load_tau(path: Path, encoder) -> dict:
@@ -118,8 +80,11 @@ def edit_objective(p: P.PipelineParams, base: dict[str, float], ft: dict[str, fl
 
 
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
+    import torch
+
     from taskvec.io import atomic_dir
-    from taskvec.search import NoFeasibleLambda, WeightEditor, search_lambda
+    from taskvec.search import NoFeasibleLambda, search_lambda
+    from taskvec.suite import Suite, write_curve
 
     from pipeline.steps.compose import VECTOR
 
@@ -131,21 +96,21 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     plan = p.edit
     tasks = plan.eval_tasks()
     split = p.search.split
-    scorer = Scorer(p, tasks, split)
-    tau = load_tau(vector, scorer.encoder)
-    base_acc = scorer.score()
+    suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32)
+    tau = load_tau(vector, suite.encoder)
+    base_acc = suite.accuracies()
     ft_acc: dict[str, float] = {}
     for t in plan.target_tasks():
         folder = P.finetuned_dir(p, t)
         if folder.is_dir():
-            ft_acc[t] = scorer.score_model(folder, [t])[t]
+            ft_acc[t] = suite.score_model(folder, tasks=[t])[t]
     objective = edit_objective(p, base_acc, ft_acc)
 
     def evaluate(lam: float) -> dict[str, float]:
         editor.apply(lam)
-        return scorer.score()
+        return suite.accuracies()
 
-    with WeightEditor(scorer.encoder, tau) as editor:
+    with suite.editor(tau) as editor:
         try:
             found = search_lambda(evaluate, objective, p.search)
         except NoFeasibleLambda:
@@ -153,28 +118,22 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
                 f"no λ in [{p.search.lambda_min}, {p.search.lambda_max}] keeps every control task above "
                 f"{p.search.control_threshold:.0%} of its base accuracy; lower search.control_threshold or widen the range"
             ) from None
-    curve = sorted(
-        ({"lambda": e["lambda"], "objective": e["score"], "feasible": e["feasible"], **{f"acc/{t}": a for t, a in e["metrics"].items()}} for e in found.evaluations),
-        key=lambda r: r["lambda"],
-    )
-    best = {"lambda": found.best_lambda, "objective": found.best_score, **{f"acc/{t}": a for t, a in found.best_metrics.items()}}
     result = {
-        "lambda": best["lambda"],
-        "objective": best["objective"],
-        "accuracy": {t: best[f"acc/{t}"] for t in tasks},
+        "lambda": found.best_lambda,
+        "objective": found.best_score,
+        "accuracy": {t: found.best_metrics[t] for t in tasks},
         "base_accuracy": base_acc,
         "finetuned_accuracy": ft_acc,
         "evaluations": len(found.evaluations),
         "strategy": p.search.strategy,
         "split": split,
         "vector_sha256": _sha(vector),
-        "data": scorer.lineage,
+        "data": suite.lineage(split),
         "seconds": round(time.perf_counter() - started, 2),
     }
     out = P.search_dir(p)
     with atomic_dir(out) as tmp:
-        _write_curve(tmp / CURVE, curve, tasks)
-        _plot(tmp / PLOT, curve, tasks, best["lambda"])
+        write_curve(tmp, found, tasks=tasks, score_column="objective", task_prefix="acc/")
         (tmp / BEST).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return {"step": "search", "path": str(out), "best": str(out / BEST), "curve": str(out / CURVE), "plot": str(out / PLOT), **result}
 
@@ -183,36 +142,6 @@ def _sha(path: Path) -> str:
     from taskvec.io import file_sha256
 
     return file_sha256(path)
-
-
-def _write_curve(path: Path, curve: list[dict], tasks: list[str]) -> None:
-    cols = ["lambda", "objective", "feasible"] + [f"acc/{t}" for t in tasks]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in curve:
-        w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else int(r[k]) if isinstance(r[k], bool) else r[k]) for k in cols})
-    path.write_text(buf.getvalue())
-
-
-def _plot(path: Path, curve: list[dict], tasks: list[str], best: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["lambda"] for r in curve]
-    for t in tasks:
-        ax.plot(xs, [r[f"acc/{t}"] for r in curve], marker="o", label=t)
-    ax.axvline(best, color="grey", linestyle="--", label=f"best λ={best:g}")
-    ax.set_xlabel("λ")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("λ search: θ₀ + λ·τ_edit")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
 
 
 if __name__ == "__main__":

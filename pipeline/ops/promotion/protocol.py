@@ -1,4 +1,4 @@
-"""Audited promotion: gates, approval records, and the one path that moves ``champion``.
+"""The audited protocol: approval records, and the one path that moves ``champion``.
 
 The champion alias of a registered model moves only through
 :func:`move_alias`, which runs this protocol while holding the audit log's
@@ -22,286 +22,37 @@ Every other audited record (gate results, approvals, rejections) goes through
 version can never become champion; promotion is impossible without an
 approval record.
 
-Evaluation is injected: ``evaluate(model_dir) -> {task: accuracy}``;
-:func:`load_evaluator` resolves ``"module:function"`` strings so flows and
-deployments can name one.
+Gates are in :mod:`pipeline.ops.promotion.gates`, evaluators in
+:mod:`pipeline.ops.promotion.evaluator`, registry access in
+:mod:`pipeline.ops.registry`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+from pipeline.ops import integrity
 from pipeline.ops.audit import AuditEntry, AuditLog, AuditTransaction, default_actor, now_iso
-from pipeline.params import CHAMPION, PromotionSpec
+from pipeline.ops.promotion.gates import Comparison
+from pipeline.ops.registry import alias_version, get_version, mlflow_client
+from pipeline.params import CHAMPION
 from taskvec.errors import TaskvecError
 
 log = logging.getLogger(__name__)
 
 ANCHOR_TAG = "taskvec.audit_head"
-LEDGER_TAG = "taskvec.ledger"
 MOVES = ("promote", "rollback", "revert")  # audit actions that move the champion alias
 DECISIONS = ("approve", "reject")
 
-Evaluator = Callable[[Path], dict[str, float]]
-
 
 # ---------------------------------------------------------------------------
-# Parameters (the ``promotion:`` section of params.yaml)
-
-
-def load_spec(params_file: str | os.PathLike = "params.yaml") -> PromotionSpec:
-    """``promotion:`` from params.yaml (through PipelineParams when it declares it), targets/controls from ``edit``."""
-    from pipeline.params import load_section, read_raw
-
-    raw = read_raw(params_file)
-    spec = load_section(params_file, "promotion", PromotionSpec, raw)
-    edit = raw.get("edit") or {}
-    if not spec.targets and isinstance(edit, dict):
-        targets = list(edit.get("learn") or []) + [a.get("target") for a in edit.get("analogies") or [] if isinstance(a, dict) and a.get("target")]
-        spec.targets = list(dict.fromkeys(targets))
-    if not spec.controls and isinstance(edit, dict):
-        spec.controls = list(dict.fromkeys(edit.get("control") or []))
-    return spec
-
-
-# ---------------------------------------------------------------------------
-# Gates
-
-
-@dataclass
-class GateResult:
-    gate: str
-    task: str
-    passed: bool
-    value: float | None
-    threshold: float | None
-    detail: str
-
-
-@dataclass
-class Comparison:
-    challenger: dict[str, float]
-    champion: dict[str, float] | None
-    gates: list[GateResult] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
-
-    def rows(self, spec: PromotionSpec) -> list[dict]:
-        out = []
-        for task in sorted(set(self.challenger) | set(self.champion or {})):
-            role = "target" if task in spec.targets else "control" if task in spec.controls else "other"
-            ch = self.challenger.get(task)
-            cp = (self.champion or {}).get(task)
-            gates = [g for g in self.gates if g.task == task]
-            out.append(
-                {
-                    "task": task,
-                    "role": role,
-                    "champion": None if cp is None else round(cp, 6),
-                    "challenger": None if ch is None else round(ch, 6),
-                    "delta_points": None if ch is None or cp is None else round((ch - cp) * 100, 4),
-                    "gates": "; ".join(g.detail for g in gates) or "-",
-                    "passed": all(g.passed for g in gates),
-                }
-            )
-        return out
-
-    def record(self) -> dict:
-        return {
-            "passed": self.passed,
-            "challenger": self.challenger,
-            "champion": self.champion,
-            "gates": [g.__dict__ for g in self.gates],
-        }
-
-    def markdown(self, spec: PromotionSpec, title: str) -> str:
-        lines = [f"# {title}", "", f"**Gates: {'PASSED' if self.passed else 'FAILED'}**", ""]
-        lines += ["| task | role | champion | challenger | Δ points | gate | ok |", "|---|---|---|---|---|---|---|"]
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        for r in self.rows(spec):
-            delta = "-" if r["delta_points"] is None else f"{r['delta_points']:+.2f}"
-            lines.append(f"| {r['task']} | {r['role']} | {fmt(r['champion'])} | {fmt(r['challenger'])} | {delta} | {r['gates']} | {'✅' if r['passed'] else '❌'} |")
-        return "\n".join(lines) + "\n"
-
-
-def apply_gates(challenger: dict[str, float], champion: dict[str, float] | None, spec: PromotionSpec) -> Comparison:
-    """Control tasks may not drop more than ``max_control_drop`` points; targets must reach their floor."""
-    cmp = Comparison(dict(challenger), None if champion is None else dict(champion))
-    for task in spec.targets:
-        floor = spec.target_floors.get(task, spec.default_target_floor)
-        acc = challenger.get(task)
-        if acc is None:
-            cmp.gates.append(GateResult("target_evaluated", task, False, None, None, "target task not evaluated"))
-            continue
-        if floor is not None:
-            ok = acc >= floor
-            cmp.gates.append(GateResult("target_floor", task, ok, acc, floor, f"acc {acc:.4f} {'>=' if ok else '<'} floor {floor:.4f}"))
-    for task in spec.controls:
-        acc = challenger.get(task)
-        if acc is None:
-            cmp.gates.append(GateResult("control_evaluated", task, False, None, None, "control task not evaluated"))
-            continue
-        ref = None if champion is None else champion.get(task)
-        if ref is None:
-            cmp.gates.append(GateResult("control_drop", task, True, None, spec.max_control_drop, "no champion score to compare"))
-            continue
-        drop = (ref - acc) * 100
-        ok = drop <= spec.max_control_drop + 1e-9
-        cmp.gates.append(GateResult("control_drop", task, ok, round(drop, 6), spec.max_control_drop, f"drop {drop:.2f} pt {'<=' if ok else '>'} {spec.max_control_drop:g}"))
-    for task in sorted(set(spec.target_floors) - set(spec.targets)):
-        raise TaskvecError(f"promotion.target_floors names {task!r}, which is not a target task ({', '.join(spec.targets) or 'none'})")
-    return cmp
-
-
-# ---------------------------------------------------------------------------
-# Evaluators
-
-
-def load_evaluator(ref: str | Evaluator) -> Evaluator:
-    """A callable, or ``"module:function"`` naming one."""
-    if callable(ref):
-        return ref
-    mod, _, name = str(ref).partition(":")
-    if not mod or not name:
-        raise TaskvecError(f"evaluator {ref!r}: expected 'module:function'")
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as exc:
-        raise TaskvecError(f"evaluator {ref!r} not found ({exc})") from None
-    return fn
-
-
-def default_evaluator(model_dir: Path, params_file: str | os.PathLike | None = None) -> dict[str, float]:
-    """Accuracy of every target and control task, via :func:`taskvec.evaluate.evaluate_model`.
-
-    Heads come from the task's fine-tune output when present (``outputs/finetuned/<task>``),
-    else from the model folder, else the base's zero-shot head.
-    """
-    from taskvec.config import load_params
-    from taskvec.evaluate import evaluate_model
-
-    params_file = params_file or os.environ.get("TASKVEC_PARAMS", "params.yaml")
-    spec = load_spec(params_file)
-    params = load_params(params_file)
-    out = {}
-    for task in dict.fromkeys(spec.targets + spec.controls):
-        head = Path(params_file).resolve().parent / "outputs" / "finetuned" / task / "heads" / f"{task}.safetensors"
-        res = evaluate_model(model_dir, task, params, head_path=head if head.is_file() else None)
-        out[task] = float(res["accuracy"])
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Registry access (MLflow client)
-
-
-def mlflow_client(tracking_uri: str | None = None):
-    from mlflow import MlflowClient
-
-    from pipeline.ops.services import mlflow_uri
-
-    uri = mlflow_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _params_tracking_uri())
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _params_tracking_uri() -> str | None:
-    from pipeline.params import read_raw
-
-    try:
-        raw = read_raw(os.environ.get("TASKVEC_PARAMS", "params.yaml"))
-    except TaskvecError:
-        raw = {}
-    return (raw.get("mlflow") or {}).get("tracking_uri") or "sqlite:///mlflow.db"
-
-
-def _is_not_found(exc: Exception) -> bool:
-    code = getattr(exc, "error_code", "") or ""
-    return code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND") or "not found" in str(exc).lower()
-
-
-def alias_version(client, model: str, alias: str) -> str | None:
-    """The version an alias points to, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(model, alias).version)
-    except MlflowException as exc:
-        if _is_not_found(exc):
-            return None
-        raise
-
-
-def get_version(client, model: str, ref: str | int):
-    """The model version for ``ref``: a number, or an alias (``champion``, ``@challenger``)."""
-    from mlflow.exceptions import MlflowException
-
-    ref = str(ref).lstrip("@")
-    try:
-        client.get_registered_model(model)
-    except MlflowException as exc:
-        if _is_not_found(exc):
-            raise TaskvecError(f"registered model {model!r} not found") from None
-        raise
-    if not ref.isdigit():
-        v = alias_version(client, model, ref)
-        if v is None:
-            raise TaskvecError(f"model {model!r} has no version with alias {ref!r}")
-        ref = v
-    try:
-        return client.get_model_version(model, ref)
-    except MlflowException as exc:
-        if _is_not_found(exc):
-            raise TaskvecError(f"model {model!r} has no version {ref}") from None
-        raise
-
-
-def ledger_of(client, mv) -> dict:
-    """The edit ledger of a version: its ``taskvec.ledger`` tag, else taskvec.json in its artifact."""
-    raw = (mv.tags or {}).get(LEDGER_TAG)
-    if raw:
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise TaskvecError(f"{mv.name} version {mv.version}: tag {LEDGER_TAG} is not JSON") from None
-    from taskvec.engine import read_ledger
-
-    led = read_ledger(download_version(mv, tracking_uri=getattr(client, "tracking_uri", None)))
-    if led is None:
-        raise TaskvecError(f"{mv.name} version {mv.version} has no edit ledger (no {LEDGER_TAG} tag, no taskvec.json)")
-    return led
-
-
-def download_version(mv, dst: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Path:
-    import mlflow
-
-    if dst is not None:
-        Path(dst).mkdir(parents=True, exist_ok=True)
-    try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=None if dst is None else str(dst), tracking_uri=tracking_uri)
-    except Exception as exc:  # MlflowException, OSError …
-        raise TaskvecError(f"cannot download {mv.name} version {mv.version} from {mv.source}: {str(exc).splitlines()[0]}") from None
-    return model_folder(Path(path))
-
-
-def model_folder(root: Path) -> Path:
-    """The HF folder (with taskvec.json) in a downloaded artifact: the root, or ``data/model`` of the pipeline's pyfunc."""
-    root = Path(root)
-    if (root / "taskvec.json").is_file():
-        return root
-    for cand in sorted(root.glob("data/*")) + sorted(root.glob("*")):
-        if (cand / "taskvec.json").is_file():
-            return cand
-    return root
+# Audit anchors on the registry
 
 
 def anchors(client) -> dict[str, str]:
@@ -397,9 +148,11 @@ def audited_append(ops: Ops, action: str, model: str, version: str | None, build
     with ops.audit.transaction() as tx:
         undo = _Undo()
         try:
+            integrity.check_before_write(ops, action, model, version, tx=tx)
             payload = build(tx, undo)
             entry = tx.append(action, model, version, payload, actor=actor)
             _set_anchor(ops.client, model, entry, undo, ops.audit.log_id)
+            integrity.anchor_rejection(ops.client, entry, undo, ops.audit.log_id)
             _fault("before_commit")
             tx.commit()
             return entry
@@ -505,6 +258,7 @@ def move_alias(
     with ops.audit.transaction() as tx:
         undo = _Undo()
         try:
+            integrity.check_before_write(ops, action, model, version, alias=alias, tx=tx)
             approvals, rejects, consumed = _decisions(tx, model, version)
             if rejects:
                 raise TaskvecError(f"{model} version {version} was rejected (audit entry {rejects[0].seq}); a rejected version never becomes {alias}")
@@ -571,6 +325,21 @@ def move_alias(
         except BaseException:
             undo.run()
             raise
+
+
+def rejection(ops: Ops, model: str, version: str) -> AuditEntry | None:
+    """The ``reject`` audit entry of a version, if it was rejected."""
+    rejects = ops.audit.entries(model=model, version=str(version), action="reject")
+    return rejects[0] if rejects else None
+
+
+def check_promotable(ops: Ops, model: str, version: str | int):
+    """One-line errors before a promotion starts: unknown model or version, a rejected version. Returns the version."""
+    mv = get_version(ops.client, model, version)
+    rej = rejection(ops, model, str(mv.version))
+    if rej is not None:
+        raise TaskvecError(f"{model} version {mv.version} was rejected (audit entry {rej.seq}); a rejected challenger never becomes champion")
+    return mv
 
 
 def promote(ops: Ops, model: str, version: str | int, *, alias: str = CHAMPION) -> Move:

@@ -1,0 +1,131 @@
+"""The results table (markdown) and bar plots of the paper experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _lam(row: dict) -> str:
+    if row.get("steps") is not None:
+        return f"lr {row['lr']:g}, {row['steps']} steps"
+    return "–" if row.get("lambda") is None else f"{row['lambda']:g}"
+
+
+def render_markdown(results: dict) -> str:
+    lines: list[str] = []
+    meta = results["meta"]
+    lines += [
+        "# Task arithmetic on all-MiniLM-L6-v2 — paper experiments",
+        "",
+        f"Base `{meta['base']}`; fine-tunes: {meta['train']['steps']} steps × batch {meta['train']['batch_size']}, lr {meta['train']['lr']:g}, max_length {meta['train']['max_length']}; "
+        f"rows: validation ≤ {meta['eval_rows']['validation']}, test ≤ {meta['eval_rows']['test']} per task. "
+        f"λ on linspace({meta['search']['lambda_min']:g}, {meta['search']['lambda_max']:g}, {meta['search']['grid_points']}) by {meta['search']['strategy']} search on **validation**; all numbers below are **test** accuracy (%) unless marked. "
+        f"Wall time {meta['seconds'] / 60:.1f} min{' (--quick smoke budget: numbers are not meaningful)' if meta['quick'] else ''}.",
+        "",
+    ]
+    if "negation" in results:
+        lines += ["## 1. Negation (forgetting a task)", "",
+                  "λ / gradient-ascent checkpoint minimise target validation accuracy subject to control validation accuracy ≥ 95% of the base's.", ""]
+        for target, res in results["negation"].items():
+            c = res["control"]
+            base_c = res["rows"]["base"]["test"][c]
+            lines += [f"### Target `{target}`, control `{c}`", "",
+                      f"| method | λ / budget | {target} acc ↓ | {c} acc | {c} / base | {target} val | {c} val |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            for name, row in res["rows"].items():
+                lines.append(
+                    f"| {name} | {_lam(row)} | {_pct(row['test'][target])} | {_pct(row['test'][c])} | {_pct(row['test'][c] / base_c)} | "
+                    f"{_pct(row['validation'][target])} | {_pct(row['validation'][c])} |"
+                )
+            lines.append("")
+    if "addition" in results:
+        add = results["addition"]
+        tasks = add["tasks"]
+        lines += ["## 2. Addition (one model for " + ", ".join(f"`{t}`" for t in tasks) + ")", "",
+                  "Absolute test accuracy (%) and, in parentheses, normalised accuracy = accuracy / the task's own fine-tuned test accuracy (%). "
+                  "λ maximises mean normalised **validation** accuracy.", "",
+                  "| method | λ | " + " | ".join(tasks) + " | mean abs | mean norm |",
+                  "| --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |"]
+        for name, row in add["rows"].items():
+            m = row.get("method") or {}
+            extra = f" (density {m['density']:g})" if m.get("method") == "ties" else (f" (p = {m['drop']:g})" if m.get("method") in ("dare", "dare_ties") else "")
+            cells = " | ".join(f"{_pct(row['test'][t])} ({_pct(row['normalized_test'][t])})" for t in tasks)
+            lines.append(f"| {name}{extra} | {_lam(row)} | {cells} | {_pct(row['mean_test'])} | {_pct(row['mean_normalized_test'])} |")
+        lines.append("")
+    if "analogy" in results:
+        an = results["analogy"]
+        t = an["target"]
+        lines += ["## 3. Analogy (τ_yelp ≈ τ_amazon + (τ_yelp_lm − τ_amazon_lm))", "",
+                  f"λ maximises `{t}` **validation** accuracy; no labelled `{t}` data is used by the analogy vector.", "",
+                  f"| model | λ | {t} test acc | {t} val acc |", "| --- | --- | ---: | ---: |"]
+        for name, row in an["rows"].items():
+            lines.append(f"| {name} | {_lam(row)} | {_pct(row['test'][t])} | {_pct(row['validation'][t])} |")
+        lines.append("")
+    lines += ["Regenerate: `taskvec benchmark --config benchmarks/experiments.yaml --out benchmarks/out/paper` "
+              "(or `python benchmarks/paper_experiments.py`); fine-tunes and vectors are cached under `<out>/cache`.", ""]
+    return "\n".join(lines)
+
+
+def plot_bars(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if "negation" in results:
+        items = list(results["negation"].items())
+        fig, axes = plt.subplots(1, len(items), figsize=(6 * len(items), 4), squeeze=False)
+        for ax, (target, res) in zip(axes[0], items):
+            c = res["control"]
+            names = list(res["rows"])
+            x = np.arange(len(names))
+            ax.bar(x - 0.2, [100 * res["rows"][n]["test"][target] for n in names], 0.4, label=f"{target} (target)")
+            ax.bar(x + 0.2, [100 * res["rows"][n]["test"][c] for n in names], 0.4, label=f"{c} (control)")
+            ax.set_xticks(x, [n.split(" (")[0] for n in names], rotation=20, ha="right", fontsize=8)
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"negation: {target}")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "negation.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "negation.png")
+    if "addition" in results:
+        add = results["addition"]
+        names = [n for n in add["rows"] if n != "individual fine-tunes"]
+        tasks = add["tasks"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(names)
+        x = np.arange(len(tasks) + 1)
+        for i, n in enumerate(names):
+            row = add["rows"][n]
+            vals = [100 * row["normalized_test"][t] for t in tasks] + [100 * row["mean_normalized_test"]]
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=n)
+        ax.axhline(100, color="grey", lw=1)
+        ax.set_xticks(x, [*tasks, "mean"])
+        ax.set_ylabel("normalised test accuracy (%)")
+        ax.set_title("addition of 4 task vectors")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "addition.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "addition.png")
+    if "analogy" in results:
+        an = results["analogy"]
+        names = list(an["rows"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(range(len(names)), [100 * an["rows"][n]["test"][an["target"]] for n in names], color="tab:green")
+        ax.set_xticks(range(len(names)), [n.split(" (")[0][:40] for n in names], rotation=15, ha="right", fontsize=8)
+        ax.set_ylabel(f"{an['target']} test accuracy (%)")
+        ax.set_title("task analogy")
+        fig.tight_layout()
+        fig.savefig(out / "analogy.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "analogy.png")
+    return written

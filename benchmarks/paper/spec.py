@@ -1,0 +1,116 @@
+"""Configuration of the paper experiments: :class:`ExperimentParams` = :class:`Params` plus a ``bench`` section."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from taskvec.config import Params, SearchSpec, TrainSpec, _Strict, load_params
+
+
+class GradientAscentSpec(_Strict):
+    lrs: list[float] = Field(default_factory=lambda: [1e-5, 3e-5])
+    steps: int = Field(default=40, ge=1)
+    checkpoints: list[int] = Field(default_factory=lambda: [5, 10, 20, 30, 40])
+    batch_size: int = Field(default=16, ge=1)
+
+
+class NegationSpec(_Strict):
+    targets: list[str] = Field(default_factory=lambda: ["offensive", "sst2"])
+    control: str = "agnews"
+    random_norm: Literal["per_tensor", "global"] = "per_tensor"
+    gradient_ascent: GradientAscentSpec = Field(default_factory=GradientAscentSpec)
+
+
+class MethodSpec(_Strict):
+    name: str
+    method: Literal["sum", "ties", "dare", "dare_ties", "magnitude"]
+    density: float = Field(default=1.0, gt=0, le=1)
+    drop: float = Field(default=0.0, ge=0, lt=1)
+
+
+class AdditionSpec(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["sst2", "agnews", "sms_spam", "offensive"])
+    methods: list[MethodSpec] = Field(
+        default_factory=lambda: [
+            MethodSpec(name="task_arithmetic", method="sum"),
+            MethodSpec(name="ties", method="ties", density=0.2),
+            MethodSpec(name="dare", method="dare", drop=0.5),
+            MethodSpec(name="dare_ties", method="dare_ties", drop=0.5),
+        ]
+    )
+
+
+class AnalogySpec(_Strict):
+    target: str = "yelp"
+    source: str = "amazon"
+    target_lm: str = "yelp_lm"
+    source_lm: str = "amazon_lm"
+
+
+class QuickSpec(_Strict):
+    steps: int = 6
+    validation_rows: int = 48
+    test_rows: int = 64
+    ga_steps: int = 4
+    max_evals: int = 4
+
+
+class BenchSpec(_Strict):
+    seed: int = 0
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
+    steps: dict[str, int] = Field(default_factory=dict)  # per-task override of train.steps
+    negation: NegationSpec | None = Field(default_factory=NegationSpec)
+    addition: AdditionSpec | None = Field(default_factory=AdditionSpec)
+    analogy: AnalogySpec | None = Field(default_factory=AnalogySpec)
+    quick: QuickSpec = Field(default_factory=QuickSpec)
+
+
+class ExperimentParams(Params):
+    bench: BenchSpec = Field(default_factory=BenchSpec)
+
+
+def load_experiment_params(path: str | Path) -> ExperimentParams:
+    return load_params(path, model=ExperimentParams)
+
+
+def quick_params(params: ExperimentParams) -> ExperimentParams:
+    """The same experiments with smoke-test budgets (``--quick``)."""
+    p = copy.deepcopy(params)
+    q = p.bench.quick
+    p.train = TrainSpec.model_validate(p.train.model_dump() | {"steps": q.steps})
+    p.bench.steps = {}
+    p.eval.max_rows.validation = q.validation_rows
+    p.eval.max_rows.test = q.test_rows
+    p.search = SearchSpec.model_validate(p.search.model_dump() | {"max_evals": q.max_evals})
+    if p.bench.negation is not None:
+        ga = p.bench.negation.gradient_ascent
+        ga.steps = q.ga_steps
+        ga.checkpoints = sorted({max(1, q.ga_steps // 2), q.ga_steps})
+        ga.lrs = ga.lrs[:1]
+    return p
+
+
+def needed_tasks(params: ExperimentParams) -> tuple[list[str], list[str]]:
+    """(tasks to fine-tune, classification tasks to score)."""
+    b = params.bench
+    ft: list[str] = []
+    scored: list[str] = []
+    if b.negation:
+        ft += b.negation.targets
+        scored += [*b.negation.targets, b.negation.control]
+    if b.addition:
+        ft += b.addition.tasks
+        scored += b.addition.tasks
+    if b.analogy:
+        a = b.analogy
+        ft += [a.target, a.source, a.target_lm, a.source_lm]
+        scored += [a.target]
+    ft = list(dict.fromkeys(ft))
+    scored = list(dict.fromkeys(scored))
+    for name in [*ft, *scored]:
+        params.task(name)
+    return ft, scored

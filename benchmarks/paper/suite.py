@@ -1,0 +1,43 @@
+"""The benchmark's evaluation: the core harness (:class:`taskvec.suite.Suite`) and λ search on validation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.paper.spec import ExperimentParams
+from taskvec.search import SearchResult
+from taskvec.search_run import search_suite, write_outputs
+from taskvec.suite import Suite
+
+
+def open_suite(params: ExperimentParams, tasks: Sequence[str]) -> Suite:
+    """The base encoder loaded once (float32, on the harness's device), each task's frozen base head,
+    validation and test eval sets; keeps the base weights for :meth:`Suite.reset`."""
+    return Suite.load(params.base, tasks, params, splits=("validation", "test"), dtype=torch.float32, keep_base=True)
+
+
+def search(
+    suite: Suite,
+    params: ExperimentParams,
+    tau: Mapping[str, torch.Tensor],
+    objective_name: str,
+    tasks: Sequence[str],
+    *,
+    controls: Sequence[str] = (),
+    reference: Mapping[str, float] | None = None,
+    sign: float = 1.0,
+    curve_dir: Path | None = None,
+    label: str = "",
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """λ search on VALIDATION with taskvec.search's objectives and golden/grid strategy."""
+    started = time.perf_counter()
+    result = search_suite(suite, tau, objective_name, tasks, spec=params.search, controls=controls, reference=reference, sign=sign, split="validation")
+    if curve_dir is not None:
+        write_outputs(result, curve_dir)
+    log(f"[search] {label}: λ = {result.best_lambda:g} (val score {result.best_score:.4f}, {len(result.evaluations)} evals, {time.perf_counter() - started:.0f}s)")
+    return result
