@@ -19,6 +19,13 @@ Prefect and MLflow stores start empty too) and measures:
 ``overhead = wall − compute``; goal ≤ 10 % of ``wall``. A second, warm run
 (everything cached) is timed too. Results go to ``benchmarks/out/overhead.json``.
 
+Fresh SQLite stores (the Prefect database of the new Prefect home, the
+project's ``mlflow.db``) are seeded from migrated empty copies kept per library
+version in ``~/.cache/taskvec`` (``TASKVEC_DB_TEMPLATES``) when those exist,
+as for any project on a machine that ran taskvec before; the report says
+whether they did. ``--no-db-templates`` measures the first run on a machine
+(Alembic migrations of both stores included).
+
     .venv/bin/python benchmarks/bench_overhead.py            # default params (≈ 15 CPU minutes)
     .venv/bin/python benchmarks/bench_overhead.py --params tests-like.yaml --keep
     .venv/bin/python benchmarks/bench_overhead.py --from-summary run.json --wall 812   # analyse a finished run
@@ -64,7 +71,7 @@ def analyse(summary: dict, wall: float) -> dict:
 
 def cold_project(params: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
-    for d in ("pipeline", "taskvec"):
+    for d in ("pipeline", "taskvec", "bin"):
         shutil.copytree(REPO / d, dest / d, ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / f, dest / f)
@@ -98,6 +105,7 @@ def main() -> None:
     ap.add_argument("--from-summary", type=Path, help="analyse the --json summary of a finished run instead")
     ap.add_argument("--wall", type=float, help="with --from-summary: the run's wall time in seconds")
     ap.add_argument("--keep", action="store_true", help="keep the temporary project")
+    ap.add_argument("--no-db-templates", action="store_true", help="no migrated store templates: the first run on a machine")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "overhead.json")
     args = ap.parse_args()
     if args.from_summary:
@@ -108,11 +116,15 @@ def main() -> None:
         env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect-home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.pop("MLFLOW_TRACKING_URI", None)
+        if args.no_db_templates:
+            env["TASKVEC_DB_TEMPLATES"] = str(tmp / "no-templates")
+        templates = Path(env.get("TASKVEC_DB_TEMPLATES") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "taskvec")
+        present = sorted(p.name for p in templates.glob("*-empty.db")) if templates.is_dir() else []
         try:
             project = cold_project(args.params, tmp / "project")
             cold, cold_wall = timed_run(project, env)
             warm, warm_wall = timed_run(project, env)
-            report = {"cold": analyse(cold, cold_wall), "warm_rerun_wall_s": round(warm_wall, 1), "warm_states": warm.get("states")}
+            report = {"cold": analyse(cold, cold_wall), "warm_rerun_wall_s": round(warm_wall, 1), "warm_states": warm.get("states"), "db_templates_at_start": present}
         finally:
             if not args.keep:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -13,8 +13,9 @@ data files, upstream outputs, its parameter slice, its code), so re-running
 an unchanged flow recomputes nothing; a step whose output is missing on disk
 is recomputed (``refresh_cache``).
 
-MLflow: one parent run per flow run, nested runs per step (cached steps get
-a small ``(cached)`` run pointing at the hashes they reused). Prefect: a
+MLflow: one parent run per flow run, nested runs per step that ran (cached
+steps are listed in the parent's tag ``taskvec.cached_steps``, so a fully
+cached re-run records one run). Prefect: a
 markdown artifact ``edit-summary`` and a table artifact ``edit-results``.
 Runs without a server (Prefect's ephemeral mode) or against
 ``PREFECT_API_URL``.
@@ -78,6 +79,9 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
     flow_run_id = _flow_run_id()
     tracker = tracking.Tracker(p)
     logger.info("MLflow: %s (experiment %s)", tracker.safe_uri, p.mlflow.experiment)
+    swept = tracker.sweep_orphans()  # runs a killed flow left RUNNING -> FAILED
+    if swept:
+        logger.warning("marked %d orphaned MLflow run(s) of killed flows FAILED: %s", len(swept), ", ".join(swept))
     parent = tracker.start("edit", tags={"taskvec.runner": "prefect", "prefect.flow_run_id": str(flow_run_id), "taskvec.params_sha256": P.params_hash(params_file)})
     timings: dict[str, float] = {}
     status = "FAILED"
@@ -182,6 +186,12 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
         publish_artifacts(p, summary, evaluated["ledger"])
         status = "FINISHED"
         return summary
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # SIGTERM (Prefect's TerminationSignal), Ctrl-C: kill the fine-tunes
+            from pipeline.ops.services import stop_children  # now, or unwinding waits for them to finish
+
+            stop_children()
+        raise
     finally:
         tracker.end(parent, status)
 
@@ -206,14 +216,12 @@ def _read_metrics(p) -> dict:
 
 
 def _log_cached(tracker, parent: str, states: dict[str, str]) -> None:
+    """Cached steps get no run of their own: the flow's run lists them (tag ``taskvec.cached_steps``)."""
     cached = [k for k, v in states.items() if v == "Cached"]
     if cached:
         from pipeline.ops import tracking
 
         tracking.StepRun(tracker, parent).tags({"taskvec.cached_steps": ",".join(cached)})
-        for step in cached:
-            with tracker.run(f"{step} (cached)", parent=parent, tags={"taskvec.step": step.split("/")[0], "taskvec.cached": "true"}):
-                pass
 
 
 def dvc_commit_push(p, *, enabled: bool | None, targets: list[str], push: bool, logger=None) -> dict:

@@ -11,8 +11,9 @@ changed input re-run (a new data file for one task re-runs that task's
 fine-tune → extract → compose → search → evaluate → register; the other
 task's fine-tune is a cache hit).
 
-Deployment: ``prefect.yaml`` (``prefect deploy --all``; a worker of the
-``taskvec`` pool runs it on the cron schedule) or, without a work pool,
+Deployment: ``taskvec deploy`` (work pool + ``prefect.yaml``'s deployments,
+with the absolute project root in the pull step; a worker of the ``taskvec``
+pool runs it on the cron schedule, no extra variable) or, without a work pool,
 ``python -m flows.schedule serve`` (``flow.serve`` with the same cron).
 Cron and parameters come from params.yaml's ``schedule:`` section.
 
@@ -101,6 +102,18 @@ def edit_flow(params_file: str | os.PathLike = "params.yaml"):
     return edit.with_options(task_runner=runner) if runner is not None else edit
 
 
+#: the project's code root, found from this file (a worker needs no TASKVEC_ROOT)
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_params(params_file: str | os.PathLike) -> Path:
+    """An absolute params path: as given when absolute or present in the cwd, else relative to :data:`CODE_ROOT`."""
+    path = Path(params_file)
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (CODE_ROOT / path).resolve()
+
+
 # ---------------------------------------------------------------------------
 # change detection
 
@@ -150,7 +163,7 @@ def scheduled_edit(params_file: str = "params.yaml", register_model: bool = True
 
     logger = get_run_logger()
     t0 = time.perf_counter()
-    params_file = str(Path(params_file).resolve())
+    params_file = str(resolve_params(params_file))
     fp = input_fingerprint(params_file)
     client, model = _registry(params_file)
     digest, version = last_fingerprint(client, model)

@@ -16,7 +16,7 @@ def compose_task(params_file: str, inputs: dict, parent_run_id: str | None = Non
     result = compose.main(params_file)
     result["step_seconds"] = round(time.perf_counter() - t0, 3)
     if parent_run_id:
-        with tracker_for(params_file).run("compose", parent=parent_run_id, tags=step_tags("compose", inputs)) as run:
+        with tracker_for(params_file).run("compose", parent=parent_run_id, tags=step_tags("compose", inputs), seconds=result["step_seconds"]) as run:
             run.params({"edit": inputs.get("edit"), "inputs": [f"{i['task']}:{i['sign']:+g}:{i['sha256']}" for i in result["inputs"]]})
             run.tags({"taskvec.vector_sha256": result["sha256"]})
             run.artifact(result["record"], "edit")

@@ -23,7 +23,7 @@ def evaluate_task(params_file: str, inputs: dict, parent_run_id: str | None = No
         from pipeline.ops import tracking
 
         metrics = json.loads(Path(result["metrics"]).read_text())
-        with tracker_for(params_file).run("evaluate", parent=parent_run_id, tags=step_tags("evaluate", inputs)) as run:
+        with tracker_for(params_file).run("evaluate", parent=parent_run_id, tags=step_tags("evaluate", inputs), seconds=result["step_seconds"]) as run:
             run.params({"lambda": inputs.get("lambda"), "method": inputs.get("edit", {}).get("method")})
             run.metrics(metrics["summary"])
             run.metrics({f"test.{t}.{k}": v for t, r in metrics["tasks"].items() for k, v in r.items() if isinstance(v, float)})

@@ -16,7 +16,7 @@ def extract_task(params_file: str, task_name: str, inputs: dict, parent_run_id: 
     result = extract.main(params_file, task=task_name)
     result["step_seconds"] = round(time.perf_counter() - t0, 3)
     if parent_run_id:
-        with tracker_for(params_file).run(f"extract/{task_name}", parent=parent_run_id, tags=step_tags("extract", inputs)) as run:
+        with tracker_for(params_file).run(f"extract/{task_name}", parent=parent_run_id, tags=step_tags("extract", inputs), seconds=result["step_seconds"]) as run:
             run.params({"task": task_name, "finetuned_hash": inputs.get("finetuned_hash"), "include": inputs.get("extract", {}).get("include"), "exclude": inputs.get("extract", {}).get("exclude")})
             run.metrics({"param_count": result["param_count"], "tensors": result["tensors"]})
             run.tags({"taskvec.vector_sha256": result["sha256"], "taskvec.base_hash": result["base_hash"]})

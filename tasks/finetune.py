@@ -4,6 +4,9 @@ Run as ``python -m pipeline.steps.finetune`` — the very command of the DVC sta
 so that concurrent fine-tunes each have their own torch RNG, deterministic
 mode and thread pool (``threads`` torch threads each). Exit status 2 is a
 user error (:class:`TaskvecError`, never retried); anything else is retried.
+The command is wrapped by :mod:`pipeline.ops.child`, so the fine-tune dies
+with this process (even on SIGKILL) and prints progress lines, relayed
+(throttled) to the flow's log on the console.
 """
 
 from __future__ import annotations
@@ -11,15 +14,69 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from prefect import task
 
+from pipeline.ops.services import child_command
 from taskvec.errors import TaskvecError
 from tasks.common import ROOT, cache_key, step_tags, tracker_for, transient
+
+
+PROGRESS_EVERY_S = float(os.environ.get("TASKVEC_PROGRESS_EVERY_S", "10"))
+
+
+def _log(message: str) -> None:
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().info(message)
+    except Exception:  # noqa: BLE001 - outside a run context
+        import sys
+
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_child(cmd: list[str], *, cwd, env: dict, label: str) -> tuple[int, str]:
+    """Run a fine-tune child; relay its progress lines (at most one per ``PROGRESS_EVERY_S``, plus the last).
+
+    The child is a :func:`pipeline.ops.services.child_command`: it gets SIGKILL
+    if this process dies, so a killed ``taskvec run`` leaves no fine-tune
+    behind to swap its output into ``outputs/`` later. Returns (exit status,
+    stderr without the progress lines).
+    """
+    from pipeline.ops import services
+
+    if services.STOPPING.is_set():
+        raise TaskvecError(f"{label}: not started, the run is stopping")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    services.adopt(proc)
+    kept: list[str] = []
+    last = 0.0
+    pending = None
+    try:
+        for line in proc.stderr:
+            if line.startswith("taskvec-progress "):
+                pending = line.removeprefix("taskvec-progress ").strip()
+                now = time.monotonic()
+                if now - last >= PROGRESS_EVERY_S or pending.endswith("done"):
+                    _log(f"{label}: {pending}")
+                    last, pending = now, None
+            elif "\r" not in line:  # tqdm bars (progress: true) are not worth keeping
+                kept.append(line)
+                del kept[:-200]
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        services.release(proc)
+    if services.STOPPING.is_set():
+        raise TaskvecError(f"{label}: stopped (the run was interrupted)")
+    return proc.returncode, "".join(kept)
 
 
 @task(name="finetune", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, cache_key_fn=cache_key, persist_result=True, task_run_name="finetune-{task_name}")
@@ -28,21 +85,22 @@ def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id:
     if threads:
         env.update(TASKVEC_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["TASKVEC_FINETUNE_PROGRESS"] = "1"
     with tempfile.TemporaryDirectory(prefix="taskvec-ft-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "pipeline.steps.finetune", "--params", str(params_file), "--task", task_name, "--json-out", str(out)]
+        cmd = child_command("pipeline.steps.finetune", "--params", str(params_file), "--task", task_name, "--json-out", str(out))
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=Path(params_file).resolve().parent, env=env, capture_output=True, text=True)
-        if proc.returncode == 2:
-            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        returncode, stderr = run_child(cmd, cwd=Path(params_file).resolve().parent, env=env, label=f"finetune {task_name}")
+        if returncode == 2:
+            lines = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
             raise TaskvecError(lines[-1].removeprefix("error: ") if lines else f"finetune {task_name} failed")
-        if proc.returncode != 0:
-            raise RuntimeError(f"finetune {task_name} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        if returncode != 0:
+            raise RuntimeError(f"finetune {task_name} exited {returncode}: {stderr.strip()[-2000:]}")
         result = json.loads(out.read_text())
         result["step_seconds"] = round(time.perf_counter() - t0, 3)
     if parent_run_id:
         tracker = tracker_for(params_file)
-        with tracker.run(f"finetune/{task_name}", parent=parent_run_id, tags=step_tags("finetune", inputs)) as run:
+        with tracker.run(f"finetune/{task_name}", parent=parent_run_id, tags=step_tags("finetune", inputs), seconds=result["step_seconds"]) as run:
             run.params({"task": task_name, "train": inputs.get("train"), "base_hash": inputs.get("base_hash")})
             run.metrics({"seconds": result["seconds"], "final_loss": result["losses"][-1][1] if result["losses"] else float("nan")})
             run.series("train_loss", [tuple(x) for x in result["losses"]])

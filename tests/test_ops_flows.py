@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from pathlib import Path
 from uuid import UUID
 
 import pytest
@@ -225,3 +226,15 @@ def test_dask_task_runner_runs_tasks(prefect_harness, tmp_path):
         return sum(f.result() for f in [square.submit(i) for i in range(5)])
 
     assert tiny() == 30
+
+
+def test_scheduled_edit_finds_params_from_its_own_root(tmp_path, monkeypatch):
+    """A worker's cwd need not be the project: a relative params file falls back to the flow's code root."""
+    import flows.schedule as S
+
+    monkeypatch.chdir(tmp_path)
+    assert S.CODE_ROOT == Path(S.__file__).resolve().parent.parent
+    assert S.resolve_params("params.yaml") == (S.CODE_ROOT / "params.yaml").resolve()
+    (tmp_path / "params.yaml").write_text("schedule: {}\n")
+    assert S.resolve_params("params.yaml") == (tmp_path / "params.yaml").resolve()
+    assert S.resolve_params(str(tmp_path / "x.yaml")) == (tmp_path / "x.yaml").resolve()

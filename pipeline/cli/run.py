@@ -42,15 +42,17 @@ def register(app: typer.Typer) -> None:
         from pipeline import params as P
 
         p = P.load(params)  # fail fast, one line, before Prefect starts
-        from pipeline.ops.services import check_prefect_api
+        from pipeline.ops.services import prefect_api
 
-        check_prefect_api()
-        from taskvec.data import validate_tasks
+        # our own Prefect API server (dies with us), started before the heavy imports so they overlap
+        with prefect_api() as api:
+            from taskvec.data import validate_tasks
 
-        validate_tasks(p, p.finetune.tasks + p.edit.eval_tasks())  # all data of the plan, before any training
-        from flows.edit import edit
+            validate_tasks(p, p.finetune.tasks + p.edit.eval_tasks())  # all data of the plan, before any training
+            from flows.edit import edit
 
-        summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency)
+            api.wait()
+            summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency)
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return

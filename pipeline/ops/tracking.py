@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.ops.services import mlflow_uri
+from pipeline.ops.services import mlflow_uri, save_db_template, seed_db, template_dir
 from taskvec.errors import TaskvecError
 from taskvec.redact import redact_text
 
@@ -101,6 +101,21 @@ def artifact_location(p, uri: str) -> str | None:
     return (p.root / root).resolve().as_uri()
 
 
+def mlflow_template_db() -> Path:
+    """A migrated, empty MLflow SQLite store for this MLflow version (see :func:`pipeline.ops.services.template_dir`)."""
+    from importlib.metadata import version
+
+    return template_dir() / f"mlflow-{version('mlflow')}-empty.db"
+
+
+def _fresh_sqlite(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store that does not exist yet (MLflow would migrate it: ~2–12 s), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    return None if path.exists() else path
+
+
 class Tracker:
     """An MLflow client bound to the pipeline's store and experiment."""
 
@@ -115,8 +130,13 @@ class Tracker:
         mlflow.set_registry_uri(self.uri)
         with LOCK:
             try:
+                fresh = _fresh_sqlite(self.uri)
+                seeded = fresh is not None and seed_db(fresh, mlflow_template_db())
                 self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                 exp = self.client.get_experiment_by_name(p.mlflow.experiment)
+                if fresh is not None and not seeded:
+                    # MLflow just migrated a new store: keep it, without its Default experiment, as the template
+                    save_db_template(fresh, mlflow_template_db(), cleanup=("DELETE FROM experiment_tags", "DELETE FROM experiments"))
                 if exp is None:
                     self.experiment_id = self.client.create_experiment(p.mlflow.experiment, artifact_location=artifact_location(p, self.uri))
                 else:
@@ -130,31 +150,112 @@ class Tracker:
 
     # -- runs ---------------------------------------------------------------
 
-    def start(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+    def start(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None, start_time: float | None = None) -> str:
+        """Create a run (``start_time``: epoch seconds when the work began; default now), tagged with our process."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-        all_tags = {MLFLOW_RUN_NAME: name, **{k: redact(str(v)) for k, v in (tags or {}).items()}}
+        all_tags = {MLFLOW_RUN_NAME: name, **process_tags(), **{k: redact(str(v)) for k, v in (tags or {}).items()}}
         if parent:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent
         with LOCK:
-            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags, start_time=None if start_time is None else int(start_time * 1000))
         return run.info.run_id
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
+    def end(self, run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
         with LOCK:
-            self.client.set_terminated(run_id, status=status)
+            self.client.set_terminated(run_id, status=status, end_time=None if end_time is None else int(end_time * 1000))
 
     @contextlib.contextmanager
-    def run(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None) -> Iterator[StepRun]:
-        """A (nested, when ``parent``) run that ends FINISHED, or FAILED if the block raises."""
-        run_id = self.start(name, parent=parent, tags=tags)
+    def run(self, name: str, *, parent: str | None = None, tags: dict[str, str] | None = None, seconds: float | None = None) -> Iterator[StepRun]:
+        """A (nested, when ``parent``) run that ends FINISHED, or FAILED if the block raises.
+
+        ``seconds``: how long the step's real work took, just before this call;
+        the run then starts that long ago and ends when the work ended, so its
+        duration in MLflow is the step's, not the time spent logging it.
+        """
+        import time
+
+        work_end = time.time() if seconds is not None else None
+        run_id = self.start(name, parent=parent, tags=tags, start_time=None if seconds is None else work_end - float(seconds))
         step = StepRun(self, run_id)
         try:
             yield step
         except BaseException:
             self.end(run_id, "FAILED")
             raise
-        self.end(run_id, "FINISHED")
+        self.end(run_id, "FINISHED", end_time=work_end)
+
+    def sweep_orphans(self) -> list[str]:
+        """Mark FAILED the RUNNING runs of this experiment whose process (on this host) is gone.
+
+        A flow killed with SIGKILL (or a lost machine) cannot end its MLflow
+        runs; they would stay RUNNING forever. Every run records the process
+        that created it (:func:`process_tags`); a run whose process no longer
+        exists — same host, and the pid is dead or belongs to a process started
+        at another time — is terminated FAILED with the tag
+        ``taskvec.failed_reason``. Runs of other hosts or without these tags are
+        left alone (their liveness cannot be known here). Returns the run ids.
+        """
+        import time
+
+        from mlflow.entities import RunStatus
+
+        swept: list[str] = []
+        host = _host()
+        with LOCK:
+            runs = self.client.search_runs([self.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`taskvec.host` = '{host}'", max_results=1000)
+        for run in runs:
+            t = run.data.tags
+            try:
+                pid, started = int(t[PID_TAG]), float(t[PID_START_TAG])
+            except (KeyError, ValueError):
+                continue
+            if _process_alive(pid, started):
+                continue
+            reason = f"orphaned: process {pid} on {host} ended without closing this run (swept at the start of a later run, pid {os.getpid()})"
+            with LOCK:
+                self.client.set_tag(run.info.run_id, "taskvec.failed_reason", reason)
+                self.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.FAILED), end_time=int(time.time() * 1000))
+            swept.append(run.info.run_id)
+        return swept
+
+
+PID_TAG = "taskvec.pid"
+PID_START_TAG = "taskvec.pid_started"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _create_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """``taskvec.host`` / ``taskvec.pid`` / ``taskvec.pid_started``: which process owns a run (for :meth:`Tracker.sweep_orphans`)."""
+    return {"taskvec.host": _host(), PID_TAG: str(os.getpid()), PID_START_TAG: f"{_create_time(os.getpid()) or 0.0:.2f}"}
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(proc.create_time() - started) < 1.0  # else: the pid was reused by another process
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
 class StepRun:
@@ -196,6 +297,11 @@ class StepRun:
         with LOCK:
             for i in range(0, len(items), 500):
                 self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def table(self, data: dict[str, list], artifact_file: str) -> None:
+        """A table artifact (``MlflowClient.log_table``: JSON the MLflow UI shows and charts by any column)."""
+        with LOCK:
+            self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
     def tags(self, values: dict[str, Any]) -> None:
         with LOCK:
