@@ -5,6 +5,13 @@ Entry point of the ``finetune@<task>`` DVC stage and of the Prefect
 keep their own RNG and thread pools)::
 
     python -m pipeline.steps.finetune --params params.yaml --task sst2
+
+The torch thread count is part of what determines the weights (reduction
+order), so it is fixed here, for every path that runs this entry point
+(``dvc repro``, ``taskvec run``'s subprocess, a direct call): ``THREADS``,
+whatever the machine's core count, the flow's concurrency or
+``OMP_NUM_THREADS``/``TASKVEC_TORCH_THREADS`` say. Changing it changes this
+file, hence the DVC stage's deps and the Prefect cache key.
 """
 
 from __future__ import annotations
@@ -15,13 +22,19 @@ import sys
 from pipeline import params as P
 from taskvec.errors import TaskvecError
 
+#: torch intra-op threads of every fine-tune (see the module docstring)
+THREADS = 1
+
 
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, task: str = "") -> dict:
     """Fine-tune ``task``; returns the output folder, its weights' content hash and the data lineage."""
+    import torch
+
     from taskvec.io import TensorSource
     from taskvec.train import finetune
 
     p = P.load(params_file)
+    torch.set_num_threads(THREADS)
     if task not in p.finetune.tasks:
         listed = ", ".join(p.finetune.tasks) or "none"
         raise TaskvecError(f"task {task!r} is not in finetune.tasks ({listed})")

@@ -60,7 +60,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         flow_run_id=flow_run_id,
         summary=metrics["summary"],
     )
-    vectors = list(dict.fromkeys(Path(i["path"]) if Path(i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if p.register.log_vectors else []
+    vectors = list(dict.fromkeys(p.root / i["path"] if (p.root / i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if p.register.log_vectors else []
     tracker = tracking.Tracker(p)
     own_parent = parent_run_id is None
     parent = parent_run_id or tracker.start("edit (dvc repro)" if not flow_run_id else "edit", tags={"taskvec.runner": "dvc" if not flow_run_id else "prefect", "prefect.flow_run_id": str(flow_run_id or "none")})
@@ -90,6 +90,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
 def log_summary(tracker, parent: str, p: P.PipelineParams, metrics: dict, digests: dict) -> None:
     """Parent-run logging when the steps ran without the flow (DVC): params, metrics, curve, table, inputs."""
     from pipeline.ops import tracking
+    from pipeline.portable import rel
     from pipeline.steps.evaluate import TABLE, results_markdown
     from pipeline.steps.search import BEST, CURVE, PLOT
 
@@ -103,7 +104,7 @@ def log_summary(tracker, parent: str, p: P.PipelineParams, metrics: dict, digest
     run.text(results_markdown(metrics), "results/results.md")
     with tempfile_dir() as d:
         run.artifact(tracking.plot_accuracy(metrics, Path(d) / "accuracy.png"), "results")
-    run.datasets({k: {"task": k.split("/")[0], "split": k.split("/")[1], "sha256": v, "origin": P.data_folder(p, k.split("/")[0]) + "/" + k.split("/")[1] + ".csv"} for k, v in digests.items()}, context="pipeline")
+    run.datasets({k: {"task": k.split("/")[0], "split": k.split("/")[1], "sha256": v, "origin": rel(p, P.data_folder(p, k.split("/")[0]) + "/" + k.split("/")[1] + ".csv")} for k, v in digests.items()}, context="pipeline")
 
 
 def pipeline_params(p: P.PipelineParams) -> dict:
