@@ -39,3 +39,15 @@ def lineage(p, data: dict) -> dict:
     if "origin" in data and isinstance(data.get("origin"), str):
         return {**data, "origin": rel(p, data["origin"])}
     return {k: lineage(p, v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def uri(p, value: str) -> str:
+    """A ``sqlite:///`` or ``file:`` URI to a path under the project, written relative to it (others unchanged)."""
+    for scheme in ("sqlite:///", "file://", "file:"):
+        if value.startswith(scheme):
+            path = value[len(scheme):]
+            if Path(path).is_absolute():
+                local = rel(p, path)
+                return scheme + local if not Path(local).is_absolute() else value
+            return value
+    return value

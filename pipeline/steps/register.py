@@ -31,6 +31,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     from taskvec.io import atomic_path
 
     from pipeline.ops import registry, tracking
+    from pipeline.portable import uri
     from pipeline.steps.compose import RECORD as COMPOSE_RECORD
     from pipeline.steps.evaluate import METRICS
 
@@ -69,7 +70,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         if own_parent:
             log_summary(tracker, parent, p, metrics, digests)
         with tracker.run("register", parent=parent, tags={"taskvec.step": "register"}) as step:
-            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "tracking_uri": tracker.safe_uri})
+            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "tracking_uri": uri(p, tracker.safe_uri)})
             step.metrics(metrics["summary"])
             result = registry.register(
                 tracker, step, model,
@@ -79,7 +80,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     finally:
         if own_parent:
             tracker.end(parent, status)
-    result = {"step": "register", **result, "parent_run_id": parent, "output_hash": ledger["output_hash"], "tracking_uri": tracker.safe_uri}
+    result = {"step": "register", **result, "parent_run_id": parent, "output_hash": ledger["output_hash"], "tracking_uri": uri(p, tracker.safe_uri)}
     out = P.registry_dir(p) / RECORD
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps({k: v for k, v in result.items()}, indent=2, sort_keys=True) + "\n")
