@@ -102,22 +102,36 @@ def test_flow_never_reuses_a_cached_result_for_outputs_an_experiment_rewrote(pip
         assert json.loads((root / "outputs/search/best.json").read_text())["lambda"] != lam and stale != first["output_hash"]
         subprocess.run(["git", "checkout", "params.yaml"], cwd=root, check=True)
         second = edit(pf)
+        on_disk = json.loads((root / "outputs/model/taskvec.json").read_text())["output_hash"]
+        lock = yaml.safe_load((root / "dvc.lock").read_text())
+        status = dvc(root, "status").stdout.lower()
+        # the same change as a `taskvec run -S` override: runs on the effective params, commits nothing to DVC
+        lock_before, params_before = (root / "dvc.lock").read_bytes(), (root / "params.yaml").read_bytes()
+        third = edit(pf, register_model=False, overrides=[change])
 
     states = second["states"]
     assert all(states[s] == "Cached" for s in ("finetune/senti", "finetune/topic", "extract/senti", "extract/topic", "compose")), states
     assert all(states[s] == "Completed" for s in ("search", "evaluate", "register")), states
     assert second["lambda"] == lam and second["output_hash"] == first["output_hash"]
-    assert json.loads((root / "outputs/model/taskvec.json").read_text())["output_hash"] == first["output_hash"]
+    assert on_disk == first["output_hash"]
     reg = second["registered"]
     assert reg["output_hash"] == first["output_hash"] and reg["version"] not in (first["registered"]["version"], stale_version)
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert lock["stages"]["search"]["params"]["params.yaml"]["search"] == params["search"]
-    assert "up to date" in dvc(root, "status").stdout.lower()
+    assert "up to date" in status, status
+
+    assert (root / "dvc.lock").read_bytes() == lock_before and (root / "params.yaml").read_bytes() == params_before
+    assert "commit" not in third["dvc"] and "commit" not in third["dvc"]["final"], third["dvc"]
+    assert third["params_file"] == str(root / ".taskvec-run-params.yaml") and third["overrides"] == [change]
+    assert third["lambda"] != lam and third["states"]["search"] == "Completed" and third["states"]["compose"] == "Cached"
+    assert json.loads((root / "outputs/search/best.json").read_text())["lambda"] == third["lambda"]
 
     # MLflow params and dataset sources name no absolute path
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp_ids = [e.experiment_id for e in client.search_experiments()]
+    parent = client.get_run(third["mlflow_run_id"])
+    key, value = change.split("=")
+    assert parent.data.tags["taskvec.overrides"] == change and float(parent.data.params[key]) == float(value)
     sources = []
     for run in client.search_runs(exp_ids):
         assert not any(str(pipeline_env) in str(v) for v in run.data.params.values()), run.data.params
