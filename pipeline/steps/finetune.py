@@ -34,12 +34,16 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, task: str = "") -> d
     from taskvec.train import finetune
 
     p = P.load(params_file)
-    torch.set_num_threads(THREADS)
     if task not in p.finetune.tasks:
         listed = ", ".join(p.finetune.tasks) or "none"
         raise TaskvecError(f"task {task!r} is not in finetune.tasks ({listed})")
     out = P.finetuned_dir(p, task)
-    result = finetune(task, p, out, progress=p.finetune.progress)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        result = finetune(task, p, out, progress=p.finetune.progress)
+    finally:
+        torch.set_num_threads(previous)  # a caller's own thread pool is its business
     with TensorSource(out) as src:
         content_hash = src.content_hash()
     head = out / "heads" / f"{task}.safetensors"
