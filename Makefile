@@ -1,6 +1,8 @@
 # The README's two commands. Both set everything up first (idempotent).
 #   make run   – the default edit pipeline end to end, offline
 #   make test  – the test suite
+# Params overrides (the one mechanism, as `dvc exp run -S`): make run S='train.steps=4 search.max_evals=2'
+# runs `taskvec run -S train.steps=4 -S search.max_evals=2` (params.yaml untouched, no DVC commit).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # DVC stages run `python -m pipeline.<step>`: the project's interpreter must come first
@@ -20,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[pipeline,test]'
 	touch $@
 
+S ?=
+
 run: setup
-	$(VENV)/bin/taskvec run
+	$(VENV)/bin/taskvec run $(addprefix -S ,$(S))
 
 test: setup
 	$(PY) -m pytest -q

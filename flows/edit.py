@@ -6,12 +6,28 @@
                  └─ finetune(agnews) ─> extract(agnews) ┴─> compose ─> search λ ─> evaluate ─> dvc commit/push ─> register
 
 Fine-tunes run concurrently on Prefect's thread-pool task runner (each in its
-own subprocess with ``cores / concurrency`` torch threads); every other step
-runs in-process. Tasks exchange paths and content hashes only. Each task's
-cache key is built from the content hashes of what it reads (base weights,
-data files, upstream outputs, its parameter slice, its code), so re-running
-an unchanged flow recomputes nothing; a step whose output is missing on disk
-is recomputed (``refresh_cache``).
+own subprocess with the step's fixed torch thread count, as under ``dvc
+repro``); every other step runs in-process. Tasks exchange paths and content
+hashes only. Each task's cache key is built from the content hashes of what
+it reads (base weights, data files, upstream outputs, its parameter slice,
+its code), so re-running an unchanged flow recomputes nothing; a step whose
+output is missing on disk is recomputed (``refresh_cache``).
+
+Cache coherence: every task result records ``outputs_sha256``, the hash of
+the outputs that run wrote. A cache hit is only taken while the outputs on
+disk still have that hash (file hashes from taskvec's stat-keyed hash
+cache, so the check is cheap); otherwise (outputs rewritten by ``dvc exp
+run``, a ``git checkout``, a hand edit…) the step runs again. Nothing is
+printed, committed to DVC or registered that this run did not verify.
+
+Overrides (``taskvec run -S key=value``): the flow validates params file +
+overrides, writes the effective params to ``.taskvec-run-params.yaml``
+beside the params file (``params.yaml`` is never modified) and runs on that
+file, so every step, cache key, MLflow param and the registry's params hash
+see the effective values; the overrides are an MLflow tag. Such a run does
+not ``dvc commit``: dvc.lock describes ``params.yaml``, and must not claim
+it produced these outputs. (The same holds for any params file other than
+the project's ``params.yaml``.)
 
 MLflow: one parent run per flow run, nested runs per step that ran (cached
 steps are listed in the parent's tag ``taskvec.cached_steps``, so a fully
@@ -31,7 +47,8 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import params as P
-from tasks.common import result_storage
+from pipeline.params import EFFECTIVE_PARAMS, effective_params  # noqa: F401 - re-exported for callers of the flow
+from tasks.common import outputs_hash, result_storage, step_outputs
 from tasks.compose import compose_task
 from tasks.evaluate import evaluate_task
 from tasks.extract import extract_task
@@ -56,6 +73,25 @@ def _opts(task, storage: Path, out: Path | list[Path]):
     return task.with_options(result_storage=storage, refresh_cache=not all(o.exists() for o in outs))
 
 
+def _verified(p, storage: Path, task, step: str, name: str | None, future, args: tuple, logger) -> tuple[dict, str]:
+    """The future's result if it vouches for the outputs on disk; else the step re-run (``refresh_cache``).
+
+    A cached result records ``outputs_sha256`` (the outputs that run wrote);
+    when the files now on disk hash differently, the cache entry is stale for
+    them, and the step runs again (which rewrites the outputs and the entry).
+    """
+    result, state = future.result(), _state_name(future)
+    outs = step_outputs(p, step, name)
+    if result.get("outputs_sha256") and result["outputs_sha256"] == outputs_hash(p.root, outs):
+        return result, state
+    logger.warning("%s: the outputs on disk are not those of the cached result; running the step again", step + (f"/{name}" if name else ""))
+    future = task.with_options(result_storage=storage, refresh_cache=True).submit(*args)
+    result, state = future.result(), _state_name(future)
+    if result.get("outputs_sha256") != outputs_hash(p.root, outs):
+        raise RuntimeError(f"{step}: outputs changed on disk while the step ran")
+    return result, state
+
+
 def _state_name(future) -> str:
     try:
         return future.state.name
@@ -64,15 +100,19 @@ def _state_name(future) -> str:
 
 
 @flow(name="edit", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
-def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync: bool | None = None, finetune_concurrency: int = 2) -> dict:
-    """Run the whole edit chain described by ``params_file``; returns the registered version and metrics."""
+def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync: bool | None = None, finetune_concurrency: int = 2, overrides: list[str] | None = None) -> dict:
+    """Run the whole edit chain described by ``params_file`` (+ ``-S`` overrides); returns the registered version and metrics."""
     from pipeline.ops import tracking
 
     logger = get_run_logger()
     started = time.perf_counter()
-    params_file = str(Path(params_file).resolve())
+    overrides = list(overrides or [])
+    params_file = str(Path(effective_params(params_file, overrides)).resolve())
     p = P.load(params_file)
     validate_tasks(p, p.finetune.tasks + p.edit.eval_tasks())  # every task's data, before any training
+    if Path(params_file).name != P.DEFAULT_PARAMS:
+        dvc_sync = False
+        logger.info("not committing to DVC: %s", "run with -S overrides" if overrides else f"{Path(params_file).name} is not the dvc.yaml's {P.DEFAULT_PARAMS}")
     root = p.root
     os.chdir(root)  # vector recipes record paths relative to the project root, as under `dvc repro`
     storage = result_storage(root)
@@ -82,7 +122,7 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
     swept = tracker.sweep_orphans()  # runs a killed flow left RUNNING -> FAILED
     if swept:
         logger.warning("marked %d orphaned MLflow run(s) of killed flows FAILED: %s", len(swept), ", ".join(swept))
-    parent = tracker.start("edit", tags={"taskvec.runner": "prefect", "prefect.flow_run_id": str(flow_run_id), "taskvec.params_sha256": P.params_hash(params_file)})
+    parent = tracker.start("edit", tags={"taskvec.runner": "prefect", "prefect.flow_run_id": str(flow_run_id), "taskvec.params_sha256": P.params_hash(params_file), **({"taskvec.overrides": "\n".join(overrides)} if overrides else {})})
     timings: dict[str, float] = {}
     status = "FAILED"
     try:
@@ -95,49 +135,53 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
         timings["hash_inputs"] = time.perf_counter() - t0
         plan = p.edit
         dump = p.model_dump(mode="json")
-        cores = os.cpu_count() or 1
         conc = max(1, min(finetune_concurrency, len(p.finetune.tasks)))
-        threads = max(1, cores // conc)
 
         # -- fine-tune ∥ then extract (each extract waits only for its own fine-tune)
-        ft_futures = {}
+        ft_futures, ft_args = {}, {}
         for t in p.finetune.tasks:
             inputs = {"task": t, "base": p.base, "base_hash": base_hash, "data": {k: v for k, v in digests.items() if k.startswith(f"{t}/")}, "spec": dump["tasks"][t], "train": dump["train"]}
             earlier = list(ft_futures.values())
             wait = [earlier[-conc]] if len(earlier) >= conc else []  # at most `conc` fine-tunes at once
-            ft_futures[t] = _opts(finetune_task, storage, P.finetuned_dir(p, t)).submit(params_file, t, inputs, parent, threads, wait_for=wait)
+            ft_args[t] = (params_file, t, inputs, parent)
+            ft_futures[t] = _opts(finetune_task, storage, P.finetuned_dir(p, t)).submit(*ft_args[t], wait_for=wait)
         t0 = time.perf_counter()
-        ft_results = {t: f.result() for t, f in ft_futures.items()}
-        vec_futures = {}
+        states: dict[str, str] = {}
+        ft_results = {}
+        for t, f in ft_futures.items():
+            ft_results[t], states[f"finetune/{t}"] = _verified(p, storage, finetune_task, "finetune", t, f, ft_args[t], logger)
+        vec_futures, vec_args = {}, {}
         for t, ft in ft_results.items():
             inputs = {"task": t, "base_hash": base_hash, "finetuned_hash": ft["content_hash"], "extract": dump["extract"], "base": p.base}
-            vec_futures[t] = _opts(extract_task, storage, P.vector_path(p, t)).submit(params_file, t, inputs, parent)
-        vectors = {t: f.result() for t, f in vec_futures.items()}
+            vec_args[t] = (params_file, t, inputs, parent)
+            vec_futures[t] = _opts(extract_task, storage, P.vector_path(p, t)).submit(*vec_args[t])
+        vectors = {}
+        for t, f in vec_futures.items():
+            vectors[t], states[f"extract/{t}"] = _verified(p, storage, extract_task, "extract", t, f, vec_args[t], logger)
         timings["finetune_extract"] = time.perf_counter() - t0
-        states = {f"finetune/{t}": _state_name(f) for t, f in ft_futures.items()} | {f"extract/{t}": _state_name(f) for t, f in vec_futures.items()}
 
         # -- compose → search → evaluate
         t0 = time.perf_counter()
         inputs = {"vectors": [(t, s, vectors[t]["sha256"]) for t, s in plan.signed_tasks()], "edit": dump["edit"]}
-        fut = _opts(compose_task, storage, [P.edit_dir(p) / "vector.safetensors", P.edit_dir(p) / "compose.json"]).submit(params_file, inputs, parent)
-        composed = fut.result()
-        states["compose"] = _state_name(fut)
+        args = (params_file, inputs, parent)
+        fut = _opts(compose_task, storage, [P.edit_dir(p) / "vector.safetensors", P.edit_dir(p) / "compose.json"]).submit(*args)
+        composed, states["compose"] = _verified(p, storage, compose_task, "compose", None, fut, args, logger)
         timings["compose"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         eval_digests = {k: v for k, v in digests.items() if k.split("/")[0] in plan.eval_tasks()}
         ft_hashes = {t: r["content_hash"] for t, r in ft_results.items() if t in plan.target_tasks()}
         inputs = {"vector_sha256": composed["sha256"], "base_hash": base_hash, "finetuned": ft_hashes, "search": dump["search"], "eval": dump["eval"], "edit": dump["edit"], "data": eval_digests, "tasks": {t: dump["tasks"][t] for t in plan.eval_tasks()}}
-        fut = _opts(search_task, storage, P.search_dir(p) / "best.json").submit(params_file, inputs, parent)
-        best = fut.result()
-        states["search"] = _state_name(fut)
+        args = (params_file, inputs, parent)
+        fut = _opts(search_task, storage, P.search_dir(p) / "best.json").submit(*args)
+        best, states["search"] = _verified(p, storage, search_task, "search", None, fut, args, logger)
         timings["search"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         inputs = {**inputs, "lambda": best["lambda"], "vectors": [(t, s, vectors[t]["sha256"]) for t, s in plan.signed_tasks()]}
-        fut = _opts(evaluate_task, storage, [P.model_dir(p) / "taskvec.json", P.metrics_dir(p) / "evaluate.json"]).submit(params_file, inputs, parent)
-        evaluated = fut.result()
-        states["evaluate"] = _state_name(fut)
+        args = (params_file, inputs, parent)
+        fut = _opts(evaluate_task, storage, [P.model_dir(p) / "taskvec.json", P.metrics_dir(p) / "evaluate.json"]).submit(*args)
+        evaluated, states["evaluate"] = _verified(p, storage, evaluate_task, "evaluate", None, fut, args, logger)
         timings["evaluate"] = time.perf_counter() - t0
 
         # -- DVC: record what the flow produced in dvc.lock and push it to the remote
@@ -153,9 +197,9 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
             opts = _opts(register_task, storage, rec)
             if rec.exists() and not _version_exists(tracker, rec):
                 opts = opts.with_options(refresh_cache=True)
-            fut = opts.submit(params_file, reg_inputs, parent, flow_run_id)
-            registered = fut.result()
-            states["register"] = _state_name(fut)
+            args = (params_file, reg_inputs, parent, flow_run_id)
+            fut = opts.submit(*args)
+            registered, states["register"] = _verified(p, storage, register_task, "register", None, fut, args, logger)
             timings["register"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         dvc_report["final"] = dvc_commit_push(p, enabled=dvc_sync, targets=["register"] if register_model else ["evaluate"], push=p.dvc.push, logger=logger)
@@ -171,7 +215,9 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
             "flow_run_id": flow_run_id,
             "mlflow_run_id": parent,
             "tracking_uri": tracker.safe_uri,
-            "model_dir": evaluated["path"],
+            "model_dir": str(P.model_dir(p)),
+            "params_file": params_file,
+            "overrides": overrides,
             "output_hash": evaluated["output_hash"],
             "lambda": best["lambda"],
             "metrics": metrics,

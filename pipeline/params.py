@@ -260,6 +260,31 @@ def load(path: str | os.PathLike = DEFAULT_PARAMS) -> PipelineParams:
     return p
 
 
+EFFECTIVE_PARAMS = ".taskvec-run-params.yaml"
+
+
+def effective_params(params_file: str | os.PathLike, overrides: list[str] | None) -> str:
+    """``params_file`` itself without overrides; else the validated params + overrides written to EFFECTIVE_PARAMS beside it."""
+    if not overrides:
+        load(params_file)
+        return str(params_file)
+    import yaml
+
+    from taskvec.config import read_params_mapping
+    from taskvec.io import atomic_path
+    from taskvec.overrides import apply_overrides
+
+    src = Path(params_file).resolve()
+    load_params(src, model=PipelineParams, overrides=overrides)  # the file's own errors first, then the overrides'
+    data = apply_overrides(read_params_mapping(src), overrides)
+    head = [f"# Effective params of `taskvec run -S`: {src.name} + the overrides below (rewritten by each run; do not edit)."]
+    text = "\n".join(head + [f"#   -S {o}" for o in overrides]) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    out = src.parent / EFFECTIVE_PARAMS
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    return str(out)
+
+
 def params_hash(path: str | os.PathLike) -> str:
     """sha256 of the params file's bytes (the registry tag ``taskvec.params_sha256``)."""
     try:

@@ -64,3 +64,51 @@ def tracker_for(params_file: str):
 
 def step_tags(step: str, inputs: dict) -> dict[str, str]:
     return {"taskvec.step": step, "taskvec.cache_key_inputs": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()}
+
+
+# ---------------------------------------------------------------------------
+# Cache coherence: a cached result is only used while the outputs on disk are
+# the very bytes it recorded (see flows/edit.py, `_verified`).
+
+
+def step_outputs(p, step: str, task: str | None = None) -> list[Path]:
+    """The files/folders a step writes (its DVC outs), whose bytes its cached result vouches for."""
+    from pipeline import params as P
+
+    return {
+        "finetune": lambda: [P.finetuned_dir(p, task)],
+        "extract": lambda: [P.vector_path(p, task)],
+        "compose": lambda: [P.edit_dir(p)],
+        "search": lambda: [P.search_dir(p)],
+        "evaluate": lambda: [P.model_dir(p), P.metrics_dir(p)],
+        "register": lambda: [P.registry_dir(p)],
+    }[step]()
+
+
+def outputs_hash(root: str | Path, paths: list[Path]) -> str | None:
+    """sha256 over (path relative to ``root``, file sha256) of every file under ``paths``; None if one is missing.
+
+    File hashes come from taskvec's hash cache (keyed by path, size, mtime,
+    inode), so re-checking unchanged outputs costs a few ``stat`` calls.
+    """
+    from taskvec.io import file_sha256
+
+    root = Path(root).resolve()
+    h = hashlib.sha256()
+    for base in paths:
+        base = Path(base)
+        if not base.exists():
+            return None
+        files = sorted(f for f in ([base] if base.is_file() else base.rglob("*")) if f.is_file())
+        for f in files:
+            h.update(f"{f.resolve().relative_to(root).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def with_outputs_hash(result: dict, params_file: str, step: str, task: str | None = None) -> dict:
+    """``result`` plus ``outputs_sha256``: the hash of the outputs this run just wrote (what a cache hit must find)."""
+    from pipeline import params as P
+
+    p = P.load(params_file)
+    result["outputs_sha256"] = outputs_hash(p.root, step_outputs(p, step, task))
+    return result

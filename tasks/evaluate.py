@@ -11,13 +11,13 @@ from pathlib import Path
 from prefect import task
 
 from pipeline.steps import evaluate
-from tasks.common import cache_key, step_tags, tracker_for, transient
+from tasks.common import cache_key, step_tags, tracker_for, transient, with_outputs_hash
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=transient, cache_key_fn=cache_key, persist_result=True)
 def evaluate_task(params_file: str, inputs: dict, parent_run_id: str | None = None) -> dict:
     t0 = time.perf_counter()
-    result = evaluate.main(params_file)
+    result = with_outputs_hash(evaluate.main(params_file), params_file, "evaluate")
     result["step_seconds"] = round(time.perf_counter() - t0, 3)
     if parent_run_id:
         from pipeline.ops import tracking

@@ -2,11 +2,13 @@
 
 Run as ``python -m pipeline.steps.finetune`` — the very command of the DVC stage —
 so that concurrent fine-tunes each have their own torch RNG, deterministic
-mode and thread pool (``threads`` torch threads each). Exit status 2 is a
-user error (:class:`TaskvecError`, never retried); anything else is retried.
-The command is wrapped by :mod:`pipeline.ops.child`, so the fine-tune dies
-with this process (even on SIGKILL) and prints progress lines, relayed
-(throttled) to the flow's log on the console.
+mode and thread pool. The thread count is the step's own fixed
+``pipeline.steps.finetune.THREADS`` — never the machine's or the flow's
+concurrency — so ``taskvec run`` and ``dvc repro`` give the same bits. Exit
+status 2 is a user error (:class:`TaskvecError`, never retried); anything
+else is retried. The command is wrapped by :mod:`pipeline.ops.child`, so the
+fine-tune dies with this process (even on SIGKILL) and prints progress
+lines, relayed (throttled) to the flow's log on the console.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prefect import task
 
 from pipeline.ops.services import child_command
 from taskvec.errors import TaskvecError
-from tasks.common import ROOT, cache_key, step_tags, tracker_for, transient
+from tasks.common import ROOT, cache_key, step_tags, tracker_for, transient, with_outputs_hash
 
 
 PROGRESS_EVERY_S = float(os.environ.get("TASKVEC_PROGRESS_EVERY_S", "10"))
@@ -80,10 +82,8 @@ def run_child(cmd: list[str], *, cwd, env: dict, label: str) -> tuple[int, str]:
 
 
 @task(name="finetune", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, cache_key_fn=cache_key, persist_result=True, task_run_name="finetune-{task_name}")
-def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id: str | None = None, threads: int = 0) -> dict:
+def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id: str | None = None) -> dict:
     env = dict(os.environ)
-    if threads:
-        env.update(TASKVEC_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["TASKVEC_FINETUNE_PROGRESS"] = "1"
     with tempfile.TemporaryDirectory(prefix="taskvec-ft-") as tmp:
@@ -98,6 +98,7 @@ def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id:
             raise RuntimeError(f"finetune {task_name} exited {returncode}: {stderr.strip()[-2000:]}")
         result = json.loads(out.read_text())
         result["step_seconds"] = round(time.perf_counter() - t0, 3)
+    with_outputs_hash(result, params_file, "finetune", task_name)
     if parent_run_id:
         tracker = tracker_for(params_file)
         with tracker.run(f"finetune/{task_name}", parent=parent_run_id, tags=step_tags("finetune", inputs), seconds=result["step_seconds"]) as run:

@@ -9,13 +9,13 @@ import csv
 from prefect import task
 
 from pipeline.steps import search
-from tasks.common import cache_key, step_tags, tracker_for, transient
+from tasks.common import cache_key, step_tags, tracker_for, transient, with_outputs_hash
 
 
 @task(name="search", retries=1, retry_delay_seconds=2, retry_condition_fn=transient, cache_key_fn=cache_key, persist_result=True)
 def search_task(params_file: str, inputs: dict, parent_run_id: str | None = None) -> dict:
     t0 = time.perf_counter()
-    result = search.main(params_file)
+    result = with_outputs_hash(search.main(params_file), params_file, "search")
     result["step_seconds"] = round(time.perf_counter() - t0, 3)
     if parent_run_id:
         with tracker_for(params_file).run("search", parent=parent_run_id, tags=step_tags("search", inputs), seconds=result["step_seconds"]) as run:

@@ -21,14 +21,15 @@ from taskvec.errors import TaskvecError
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file declaring the tasks and budgets.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set-param", "-S", metavar="KEY.PATH=VALUE", help="Override a params value (repeatable), e.g. -S train.steps=4; the file is not modified.")]
 
 
-def _load_params(ctx: typer.Context, path: Path):
-    """Validate ``path`` with the schema of the running app (see :func:`taskvec.cli.build_app`)."""
+def _load_params(ctx: typer.Context, path: Path, overrides: list[str] | None = None):
+    """Validate ``path`` (plus ``-S`` overrides) with the schema of the running app (see :func:`taskvec.cli.build_app`)."""
     from taskvec.config import Params, load_params
 
     model = (ctx.find_root().obj or {}).get("params_model") or Params
-    return load_params(path, model=model)
+    return load_params(path, model=model, overrides=overrides)
 
 
 def finetune(
@@ -40,6 +41,7 @@ def finetune(
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimiser steps (default: params train.steps).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder that taskvec did not write (never an input).")] = False,
     quiet: QuietOpt = False,
+    set_param: SetOpt = None,
 ) -> None:
     """Fine-tune the base encoder on TASK with its frozen zero-shot head (or MLM for kind: mlm).
 
@@ -48,7 +50,7 @@ def finetune(
     """
     from taskvec.train import finetune as run
 
-    result = run(task, _load_params(ctx, params), out, base=base, steps=steps, progress=not quiet, force=force)
+    result = run(task, _load_params(ctx, params, set_param), out, base=base, steps=steps, progress=not quiet, force=force)
     losses = result.losses
     loss = f"  loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}" if losses else ""
     typer.echo(f"wrote {result.out_dir}  {result.manifest['train']['steps']} steps in {result.seconds:.1f}s{loss}")
@@ -63,6 +65,7 @@ def evaluate(
     head: Annotated[Optional[Path], typer.Option("--head", help="Head file (default: MODEL/heads/TASK.safetensors, else built from the base).")] = None,
     max_rows: Annotated[Optional[int], typer.Option("--max-rows", min=1, help="Row cap (default: params eval.max_rows).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the metrics as JSON here.")] = None,
+    set_param: SetOpt = None,
 ) -> None:
     """Accuracy and macro-F1 of MODEL on one task split."""
     from taskvec.evaluate import evaluate_model
@@ -70,7 +73,7 @@ def evaluate(
 
     if split not in ("validation", "test"):
         raise TaskvecError(f"--split must be validation or test, got {split!r}")
-    result = evaluate_model(model, task, _load_params(ctx, params), split=split, head_path=head, max_rows=max_rows)
+    result = evaluate_model(model, task, _load_params(ctx, params, set_param), split=split, head_path=head, max_rows=max_rows)
     if out is not None:
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -105,6 +108,7 @@ def search(
     reference: Annotated[Optional[list[str]], typer.Option("--reference", help="Fine-tuned accuracy as TASK=ACC (addition); default: measured by applying each vector alone.")] = None,
     params: ParamsOpt = Path("params.yaml"),
     quiet: QuietOpt = False,
+    set_param: SetOpt = None,
 ) -> None:
     """Search the scaling coefficient λ for a task-vector composition, reloading nothing per candidate."""
     from taskvec.search_run import run_search, write_outputs
@@ -112,7 +116,7 @@ def search(
 
     if strategy not in (None, "golden", "grid"):
         raise TaskvecError(f"--strategy must be golden or grid, got {strategy!r}")
-    settings = _load_params(ctx, params)
+    settings = _load_params(ctx, params, set_param)
     vectors = [(TaskVector.load(path).tensors, weight) for path, weight in map(parse_vector_arg, vector)]
     result = run_search(
         base,

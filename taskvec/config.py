@@ -250,14 +250,43 @@ def _parse_yaml(path: Path, text: str) -> object:
         raise TaskvecError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
 
 
-def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params) -> P:
+def read_params_mapping(path: str | Path) -> dict:
+    """A params file as a plain mapping (parsed, not validated); one-line errors."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TaskvecError(f"params file not found: {path}") from None
+    except OSError as exc:
+        raise TaskvecError(f"cannot read params file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskvecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    data = _parse_yaml(path, text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TaskvecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, overrides: list[str] | tuple[str, ...] | None = None) -> P:
     """Read and validate a YAML params file; relative ``data_dir`` is resolved against its folder.
 
     The one reader of params files. A file is parsed and validated once per
     process for each distinct content and schema (memo keyed on resolved path,
     ``model`` and the sha256 of its bytes); every call returns its own deep copy,
-    so a caller may modify what it gets.
+    so a caller may modify what it gets. ``overrides`` (``-S key.path=value``,
+    see :mod:`taskvec.overrides`) are applied to the file's mapping before
+    validation, once the file itself is valid (its own errors come first).
     """
+    if overrides:
+        from taskvec.overrides import apply_overrides
+
+        load_params(path, model=model)
+        data = apply_overrides(read_params_mapping(path), list(overrides))
+        return parse_params(data, source=f"{path} with -S", root=Path(path).resolve().parent, model=model)
     path = Path(path)
     try:
         raw = path.read_bytes()

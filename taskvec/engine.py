@@ -214,7 +214,7 @@ def extract(
             base_model=str(base),
             base_hash="0" * 64,
             dtype=dtype,
-            recipe={"op": "extract", "finetuned": str(finetuned), "include": list(include), "exclude": list(exclude)},
+            recipe={"op": "extract", "finetuned_hash": f.content_hash(), "include": list(include), "exclude": list(exclude)},  # path-free: same τ, same sha256
         )
         selected_set = set(selected)
         hasher = ContentHasher()

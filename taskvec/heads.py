@@ -30,13 +30,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from taskvec.errors import FormatError, HomologyError, TaskvecError
-from taskvec.io import resolve_model
+from taskvec.io import StreamingWriter, TensorSpec, resolve_model
 
 SCALE = 20.0
 HEAD_FORMAT = "taskvec-head/1"
@@ -158,7 +157,10 @@ def save_head(head: Head, path: str | Path) -> Path:
         "scale": repr(head.scale),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"weight": head.weight.detach().cpu().float().contiguous()}, str(tmp), metadata=metadata)
+    weight = head.weight.detach().cpu().float().contiguous()
+    # StreamingWriter: header keys in a fixed order (safetensors' save_file orders metadata at random), same bytes every time
+    with StreamingWriter(tmp, [TensorSpec("weight", torch.float32, tuple(weight.shape))], metadata=metadata) as writer:
+        writer.write("weight", weight)
     os.replace(tmp, path)
     return path
 

@@ -154,11 +154,15 @@ def finetune_task(
     data_dir: str | Path,
     progress: bool = True,
     force: bool = False,
+    data_label: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``base``'s encoder on ``spec`` (classification or mlm) and write ``out_dir``.
 
     The data is loaded and validated before the model is touched, so bad data
-    fails in well under a second.
+    fails in well under a second. ``finetune.json`` holds no absolute path and
+    no wall time (same bytes wherever the checkout lives): the data origin is
+    spelled from ``data_label`` (the params' ``data_dir``) when it lies under
+    ``data_dir``, the base by its name and content hash.
     """
     split = load_split(spec, data_dir, "train", seed=train.seed)
     base_path = resolve_model(base)
@@ -177,13 +181,12 @@ def finetune_task(
             "task": spec.name,
             "kind": spec.kind,
             "base": str(base),
-            "base_path": str(base_path),
             "base_state_sha256": base_hash,
             "train": train.model_dump(),
-            "data": split.lineage() | {"rows_trained": min(len(split.dataset), train.steps * train.batch_size)},
+            "data": _portable_origin(split.lineage(), data_dir, data_label) | {"rows_trained": min(len(split.dataset), train.steps * train.batch_size)},
             "losses": losses,
-            "seconds": round(seconds, 2),
             "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch_threads": torch.get_num_threads(),
             "versions": {
                 "python": platform.python_version(),
                 "torch": torch.__version__,
@@ -193,6 +196,16 @@ def finetune_task(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return FinetuneResult(Path(out_dir), seconds, losses, manifest)
+
+
+def _portable_origin(lineage: dict, data_dir: str | Path, label: str | None) -> dict:
+    """``lineage`` with an ``origin`` under ``data_dir`` written as ``label/<relative path>``."""
+    if label is None:
+        return lineage
+    origin, root = Path(str(lineage.get("origin", ""))), Path(data_dir).resolve()
+    if origin.is_absolute() and root in origin.resolve().parents:
+        return {**lineage, "origin": (Path(label) / origin.resolve().relative_to(root)).as_posix()}
+    return lineage
 
 
 def _finetune_classifier(base_path: Path, spec: TaskSpec, split: Split, train: TrainSpec, tmp: Path, progress: bool):
@@ -232,4 +245,4 @@ def finetune(task: str, params: Params, out_dir: str | Path, *, base: str | None
     """Fine-tune the task called ``task`` in ``params`` (``base``/``steps`` override the file)."""
     spec = params.task(task)
     train = params.train if steps is None else TrainSpec.model_validate(params.train.model_dump() | {"steps": steps})
-    return finetune_task(base or params.base, spec, train, out_dir, data_dir=params.data_root(), progress=progress, force=force)
+    return finetune_task(base or params.base, spec, train, out_dir, data_dir=params.data_root(), progress=progress, force=force, data_label=params.data_dir)

@@ -18,6 +18,11 @@ from taskvec.vector import TaskVector, VectorFile
 from tests.conftest import make_tiny_bert, perturb
 
 
+def _content_hash(model_dir: Path) -> str:
+    with TensorSource(model_dir) as src:
+        return src.content_hash(use_cache=False)
+
+
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
@@ -63,7 +68,7 @@ def test_vector_header_records_provenance(tiny_models, vecs):
         assert vf.base_hash == TensorSource(base).content_hash(use_cache=False)
         assert vf.param_count == sum(x.numel() for x in weights(base).values() if x.is_floating_point())
         assert vf.dtype == "float32"
-        assert vf.recipe == {"op": "extract", "finetuned": str(ft1), "include": [], "exclude": []}
+        assert vf.recipe == {"op": "extract", "finetuned_hash": _content_hash(ft1), "include": [], "exclude": []}
         assert vf.sha256 == file_sha256(vecs[0])
 
 

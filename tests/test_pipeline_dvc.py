@@ -64,3 +64,76 @@ def test_dvc_repro_reproduces_then_does_nothing(pipeline_env):
     exp = dvc(root, "exp", "run", "-S", "search.grid_points=3")
     assert "Running stage 'search'" in exp.stdout and "Running stage 'finetune" not in exp.stdout, exp.stdout
     assert "Running stage 'extract" not in exp.stdout
+
+
+@pytest.mark.slow
+def test_flow_never_reuses_a_cached_result_for_outputs_an_experiment_rewrote(pipeline_env):
+    """The issue's sequence: taskvec run; dvc exp run -S …; git checkout params.yaml; taskvec run.
+
+    The second flow run must not take the cache hits of the first for the
+    search/evaluate/register outputs the experiment rewrote: it re-runs them,
+    reports the λ and weights of params.yaml, and dvc.lock ends up describing
+    params.yaml and the files on disk.
+    """
+    import yaml
+    from mlflow import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.edit import edit
+
+    root = dvc_project(pipeline_env / "repo", pipeline_env / "remote")
+    params = yaml.safe_load((root / "params.yaml").read_text())  # project-relative paths, as the shipped params.yaml
+    params["base"], params["data_dir"] = "tiny-base", "data"
+    for t in params["tasks"]:
+        params["tasks"][t]["source"] = f"example/{t}"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qam", "relative params"], cwd=root, check=True)
+    pf = str(root / "params.yaml")
+
+    with prefect_test_harness(server_startup_timeout=180):
+        first = edit(pf)
+        assert first["dvc"]["final"].get("commit") == 0, first["dvc"]
+        lam = first["lambda"]
+        change = "search.lambda_max=0.25" if lam >= 0.5 else "search.lambda_min=0.75"
+        exp = dvc(root, "exp", "run", "-S", change)
+        assert "Running stage 'search'" in exp.stdout and "Running stage 'finetune" not in exp.stdout, exp.stdout
+        stale = json.loads((root / "outputs/model/taskvec.json").read_text())["output_hash"]
+        stale_version = json.loads((root / "outputs/registry/registered.json").read_text())["version"]
+        assert json.loads((root / "outputs/search/best.json").read_text())["lambda"] != lam and stale != first["output_hash"]
+        subprocess.run(["git", "checkout", "params.yaml"], cwd=root, check=True)
+        second = edit(pf)
+        on_disk = json.loads((root / "outputs/model/taskvec.json").read_text())["output_hash"]
+        lock = yaml.safe_load((root / "dvc.lock").read_text())
+        status = dvc(root, "status").stdout.lower()
+        # the same change as a `taskvec run -S` override: runs on the effective params, commits nothing to DVC
+        lock_before, params_before = (root / "dvc.lock").read_bytes(), (root / "params.yaml").read_bytes()
+        third = edit(pf, register_model=False, overrides=[change])
+
+    states = second["states"]
+    assert all(states[s] == "Cached" for s in ("finetune/senti", "finetune/topic", "extract/senti", "extract/topic", "compose")), states
+    assert all(states[s] == "Completed" for s in ("search", "evaluate", "register")), states
+    assert second["lambda"] == lam and second["output_hash"] == first["output_hash"]
+    assert on_disk == first["output_hash"]
+    reg = second["registered"]
+    assert reg["output_hash"] == first["output_hash"] and reg["version"] not in (first["registered"]["version"], stale_version)
+    assert lock["stages"]["search"]["params"]["params.yaml"]["search"] == params["search"]
+    assert "up to date" in status, status
+
+    assert (root / "dvc.lock").read_bytes() == lock_before and (root / "params.yaml").read_bytes() == params_before
+    assert "commit" not in third["dvc"] and "commit" not in third["dvc"]["final"], third["dvc"]
+    assert third["params_file"] == str(root / ".taskvec-run-params.yaml") and third["overrides"] == [change]
+    assert third["lambda"] != lam and third["states"]["search"] == "Completed" and third["states"]["compose"] == "Cached"
+    assert json.loads((root / "outputs/search/best.json").read_text())["lambda"] == third["lambda"]
+
+    # MLflow params and dataset sources name no absolute path
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    parent = client.get_run(third["mlflow_run_id"])
+    key, value = change.split("=")
+    assert parent.data.tags["taskvec.overrides"] == change and float(parent.data.params[key]) == float(value)
+    sources = []
+    for run in client.search_runs(exp_ids):
+        assert not any(str(pipeline_env) in str(v) for v in run.data.params.values()), run.data.params
+        sources += [d.dataset.source for d in run.inputs.dataset_inputs]
+    assert sources and not any(str(pipeline_env) in s for s in sources), sources

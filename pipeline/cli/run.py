@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -36,12 +36,14 @@ def register(app: typer.Typer) -> None:
         no_dvc: Annotated[bool, typer.Option("--no-dvc", help="Do not dvc commit/push the outputs.")] = False,
         concurrency: Annotated[int, typer.Option("--concurrency", help="Fine-tunes run at once.")] = 2,
         as_json: Annotated[bool, typer.Option("--json", help="Print the flow's summary as JSON.")] = False,
+        set_param: Annotated[Optional[list[str]], typer.Option("--set-param", "-S", metavar="KEY.PATH=VALUE", help="Override a params value for this run (repeatable), as `dvc exp run -S`: e.g. -S train.steps=4. params.yaml is not modified; the effective params go to .taskvec-run-params.yaml, and the run is not committed to DVC.")] = None,
     ) -> None:
         """Run the default edit flow end to end (Prefect; MLflow tracking; DVC commit + push)."""
         _offline_env()
         from pipeline import params as P
 
-        p = P.load(params)  # fail fast, one line, before Prefect starts
+        overrides = list(set_param or [])
+        p = P.load(P.effective_params(params, overrides))  # fail fast, one line, before Prefect starts
         from pipeline.ops.services import prefect_api
 
         # our own Prefect API server (dies with us), started before the heavy imports so they overlap
@@ -52,7 +54,7 @@ def register(app: typer.Typer) -> None:
             from flows.edit import edit
 
             api.wait()
-            summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency)
+            summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency, overrides=overrides)
         if as_json:
             typer.echo(json.dumps(summary, indent=2, default=str))
             return

@@ -15,6 +15,7 @@ import os
 import sys
 
 from pipeline import params as P
+from pipeline.portable import rel
 from taskvec.errors import TaskvecError
 
 VECTOR = "vector.safetensors"
@@ -34,12 +35,12 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         if not path.is_file():
             raise TaskvecError(f"task vector of {task} not found: {path} (run the extract step first)")
         with VectorFile(path) as vf:
-            inputs.append({"task": task, "path": str(path), "sha256": vf.sha256, "sign": sign})
+            inputs.append({"task": task, "path": rel(p, path), "sha256": vf.sha256, "sign": sign})
     options = p.edit.merge_options()
     out_dir = P.edit_dir(p)
-    res = combine([(i["path"], i["sign"]) for i in inputs], out_dir / VECTOR, options=options)
+    res = combine([(p.root / i["path"], i["sign"]) for i in inputs], out_dir / VECTOR, options=options)
     record = {
-        "vector": str(res.path),
+        "vector": rel(p, res.path),
         "sha256": res.sha256,
         "base_model": p.base,
         "base_hash": res.base_hash,

@@ -42,6 +42,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     from taskvec.io import atomic_dir
     from taskvec.suite import Suite
 
+    from pipeline.portable import lineage
     from pipeline.steps.compose import RECORD
     from pipeline.steps.search import BEST
 
@@ -76,7 +77,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         provenance = {
             "params_sha256": P.params_hash(Path(params_file)),
             "git": P.git_commit(p.root),
-            "data": suite.lineage(split),
+            "data": lineage(p, suite.lineage(split)),
             "composition": {"vector_sha256": record["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in record["inputs"]], "options": record["options"]},
             "search": {k: best[k] for k in ("lambda", "objective", "strategy", "split", "evaluations")},
         }

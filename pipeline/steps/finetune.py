@@ -5,6 +5,13 @@ Entry point of the ``finetune@<task>`` DVC stage and of the Prefect
 keep their own RNG and thread pools)::
 
     python -m pipeline.steps.finetune --params params.yaml --task sst2
+
+The torch thread count is part of what determines the weights (reduction
+order), so it is fixed here, for every path that runs this entry point
+(``dvc repro``, ``taskvec run``'s subprocess, a direct call): ``THREADS``,
+whatever the machine's core count, the flow's concurrency or
+``OMP_NUM_THREADS``/``TASKVEC_TORCH_THREADS`` say. Changing it changes this
+file, hence the DVC stage's deps and the Prefect cache key.
 """
 
 from __future__ import annotations
@@ -15,9 +22,14 @@ import sys
 from pipeline import params as P
 from taskvec.errors import TaskvecError
 
+#: torch intra-op threads of every fine-tune (see the module docstring)
+THREADS = 1
+
 
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, task: str = "") -> dict:
     """Fine-tune ``task``; returns the output folder, its weights' content hash and the data lineage."""
+    import torch
+
     from taskvec.io import TensorSource
     from taskvec.train import finetune
 
@@ -26,7 +38,12 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, task: str = "") -> d
         listed = ", ".join(p.finetune.tasks) or "none"
         raise TaskvecError(f"task {task!r} is not in finetune.tasks ({listed})")
     out = P.finetuned_dir(p, task)
-    result = finetune(task, p, out, progress=p.finetune.progress)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        result = finetune(task, p, out, progress=p.finetune.progress)
+    finally:
+        torch.set_num_threads(previous)  # a caller's own thread pool is its business
     with TensorSource(out) as src:
         content_hash = src.content_hash()
     head = out / "heads" / f"{task}.safetensors"

@@ -31,6 +31,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     from taskvec.io import atomic_path
 
     from pipeline.ops import registry, tracking
+    from pipeline.portable import uri
     from pipeline.steps.compose import RECORD as COMPOSE_RECORD
     from pipeline.steps.evaluate import METRICS
 
@@ -60,7 +61,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         flow_run_id=flow_run_id,
         summary=metrics["summary"],
     )
-    vectors = list(dict.fromkeys(Path(i["path"]) if Path(i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if p.register.log_vectors else []
+    vectors = list(dict.fromkeys(p.root / i["path"] if (p.root / i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if p.register.log_vectors else []
     tracker = tracking.Tracker(p)
     own_parent = parent_run_id is None
     parent = parent_run_id or tracker.start("edit (dvc repro)" if not flow_run_id else "edit", tags={"taskvec.runner": "dvc" if not flow_run_id else "prefect", "prefect.flow_run_id": str(flow_run_id or "none")})
@@ -69,7 +70,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         if own_parent:
             log_summary(tracker, parent, p, metrics, digests)
         with tracker.run("register", parent=parent, tags={"taskvec.step": "register"}) as step:
-            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "tracking_uri": tracker.safe_uri})
+            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "tracking_uri": uri(p, tracker.safe_uri)})
             step.metrics(metrics["summary"])
             result = registry.register(
                 tracker, step, model,
@@ -79,7 +80,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     finally:
         if own_parent:
             tracker.end(parent, status)
-    result = {"step": "register", **result, "parent_run_id": parent, "output_hash": ledger["output_hash"], "tracking_uri": tracker.safe_uri}
+    result = {"step": "register", **result, "parent_run_id": parent, "output_hash": ledger["output_hash"], "tracking_uri": uri(p, tracker.safe_uri)}
     out = P.registry_dir(p) / RECORD
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps({k: v for k, v in result.items()}, indent=2, sort_keys=True) + "\n")
@@ -90,6 +91,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
 def log_summary(tracker, parent: str, p: P.PipelineParams, metrics: dict, digests: dict) -> None:
     """Parent-run logging when the steps ran without the flow (DVC): params, metrics, curve, table, inputs."""
     from pipeline.ops import tracking
+    from pipeline.portable import rel
     from pipeline.steps.evaluate import TABLE, results_markdown
     from pipeline.steps.search import BEST, CURVE, PLOT
 
@@ -103,7 +105,7 @@ def log_summary(tracker, parent: str, p: P.PipelineParams, metrics: dict, digest
     run.text(results_markdown(metrics), "results/results.md")
     with tempfile_dir() as d:
         run.artifact(tracking.plot_accuracy(metrics, Path(d) / "accuracy.png"), "results")
-    run.datasets({k: {"task": k.split("/")[0], "split": k.split("/")[1], "sha256": v, "origin": P.data_folder(p, k.split("/")[0]) + "/" + k.split("/")[1] + ".csv"} for k, v in digests.items()}, context="pipeline")
+    run.datasets({k: {"task": k.split("/")[0], "split": k.split("/")[1], "sha256": v, "origin": rel(p, P.data_folder(p, k.split("/")[0]) + "/" + k.split("/")[1] + ".csv")} for k, v in digests.items()}, context="pipeline")
 
 
 def pipeline_params(p: P.PipelineParams) -> dict:
