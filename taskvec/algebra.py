@@ -27,8 +27,10 @@ DARE (Yu et al., 2023, arXiv:2311.03099)
 Choices the papers leave open (documented here and in the README)
     * Trimming is per tensor, not over the whole flattened model: the engine
       streams tensor by tensor and never holds a whole model (mergekit makes
-      the same choice). ``k = ceil(density × numel)``; ties at the threshold
-      are broken by lower flat index, so the result is exactly k entries.
+      the same choice). ``k = max(1, floor(density × numel))`` — the count
+      mergekit (``int(density * numel)``, at least one) and the official TIES
+      code keep, so ``--density`` means the same thing everywhere; ties at the
+      threshold are broken by lower flat index, so the result is exactly k entries.
     * Per-vector weights λ_t are applied *before* trimming and sign election
       (``τ'_t = λ_t τ_t``): a negative λ flips the vector's vote. With equal
       λ for every vector this is exactly the paper's ``θ + λ·TIES(τ)``.
@@ -123,11 +125,11 @@ def analogy(tau_c: torch.Tensor, tau_b: torch.Tensor, tau_a: torch.Tensor) -> to
 
 
 def topk_count(numel: int, density: float) -> int:
-    return min(numel, math.ceil(check_density(density) * numel))
+    return min(numel, max(1, math.floor(check_density(density) * numel)))  # mergekit's / TIES' count
 
 
 def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of exactly ``ceil(density × numel)`` entries of largest magnitude.
+    """Boolean mask of exactly ``max(1, floor(density × numel))`` entries of largest magnitude.
 
     Entries tied at the threshold magnitude are kept in order of flat index.
     """

@@ -103,9 +103,10 @@ def apply(
 
 
 def merge(
-    base: Annotated[str, typer.Argument(help="Base model folder or hub id.")],
-    finetuned: Annotated[list[str], typer.Argument(help="Fine-tuned models as PATH[:LAMBDA].")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    base: Annotated[Optional[str], typer.Argument(help="Base model folder or hub id (not with --config).")] = None,
+    finetuned: Annotated[Optional[list[str]], typer.Argument(help="Fine-tuned models as PATH[:LAMBDA] (not with --config).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A mergekit YAML recipe (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs) in place of BASE/FINETUNED/--method.")] = None,
     method: Method = "sum",
     density: Density = None,
     drop: Drop = None,
@@ -120,6 +121,18 @@ def merge(
     from taskvec.engine import merge as run
     from taskvec.engine import parse_size
 
+    if out is None:
+        raise TaskvecError("merge needs --out/-o OUT_DIR")
+    if config is not None:
+        if base or finetuned or method != "sum" or density is not None or drop is not None:
+            raise TaskvecError("--config takes the models, method and parameters from the recipe: drop BASE/FINETUNED and --method/--density/--drop")
+        from taskvec.recipes import run_recipe
+
+        ledger = run_recipe(config, out, seed=seed, include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, warn=lambda m: typer.echo(m, err=True))
+        typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
+        return
+    if not base or not finetuned:
+        raise TaskvecError("merge needs BASE and at least one FINETUNED model (or --config recipe.yml)")
     pairs = _vectors(finetuned)
     ledger = run(base, pairs, out, options=_options(method, density, drop, seed), include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet)
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
