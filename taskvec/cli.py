@@ -50,7 +50,7 @@ def _dtype(name: str):
 
 def extract(
     base: Annotated[str, typer.Argument(help="Base (pre-trained) model folder or hub id.")],
-    finetuned: Annotated[str, typer.Argument(help="Fine-tuned model folder or hub id (same architecture and init).")],
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned model folder or hub id (same architecture and init), or a PEFT LoRA adapter folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file (.safetensors).")],
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only tensors matching this glob (repeatable).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors matching this glob (repeatable), e.g. 'classifier.*'.")] = None,

@@ -182,7 +182,14 @@ def extract(
     allow_pickle: bool = False,
     progress: bool = False,
 ) -> VectorResult:
-    """τ = θ_ft − θ_base over the shared floating tensors selected by include/exclude."""
+    """τ = θ_ft − θ_base over the shared floating tensors selected by include/exclude.
+
+    ``finetuned`` may be a PEFT LoRA adapter folder: τ = scaling·B·A (:mod:`taskvec.adapters`).
+    """
+    from taskvec.adapters import extract_adapter, is_adapter_dir
+
+    if is_adapter_dir(finetuned):
+        return extract_adapter(base, finetuned, out, include=include, exclude=exclude, dtype=dtype, allow_pickle=allow_pickle, progress=progress)
     bdir, fdir = resolve_model(base), resolve_model(finetuned)
     with TensorSource(bdir, allow_pickle=allow_pickle) as b, TensorSource(fdir, allow_pickle=allow_pickle) as f:
         selected = select_names(_float_names(b), include, exclude)
