@@ -139,6 +139,15 @@ def delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool) -> 
     return (w.T if transpose else w) * scaling
 
 
+def read_lowrank(src, name: str, shape: Sequence[int], factor: dict | None) -> torch.Tensor:
+    """Densify one tensor of a low-rank vector (zeros where the adapter has no factors)."""
+    if factor is None:
+        return torch.zeros(tuple(shape), dtype=torch.float32)
+    a = src.read_float32(f"{name}::lora_A")
+    b = src.read_float32(f"{name}::lora_B")
+    return delta(a, b, float(factor["scaling"]), bool(factor["transpose"]))
+
+
 def base_name(module: str, names: Sequence[str] | set[str]) -> str | None:
     """The base tensor ``<module>.weight``, dropping leading module-path components the base lacks."""
     parts = module.split(".")
@@ -159,8 +168,15 @@ def extract_adapter(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     progress: bool = False,
+    low_rank: bool = False,
 ):
-    """τ of a LoRA adapter over ``base``, written like :func:`taskvec.engine.extract`'s vectors."""
+    """τ of a LoRA adapter over ``base``, written like :func:`taskvec.engine.extract`'s vectors.
+
+    With ``low_rank`` the file keeps the factors (``NAME::lora_A``, ``NAME::lora_B``
+    and the scaling in the header's storage record) instead of dense τ: it is
+    adapter-sized, and :class:`taskvec.vector.VectorFile` densifies each tensor
+    on read with the same arithmetic, so apply/combine give the same bits.
+    """
     from taskvec.engine import VectorResult, _check_result, _float_names, _progress, select_names
     from taskvec.io import ContentHasher, Scratch, TensorSource, _tensor_bytes, resolve_model
     from taskvec.vector import VectorHeader, VectorWriter
@@ -197,6 +213,8 @@ def extract_adapter(
                 "exclude": list(exclude),
             },
         )
+        if low_rank:
+            return _write_lowrank(b, out, header, selected, targets)
         selected_set = set(selected)
         hasher = ContentHasher()
         total = sum(b.info(n).nbytes for n in b.names())
@@ -218,3 +236,26 @@ def extract_adapter(
             w.set_base_hash(base_hash)
         b.remember_content_hash(base_hash)
         return VectorResult(Path(out), w.sha256, w.param_count, len(selected), base_hash)
+
+
+def _write_lowrank(b, out, header, selected: Sequence[str], targets: dict[str, tuple]):
+    from taskvec.engine import VectorResult
+    from taskvec.io import StreamingWriter, TensorSpec, atomic_path, file_sha256
+
+    base_hash = b.content_hash()
+    header.base_hash = base_hash
+    header.storage = {
+        "kind": "lowrank",
+        "shapes": {n: list(b.info(n).shape) for n in selected},
+        "factors": {n: {"scaling": f[2], "transpose": f[3]} for n, f in sorted(targets.items())},
+    }
+    data = []
+    for name, (a, bb, _, _) in sorted(targets.items()):
+        data += [(f"{name}::lora_A", a.to(header.dtype)), (f"{name}::lora_B", bb.to(header.dtype))]
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in data]
+    param_count = sum(math.prod(b.info(n).shape) for n in selected)
+    with atomic_path(out) as tmp:
+        with StreamingWriter(tmp, specs, header.metadata(list(selected), param_count)) as w:
+            for name, t in data:
+                w.write(name, t)
+    return VectorResult(Path(out), file_sha256(out), param_count, len(selected), base_hash)

@@ -11,6 +11,7 @@ stderr (``error: …``) and exit status 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -56,11 +57,18 @@ def extract(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors matching this glob (repeatable), e.g. 'classifier.*'.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
     allow_pickle: AllowPickle = False,
+    low_rank: Annotated[bool, typer.Option("--low-rank", help="LoRA adapter: keep the factors B, A (adapter-sized file, densified on read).")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Extract τ = θ_finetuned − θ_base into a task-vector file."""
+    """Extract τ = θ_finetuned − θ_base (or τ = scaling·B·A of a PEFT LoRA adapter folder) into a task-vector file."""
     from taskvec.engine import extract as run
 
+    if low_rank:
+        from taskvec.adapters import extract_adapter, is_adapter_dir
+
+        if not is_adapter_dir(finetuned):
+            raise TaskvecError(f"--low-rank needs a PEFT LoRA adapter folder (with adapter_config.json), not {finetuned}")
+        run = functools.partial(extract_adapter, low_rank=True)
     res = run(base, finetuned, out, include=include or (), exclude=exclude or (), dtype=_dtype(dtype), allow_pickle=allow_pickle, progress=not quiet)
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 

@@ -74,9 +74,13 @@ class VectorFile:
             raise FormatError(f"{self.path}: corrupt task-vector header ({exc})") from None
         self.metadata = dict(meta)
         self.sparse = self.storage.get("kind") == "sparse"
+        self.lowrank = self.storage.get("kind") == "lowrank"  # LoRA factors: see taskvec.adapters
         if self.sparse:
             self._shapes = {k: tuple(v) for k, v in self.storage["shapes"].items()}
             expected = {f"{n}{SPARSE_SEP}{part}" for n in self.names for part in ("indices", "values")}
+        elif self.lowrank:
+            self._shapes = {k: tuple(v) for k, v in self.storage["shapes"].items()}
+            expected = {f"{n}{SPARSE_SEP}{part}" for n in self.storage["factors"] for part in ("lora_A", "lora_B")}
         else:
             self._shapes = {n: self._src.info(n).shape for n in self._src.names()}
             expected = set(self.names)
@@ -98,6 +102,10 @@ class VectorFile:
 
     def read(self, name: str, scratch: Scratch | None = None, slot: str = "") -> torch.Tensor:
         """Dense float32 values of one tensor (a view into ``scratch[slot]`` if given and dense)."""
+        if self.lowrank:
+            from taskvec.adapters import read_lowrank
+
+            return read_lowrank(self._src, name, self._shapes[name], self.storage["factors"].get(name))
         if not self.sparse:
             return self._src.read_float32(name, scratch, slot)
         idx = self._src.read(f"{name}{SPARSE_SEP}indices").to(torch.int64)

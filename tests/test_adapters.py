@@ -137,3 +137,35 @@ def test_adapter_for_another_model_is_refused(base, tmp_path, capsys):
     code, _, err = run_cli(capsys, "extract", big, adapter, "-o", tmp_path / "tau.safetensors")
     assert code == 2 and "gives a [32, 32] update but 'encoder.layer.0.attention.self.query.weight' is [64, 64]" in err
     assert run_cli(capsys, "extract", other, adapter, "-o", tmp_path / "ok.safetensors")[0] == 0
+
+
+def test_low_rank_storage_round_trip(base, tmp_path, capsys):
+    adapter = make_adapter(base, tmp_path / "a", tmp_path / "m", r=2, lora_alpha=4, target_modules=["query", "value", "word_embeddings"], use_rslora=True)
+    dense, low = tmp_path / "dense.safetensors", tmp_path / "low.safetensors"
+    assert run_cli(capsys, "extract", base, adapter, "-o", dense)[0] == 0
+    code, out, err = run_cli(capsys, "extract", base, adapter, "--low-rank", "-o", low)
+    assert code == 0, err
+    # adapter-sized: the file is about as large as the adapter, far smaller than the dense vector
+    assert low.stat().st_size < 1.5 * (adapter / "adapter_model.safetensors").stat().st_size + 16_384
+    assert low.stat().st_size < dense.stat().st_size / 4
+    with VectorFile(dense) as d, VectorFile(low) as lr:
+        assert lr.storage["kind"] == "lowrank" and lr.describe()["storage"] == "lowrank"
+        assert lr.names == d.names and lr.shapes() == d.shapes() and lr.base_hash == d.base_hash and lr.param_count == d.param_count
+        assert all(torch.equal(lr.read(n), d.read(n)) for n in d.names)  # densified with the same arithmetic
+        assert any(d.read(n).any() for n in d.names)
+    # apply densifies on the fly: same weights as the dense vector's
+    assert run_cli(capsys, "apply", base, low, "-o", tmp_path / "app-low")[0] == 0
+    assert run_cli(capsys, "apply", base, dense, "-o", tmp_path / "app-dense")[0] == 0
+    wl, wd = weights(tmp_path / "app-low"), weights(tmp_path / "app-dense")
+    assert all(torch.equal(wl[k], wd[k]) for k in wd)
+    # and combines with dense vectors (homologous)
+    assert run_cli(capsys, "combine", low, f"{dense}:-1", "-o", tmp_path / "zero.safetensors")[0] == 0
+    with VectorFile(tmp_path / "zero.safetensors") as z:
+        assert all(not z.read(n).any() for n in z.names)
+
+
+def test_low_rank_needs_an_adapter(tiny_models, tmp_path, capsys):
+    base, ft1, _ = tiny_models
+    code, _, err = run_cli(capsys, "extract", base, ft1, "--low-rank", "-o", tmp_path / "v.safetensors")
+    assert code == 2 and "--low-rank needs a PEFT LoRA adapter folder" in err
+    assert not (tmp_path / "v.safetensors").exists()
