@@ -13,6 +13,7 @@ from taskvec import engine
 from taskvec.adapters import base_name, delta, lora_deltas
 from taskvec.vector import VectorFile
 from tests.conftest import make_tiny_bert
+from tests.conftest_tasks import data_dir, tiny_model  # noqa: F401 - fixtures
 from tests.test_engine import run_cli, weights
 
 peft = pytest.importorskip("peft")
@@ -169,3 +170,43 @@ def test_low_rank_needs_an_adapter(tiny_models, tmp_path, capsys):
     code, _, err = run_cli(capsys, "extract", base, ft1, "--low-rank", "-o", tmp_path / "v.safetensors")
     assert code == 2 and "--low-rank needs a PEFT LoRA adapter folder" in err
     assert not (tmp_path / "v.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------
+# train.method: lora
+
+
+def test_lora_finetune_saves_merged_encoder_and_adapter(data_dir, tiny_model, tmp_path, capsys):
+    from taskvec.train import finetune
+    from tests.conftest_tasks import task_params
+
+    params = task_params(data_dir, tiny_model, train={"steps": 12, "batch_size": 8, "max_length": 16, "lr": 1e-2, "warmup_ratio": 0.0,
+                                                      "method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_targets": ["query", "value"]})
+    out = tmp_path / "ft"
+    result = finetune("senti", params, out, progress=False)
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
+    assert result.manifest["train"]["method"] == "lora" and result.losses
+    base, tuned = weights(tiny_model), weights(out)
+    assert set(base) == set(tuned)
+    moved = sorted(n for n in base if not torch.equal(base[n], tuned[n]))
+    assert moved and all(".query." in n or ".value." in n for n in moved)  # only the LoRA targets change
+    # the rest of the pipeline: extract from the merged folder ≈ the adapter's own τ (low-rank, adapter-sized)
+    assert run_cli(capsys, "extract", tiny_model, out, "-o", tmp_path / "full.safetensors")[0] == 0
+    code, _, err = run_cli(capsys, "extract", tiny_model, out / "adapter", "--low-rank", "-o", tmp_path / "low.safetensors")
+    assert code == 0, err
+    with VectorFile(tmp_path / "full.safetensors") as vf, VectorFile(tmp_path / "low.safetensors") as vl:
+        assert vf.names == vl.names and vf.base_hash == vl.base_hash
+        for n in moved:
+            a, b = vf.read(n), vl.read(n)
+            assert float((a - b).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(base[n].abs().max() + b.abs().max())
+
+
+def test_lora_is_refused_for_mlm_tasks(data_dir, tiny_model, tmp_path):
+    from taskvec.errors import TaskvecError
+    from taskvec.train import finetune
+    from tests.conftest_tasks import task_params
+
+    params = task_params(data_dir, tiny_model, train={"steps": 2, "method": "lora"})
+    with pytest.raises(TaskvecError, match="train.method lora supports classification tasks; senti_lm is mlm"):
+        finetune("senti_lm", params, tmp_path / "ft", progress=False)
+    assert not (tmp_path / "ft").exists()
