@@ -17,6 +17,11 @@ dropped), every other selected floating tensor of the base gets τ = 0, so the
 vector is homologous with one extracted from a full fine-tuned model and the
 rest of the pipeline (combine, apply, merge, search…) works unchanged.
 
+``--low-rank`` stores the factors instead (``NAME::lora_A``, ``NAME::lora_B``,
+scaling and transpose in the ``taskvec.storage`` record, kind ``lowrank``), so
+an adapter-sized vector stays adapter-sized; :class:`taskvec.vector.VectorFile`
+densifies each tensor on read with :func:`delta`, giving the dense file's bits.
+
 Refused with one line: non-LoRA PEFT types, DoRA, trained biases
 (``bias`` ≠ none, ``lora_bias``), ``modules_to_save`` weights,
 ``layer_replication``, ``target_parameters``, trainable tokens, and

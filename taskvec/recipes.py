@@ -30,7 +30,8 @@ the mask equals ``taskvec --method dare --drop 1−density`` with the same seed)
 not from torch's global RNG as mergekit does, so they are reproducible but not
 bit-identical to mergekit.
 
-Anything else a mergekit config may say (slices, modules, gradients or
+Model references are folders (relative to the working directory, as for
+mergekit) or hub ids. Anything else a mergekit config may say (slices, modules, gradients or
 filtered parameter values, other merge methods, tokenizer surgery, LoRA
 ``model+adapter`` references, an ``out_dtype`` other than the base's) is
 refused with one line, never ignored.
