@@ -11,6 +11,7 @@ stderr (``error: …``) and exit status 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,18 +52,25 @@ def _dtype(name: str):
 
 def extract(
     base: Annotated[str, typer.Argument(help="Base (pre-trained) model folder or hub id.")],
-    finetuned: Annotated[str, typer.Argument(help="Fine-tuned model folder or hub id (same architecture and init).")],
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned model folder or hub id (same architecture and init), or a PEFT LoRA adapter folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file (.safetensors).")],
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only tensors matching this glob (repeatable).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors matching this glob (repeatable), e.g. 'classifier.*'.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float32, float16 or bfloat16.")] = "float32",
     allow_pickle: AllowPickle = False,
+    low_rank: Annotated[bool, typer.Option("--low-rank", help="LoRA adapter: keep the factors B, A (adapter-sized file, densified on read).")] = False,
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
-    """Extract τ = θ_finetuned − θ_base into a task-vector file."""
+    """Extract τ = θ_finetuned − θ_base (or τ = scaling·B·A of a PEFT LoRA adapter folder) into a task-vector file."""
     from taskvec.engine import extract as run
 
+    if low_rank:
+        from taskvec.adapters import extract_adapter, is_adapter_dir
+
+        if not is_adapter_dir(finetuned):
+            raise TaskvecError(f"--low-rank needs a PEFT LoRA adapter folder (with adapter_config.json), not {finetuned}")
+        run = functools.partial(extract_adapter, low_rank=True)
     res = run(base, finetuned, out, include=include or (), exclude=exclude or (), dtype=_dtype(dtype), allow_pickle=allow_pickle, progress=not quiet, force=force)
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
@@ -107,9 +115,10 @@ def apply(
 
 
 def merge(
-    base: Annotated[str, typer.Argument(help="Base model folder or hub id.")],
-    finetuned: Annotated[list[str], typer.Argument(help="Fine-tuned models as PATH[:LAMBDA].")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    base: Annotated[Optional[str], typer.Argument(help="Base model folder or hub id (not with --config).")] = None,
+    finetuned: Annotated[Optional[list[str]], typer.Argument(help="Fine-tuned models as PATH[:LAMBDA] (not with --config).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A mergekit YAML recipe (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs) in place of BASE/FINETUNED/--method.")] = None,
     method: Method = "sum",
     density: Density = None,
     drop: Drop = None,
@@ -125,6 +134,18 @@ def merge(
     from taskvec.engine import merge as run
     from taskvec.engine import parse_size
 
+    if out is None:
+        raise TaskvecError("merge needs --out/-o OUT_DIR")
+    if config is not None:
+        if base or finetuned or method != "sum" or density is not None or drop is not None:
+            raise TaskvecError("--config takes the models, method and parameters from the recipe: drop BASE/FINETUNED and --method/--density/--drop")
+        from taskvec.recipes import run_recipe
+
+        ledger = run_recipe(config, out, seed=seed, include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, warn=lambda m: typer.echo(m, err=True))
+        typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
+        return
+    if not base or not finetuned:
+        raise TaskvecError("merge needs BASE and at least one FINETUNED model (or --config recipe.yml)")
     pairs = _vectors(finetuned)
     ledger = run(base, pairs, out, options=_options(method, density, drop, seed), include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, force=force)
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")

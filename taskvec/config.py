@@ -138,6 +138,12 @@ class TrainSpec(_Strict):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     mlm_probability: float = Field(default=0.15, gt=0, lt=1)
     seed: int = 0
+    # lora: train a peft LoRA adapter on the encoder (classification tasks; needs taskvec[lora]);
+    # the merged encoder is saved as usual and the adapter beside it in adapter/
+    method: Literal["full", "lora"] = "full"
+    lora_r: PositiveInt = 8
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["query", "value"])
 
 
 class EvalSpec(_Strict):

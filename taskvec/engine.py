@@ -190,7 +190,14 @@ def extract(
     progress: bool = False,
     force: bool = False,
 ) -> VectorResult:
-    """τ = θ_ft − θ_base over the shared floating tensors selected by include/exclude."""
+    """τ = θ_ft − θ_base over the shared floating tensors selected by include/exclude.
+
+    ``finetuned`` may be a PEFT LoRA adapter folder: τ = scaling·B·A (:mod:`taskvec.adapters`).
+    """
+    from taskvec.adapters import extract_adapter, is_adapter_dir
+
+    if is_adapter_dir(finetuned):
+        return extract_adapter(base, finetuned, out, include=include, exclude=exclude, dtype=dtype, allow_pickle=allow_pickle, progress=progress, force=force)
     bdir, fdir = resolve_model(base), resolve_model(finetuned)
     dest = check_output(out, [bdir, fdir], kind="file", force=force)
     with TensorSource(bdir, allow_pickle=allow_pickle) as b, TensorSource(fdir, allow_pickle=allow_pickle) as f:

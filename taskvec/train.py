@@ -164,6 +164,8 @@ def finetune_task(
     spelled from ``data_label`` (the params' ``data_dir``) when it lies under
     ``data_dir``, the base by its name and content hash.
     """
+    if train.method == "lora" and spec.kind != "classification":
+        raise TaskvecError(f"train.method lora supports classification tasks; {spec.name} is {spec.kind} (use method: full)")
     split = load_split(spec, data_dir, "train", seed=train.seed)
     base_path = resolve_model(base)
     source = resolve_source(spec, data_dir)
@@ -182,7 +184,7 @@ def finetune_task(
             "kind": spec.kind,
             "base": str(base),
             "base_state_sha256": base_hash,
-            "train": train.model_dump(),
+            "train": train.model_dump(exclude=None if train.method == "lora" else {"method", "lora_r", "lora_alpha", "lora_targets"}),
             "data": _portable_origin(split.lineage(), data_dir, data_label) | {"rows_trained": min(len(split.dataset), train.steps * train.batch_size)},
             "losses": losses,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -212,14 +214,31 @@ def _finetune_classifier(base_path: Path, spec: TaskSpec, split: Split, train: T
     encoder, tokenizer, _ = load_encoder(base_path, dtype=torch.float32)
     base_hash = state_hash(encoder)
     head = build_head(encoder, tokenizer, spec.name, spec.labels, spec.head_texts, max_length=train.max_length)
-    model = EncoderClassifier(encoder, head)
+    trained = _with_lora(encoder, train) if train.method == "lora" else encoder
+    model = EncoderClassifier(trained, head)
     rows = _tokenize(training_rows(split, train), tokenizer, train.max_length)
     losses = _run_trainer(model, rows, tokenizer, DataCollatorWithPadding(tokenizer), train, tmp, progress)
     _check_finite(model, losses, spec.name, train)
+    if trained is not encoder:  # LoRA: keep the adapter, save the merged encoder (what extract diffs)
+        trained.save_pretrained(tmp / "adapter")
+        encoder = trained.merge_and_unload()
     encoder.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_head(head, tmp / "heads" / f"{spec.name}.safetensors")
     return losses, base_hash
+
+
+def _with_lora(encoder, train: TrainSpec):
+    """The encoder wrapped in a peft LoRA model: only the adapters (r, alpha, target modules) train."""
+    try:
+        import peft
+    except ImportError:
+        raise TaskvecError("train.method lora needs peft: pip install 'taskvec[lora]'") from None
+    config = peft.LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, target_modules=list(train.lora_targets), lora_dropout=0.0, bias="none")
+    try:
+        return peft.get_peft_model(encoder, config)
+    except ValueError as exc:  # e.g. no module matches the targets
+        raise TaskvecError(f"train.lora_targets {train.lora_targets}: {str(exc).splitlines()[0]}") from None
 
 
 def _finetune_mlm(base_path: Path, split: Split, train: TrainSpec, tmp: Path, progress: bool):

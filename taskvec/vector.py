@@ -100,10 +100,11 @@ class VectorFile:
         self.recipe: dict = self._json("taskvec.recipe", dict, "object")
         self.storage: dict = self._json("taskvec.storage", dict, "object")
         kind = self.storage.get("kind", "dense")
-        if kind not in ("dense", "sparse"):
-            raise FormatError(f"{self.path}: corrupt task-vector header (storage kind {kind!r} is neither dense nor sparse)")
+        if kind not in ("dense", "sparse", "lowrank"):
+            raise FormatError(f"{self.path}: corrupt task-vector header (storage kind {kind!r} is not dense, sparse or lowrank)")
         self.metadata = dict(meta)
         self.sparse = kind == "sparse"
+        self.lowrank = kind == "lowrank"  # LoRA factors: see taskvec.adapters
         stored = set(self._src.names())
         if self.sparse:
             shapes = self.storage.get("shapes")
@@ -114,6 +115,15 @@ class VectorFile:
                     raise FormatError(f"{self.path}: corrupt task-vector header (shape of {name!r} is not a list of non-negative integers)")
             self._shapes = {k: tuple(v) for k, v in shapes.items()}
             expected = {f"{n}{SPARSE_SEP}{part}" for n in self.names for part in ("indices", "values")}
+        elif self.lowrank:
+            shapes, factors = self.storage.get("shapes"), self.storage.get("factors")
+            if not isinstance(shapes, dict) or set(shapes) != set(self.names) or not isinstance(factors, (list, dict)) or not all(isinstance(f, str) and f in shapes for f in factors):
+                raise FormatError(f"{self.path}: corrupt task-vector header (lowrank storage must give a shape for every name and factors of named tensors)")
+            for name, shape in shapes.items():
+                if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                    raise FormatError(f"{self.path}: corrupt task-vector header (shape of {name!r} is not a list of non-negative integers)")
+            self._shapes = {k: tuple(v) for k, v in shapes.items()}
+            expected = {f"{n}{SPARSE_SEP}{part}" for n in self.storage["factors"] for part in ("lora_A", "lora_B")}
         else:
             self._shapes = {n: self._src.info(n).shape for n in self._src.names()}
             expected = set(self.names)
@@ -174,6 +184,10 @@ class VectorFile:
 
     def read(self, name: str, scratch: Scratch | None = None, slot: str = "") -> torch.Tensor:
         """Dense float32 values of one tensor (a view into ``scratch[slot]`` if given and dense)."""
+        if self.lowrank:
+            from taskvec.adapters import read_lowrank
+
+            return read_lowrank(self._src, name, self._shapes[name], self.storage["factors"].get(name))
         if not self.sparse:
             return self._src.read_float32(name, scratch, slot)
         idx = self._src.read(f"{name}{SPARSE_SEP}indices").to(torch.int64)

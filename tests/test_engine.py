@@ -234,7 +234,7 @@ def test_compress_topk_sparse_round_trip(vecs, tmp_path):
 
     r = engine.compress(vecs[0], tmp_path / "s.safetensors", density=0.1)
     assert r["storage"] == "sparse" and r["output_bytes"] < r["input_bytes"]
-    assert 0.1 <= r["kept_fraction"] < 0.12
+    assert 0.09 <= r["kept_fraction"] <= 0.1  # max(1, floor(0.1 * numel)) per tensor
     full, sparse = TaskVector.load(vecs[0]), TaskVector.load(tmp_path / "s.safetensors")
     err2 = norm2 = 0.0
     for name, tau in full.tensors.items():

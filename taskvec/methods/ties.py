@@ -9,7 +9,7 @@
 
 Option ``density``: the kept fraction k in (0, 1] (mergekit's ``density``;
 k% / 100), default 1.0 (no trimming). Trimming is per tensor; ``k =
-ceil(density × numel)``, ties at the threshold broken by lower flat index.
+max(1, floor(density × numel))`` (mergekit's and the TIES code's count), ties at the threshold broken by lower flat index.
 Per-vector weights λ_t are applied before trimming and sign election.
 """
 
@@ -38,11 +38,11 @@ def check_density(density: float) -> float:
 
 
 def topk_count(numel: int, density: float) -> int:
-    return min(numel, math.ceil(check_density(density) * numel))
+    return min(numel, max(1, math.floor(check_density(density) * numel)))  # mergekit's / TIES' count
 
 
 def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of exactly ``ceil(density × numel)`` entries of largest magnitude.
+    """Boolean mask of exactly ``max(1, floor(density × numel))`` entries of largest magnitude.
 
     Entries tied at the threshold magnitude are kept in order of flat index.
     """
