@@ -147,11 +147,11 @@ def sync_dvc(root: Path = ROOT, *, write: bool) -> list[str]:
     from ruamel.yaml import YAML
 
     path = Path(root) / DVC_FILE
-    yaml = YAML()  # round-trip: comments and order survive
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    doc = yaml.load(path.read_text())
+    rt = YAML(typ="rt")  # round-trip (safe: builds only plain YAML types); comments and order survive
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)
+    doc = rt.load(path.read_text())
     stale = []
     for name, stage in doc.get("stages", {}).items():
         if name not in STEPS:
@@ -168,7 +168,7 @@ def sync_dvc(root: Path = ROOT, *, write: bool) -> list[str]:
         import io
 
         buf = io.StringIO()
-        yaml.dump(doc, buf)
+        rt.dump(doc, buf)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(buf.getvalue())
         tmp.replace(path)

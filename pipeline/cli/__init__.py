@@ -20,11 +20,11 @@ from taskvec.cli import build_app, run_app
 
 def build() -> typer.Typer:
     from benchmarks.paper import cli as paper
-    from pipeline.cli import ops, run
+    from pipeline.cli import deploy, ops, run
     from pipeline.params import PipelineParams
 
     app = build_app(params_model=PipelineParams)
-    for group in (run, ops, paper):
+    for group in (run, ops, deploy, paper):
         group.register(app)
     return app
 
