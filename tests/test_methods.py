@@ -10,7 +10,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from benchmarks.paper.experiments import MethodSpec, merge_vectors
+from benchmarks.paper.spec import MethodSpec, merge_vectors
 from pipeline import params as P
 from taskvec import algebra, methods
 from taskvec.config import _first_error
