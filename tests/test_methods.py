@@ -10,7 +10,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from benchmarks.paper.spec import MethodSpec, merge_vectors
+from benchmarks.paper.spec import MethodSpec
+from benchmarks.paper.vectors import merge_vectors
 from pipeline import params as P
 from taskvec import algebra, methods
 from taskvec.config import _first_error
