@@ -910,7 +910,7 @@ def _(ctx):
     return _apply(ctx, ctx.base, ctx.copy_vector("r.safetensors", lambda t, m: m.update({"taskvec.recipe": "[1]"})))
 
 
-@case("storage-kind-unknown", "is neither dense nor sparse")
+@case("storage-kind-unknown", "is not dense, sparse or lowrank")
 def _(ctx):
     return _apply(ctx, ctx.base, ctx.copy_vector("k.safetensors", lambda t, m: m.update({"taskvec.storage": '{"kind": "zip"}'})))
 
