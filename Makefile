@@ -5,7 +5,7 @@
 # runs `taskvec run -S train.steps=4 -S search.max_evals=2` (params.yaml untouched, no DVC commit).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# DVC stages run `python -m pipeline.<step>`: the project's interpreter must come first
+# DVC stages run bin/python (the project interpreter); PATH is set for the other tools
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
