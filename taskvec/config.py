@@ -256,20 +256,26 @@ def _parse_yaml(path: Path, text: str) -> object:
         raise TaskvecError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
 
 
-def read_params_mapping(path: str | Path) -> dict:
-    """A params file as a plain mapping (parsed, not validated); one-line errors."""
-    path = Path(path)
+def _read_bytes(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise TaskvecError(f"params file not found: {path}") from None
     except OSError as exc:
         raise TaskvecError(f"cannot read params file {path}: {exc.strerror}") from None
+
+
+def _decode(path: Path, raw: bytes) -> str:
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TaskvecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    data = _parse_yaml(path, text)
+
+
+def read_params_mapping(path: str | Path) -> dict:
+    """A params file as a plain mapping (parsed, not validated); one-line errors."""
+    path = Path(path)
+    data = _parse_yaml(path, _decode(path, _read_bytes(path)))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -294,23 +300,14 @@ def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, ov
         data = apply_overrides(read_params_mapping(path), list(overrides))
         return parse_params(data, source=f"{path} with -S", root=Path(path).resolve().parent, model=model)
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise TaskvecError(f"params file not found: {path}") from None
-    except OSError as exc:
-        raise TaskvecError(f"cannot read params file {path}: {exc.strerror}") from None
+    raw = _read_bytes(path)
     key = (str(path.resolve()), model, hashlib.sha256(raw).digest())
     with _MEMO_LOCK:
         hit = _MEMO.get(key)
         if hit is not None:
             _MEMO.move_to_end(key)
     if hit is None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise TaskvecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-        hit = parse_params(_parse_yaml(path, text), source=str(path), root=path.resolve().parent, model=model)
+        hit = parse_params(_parse_yaml(path, _decode(path, raw)), source=str(path), root=path.resolve().parent, model=model)
         with _MEMO_LOCK:
             _MEMO[key] = hit
             while len(_MEMO) > _MEMO_SIZE:
