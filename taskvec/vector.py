@@ -134,7 +134,7 @@ class VectorFile:
             raise TaskvecError(f"{self.path}: empty task vector (no tensors)")
         if self.sparse:
             self._check_sparse()
-        else:
+        elif not self.lowrank:
             for name in self.names:
                 if not self._src.info(name).is_float:
                     raise FormatError(f"{self.path}: tensor {name!r} is stored as {self._src.info(name).dtype}, not floating point")
