@@ -275,7 +275,7 @@ def effective_params(params_file: str | os.PathLike, overrides: list[str] | None
     from taskvec.overrides import apply_overrides
 
     src = Path(params_file).resolve()
-    load_params(src, model=PipelineParams, overrides=overrides)  # the file's own errors first, then the overrides'
+    load_params(params_file, model=PipelineParams, overrides=overrides)  # the file's own errors first, then the overrides'
     data = apply_overrides(read_params_mapping(src), overrides)
     head = [f"# Effective params of `taskvec run -S`: {src.name} + the overrides below (rewritten by each run; do not edit)."]
     text = "\n".join(head + [f"#   -S {o}" for o in overrides]) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
