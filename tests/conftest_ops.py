@@ -206,7 +206,7 @@ def ops(mlflow_server, audit_url, tmp_path, monkeypatch):
     from pipeline.ops.promotion import Ops
 
     params = tmp_path / "ops-params.yaml"
-    params.write_text("promotion:\n  targets: [t1]\n  controls: [c1]\n  evaluator: tests.conftest_ops:fake_evaluate\n")
+    params.write_text("tasks:\n  t1: {source: x, labels: [a, b]}\n  c1: {source: y, labels: [a, b]}\nfinetune: {tasks: [t1]}\nedit: {learn: [t1], control: [c1]}\npromotion:\n  targets: [t1]\n  controls: [c1]\n  evaluator: tests.conftest_ops:fake_evaluate\n")
     monkeypatch.setenv("TASKVEC_PARAMS", str(params))
     return Ops(mlflow_server, audit_url)
 

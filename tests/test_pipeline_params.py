@@ -162,14 +162,14 @@ def test_taskvec_finetune_and_search_accept_the_shipped_params(tmp_path, capsys,
     """Argument parsing and params validation of `taskvec finetune` / `taskvec search` (the heavy work stubbed)."""
     from types import SimpleNamespace
 
-    import taskvec.search
+    import taskvec.search_run
     import taskvec.train
     import taskvec.vector
     from pipeline.cli import main
 
     seen = []
 
-    def fake_finetune(task, params, out, *, base=None, steps=None, progress=True):
+    def fake_finetune(task, params, out, *, base=None, steps=None, progress=True, **kw):
         seen.append(("finetune", task, type(params), steps))
         return SimpleNamespace(out_dir=out, manifest={"train": {"steps": steps}}, seconds=0.0, losses=[])
 
@@ -178,8 +178,8 @@ def test_taskvec_finetune_and_search_accept_the_shipped_params(tmp_path, capsys,
         return SimpleNamespace(best_lambda=0.5, best_score=0.9, evaluations=[1], seconds=0.0)
 
     monkeypatch.setattr(taskvec.train, "finetune", fake_finetune)
-    monkeypatch.setattr(taskvec.search, "run_search", fake_search)
-    monkeypatch.setattr(taskvec.search, "write_outputs", lambda result, out: None)
+    monkeypatch.setattr(taskvec.search_run, "run_search", fake_search)
+    monkeypatch.setattr(taskvec.search_run, "write_outputs", lambda result, out: None)
     monkeypatch.setattr(taskvec.vector.TaskVector, "load", classmethod(lambda cls, path: SimpleNamespace(tensors={})))
     monkeypatch.chdir(REPO)
     for argv in (

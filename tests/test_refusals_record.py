@@ -409,7 +409,7 @@ def test_password_in_tracking_uri_is_not_a_flow_run_parameter(fresh_db, prefect_
     # trust auth ignores the password, so this URI with a password really works as the tracking store
     uri = f"postgresql+psycopg2://{PG_USER}:{SECRET}@{PG_HOST}:{PG_PORT}/{db}"
     params = tmp_path / "params.yaml"
-    params.write_text("promotion:\n  targets: [t1]\n")
+    params.write_text("tasks:\n  t1: {source: x, labels: [a, b]}\n  c1: {source: y, labels: [a, b]}\nfinetune: {tasks: [t1]}\nedit: {learn: [t1], control: [c1]}\npromotion:\n  targets: [t1]\n")
     for var in ("MLFLOW_TRACKING_URI", "TASKVEC_AUDIT_URL"):  # recorded, so what the CLI exports is undone after the test
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
@@ -441,7 +441,7 @@ def test_issue_repro_promote_no_wait_then_approve_after_audit_db_deleted(store, 
     monkeypatch.delenv("TASKVEC_AUDIT_URL", raising=False)
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
-    params.write_text("promotion:\n  targets: [t1]\n")
+    params.write_text("tasks:\n  t1: {source: x, labels: [a, b]}\n  c1: {source: y, labels: [a, b]}\nfinetune: {tasks: [t1]}\nedit: {learn: [t1], control: [c1]}\npromotion:\n  targets: [t1]\n")
     promote = ["promote", "m", "--version", "1", "--no-wait", "--params", str(params), "--evaluator", "tests.conftest_ops:fake_evaluate", *store.uris()]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -478,11 +478,11 @@ def test_schedule_refuses_credentials_in_deployment_parameters(tmp_path):
     from flows.schedule import schedule_config
 
     p = tmp_path / "params.yaml"
-    p.write_text(f"schedule:\n  parameters:\n    force: true\n    note: 'db at postgresql://u:{SECRET}@h/db'\n")
+    p.write_text(f"tasks:\n  t1: {{source: x, labels: [a, b]}}\n  c1: {{source: y, labels: [a, b]}}\nfinetune: {{tasks: [t1]}}\nedit: {{learn: [t1], control: [c1]}}\nschedule:\n  parameters:\n    force: true\n    note: 'db at postgresql://u:{SECRET}@h/db'\n")
     with pytest.raises(TaskvecError, match="schedule.parameters.note holds a credential") as err:
         schedule_config(p)
     assert SECRET not in str(err.value)
-    p.write_text("schedule:\n  parameters:\n    force: true\n")
+    p.write_text("tasks:\n  t1: {source: x, labels: [a, b]}\n  c1: {source: y, labels: [a, b]}\nfinetune: {tasks: [t1]}\nedit: {learn: [t1], control: [c1]}\nschedule:\n  parameters:\n    force: true\n")
     assert schedule_config(p)["parameters"]["force"] is True
 
 
