@@ -110,6 +110,7 @@ class Store:
 def store(tmp_path, mlflow_template) -> Store:
     root = tmp_path / "store"
     (root / "art").mkdir(parents=True)
+    (root / "art" / "taskvec.json").write_text('{"edits": []}\n')  # an edited model folder carries its ledger
     shutil.copy(mlflow_template, root / "mlflow.db")
     s = Store(root)
     client = s.ops().client
