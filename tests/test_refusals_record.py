@@ -420,11 +420,18 @@ def test_password_in_tracking_uri_is_not_a_flow_run_parameter(fresh_db, prefect_
         with get_client(sync_client=True) as c:
             return [r.parameters for r in c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["promote"])))]
 
+    from mlflow import MlflowClient
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "taskvec.json").write_text('{"edits": []}\n')
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m")
+    client.create_model_version("m", str(art))
     before = len(runs())
-    with pytest.raises(SystemExit) as exc:  # the model does not exist: the flow run starts, then fails
-        cli_main(["promote", "absent", "--no-wait", "--params", str(params), "--tracking-uri", uri, "--audit-url", f"sqlite:///{tmp_path / 'audit.db'}"])
-    assert exc.value.code == 2
-    assert "registered model 'absent' not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the flow run starts; its evaluation of the bare folder then fails
+        cli_main(["promote", "m", "--version", "1", "--no-wait", "--params", str(params), "--tracking-uri", uri, "--audit-url", f"sqlite:///{tmp_path / 'audit.db'}"])
+    assert SECRET not in capsys.readouterr().err
     stored = runs()
     assert len(stored) == before + 1
     new = [p for p in stored if p.get("params_file") == str(params)]
