@@ -387,6 +387,7 @@ def test_password_and_newline_in_reason_are_cleaned_everywhere(store, tmp_path, 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["mlflow"]["tracking_uri"] = store.mlflow_uri
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the environment wins over params; another test may have exported one
     with pytest.raises(SystemExit):
         cli_main(["lineage", "m", "1", "--params", str(root / "params.yaml")])
     lineage = capsys.readouterr().out
