@@ -136,7 +136,8 @@ def fetch_vector(sha: str, uri: str, tracking_uri: str | None = None) -> Path:
     """The vector ``sha``, from the local cache or downloaded from ``uri`` once; its sha256 is checked either way."""
     from taskvec.io import atomic_path, file_sha256
 
-    cached = cache_root() / "vectors" / f"{sha}.safetensors"
+    name = uri.rsplit("/", 1)[-1]
+    cached = cache_root() / "vectors" / sha / (name if name.endswith(".safetensors") and not name.startswith(".") else f"{sha}.safetensors")
     if cached.is_file() and file_sha256(cached) == sha:
         return cached
     import mlflow

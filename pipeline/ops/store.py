@@ -1,8 +1,8 @@
 """The content-addressed vector store and the staging of thin versions (registration side).
 
 Vectors are artifacts of one run per experiment tagged
-``taskvec.role = vector-store``, named by their sha256
-(``vectors/<sha256>.safetensors``): a vector is uploaded once, whatever
+``taskvec.role = vector-store``, filed under their sha256
+(``vectors/<sha256>/<name>.safetensors``): a vector is uploaded once, whatever
 number of versions use it, and every version records the ``runs:/`` URI of
 each of its vectors (tag ``taskvec.vectors``; in a thin version also its
 manifest). The store lives in the artifact store of the experiment the
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
@@ -47,34 +46,33 @@ def store_run(client, experiment_id: str) -> str:
     return run.info.run_id
 
 
-def uri(run_id: str, sha: str) -> str:
-    return f"runs:/{run_id}/{FOLDER}/{sha}.safetensors"
+def uri(run_id: str, sha: str, name: str) -> str:
+    return f"runs:/{run_id}/{FOLDER}/{sha}/{name}"
 
 
 def put_vectors(client, experiment_id: str, files: list[Path], needed: list[str] = ()) -> dict[str, dict]:
-    """Upload the vectors not stored yet; ``{sha: {"uri", "bytes"}}`` for ``files`` and ``needed`` (one line if one of those is missing)."""
+    """Upload the vectors not stored yet; ``{sha: {"uri", "bytes"}}`` for ``files`` and ``needed`` (one line if one of those is missing).
+
+    A vector is stored as ``vectors/<sha256>/<file name>`` (the name it was
+    first stored under, which the ledgers record), once per content.
+    """
     from taskvec.io import file_sha256
 
     by_sha = {file_sha256(p): Path(p) for p in files}
     if not by_sha and not needed:
         return {}
     run_id = store_run(client, experiment_id)
-    have = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, FOLDER)}
+    have = {Path(a.path).name for a in client.list_artifacts(run_id, FOLDER) if a.is_dir}
     refs: dict[str, dict] = {}
     for sha in list(by_sha) + [s for s in needed if s not in by_sha]:
-        name = f"{sha}.safetensors"
-        if name not in have:
+        stored = [a for a in client.list_artifacts(run_id, f"{FOLDER}/{sha}") if not a.is_dir] if sha in have else []
+        if not stored:
             if sha not in by_sha:
                 raise TaskvecError(f"vector {sha[:12]} of the ledger is neither given nor in the vector store of experiment {experiment_id}; give it (register.log_vectors) or register with weights: full")
-            with tempfile.TemporaryDirectory(prefix="taskvec-store-") as tmp:
-                staged = Path(tmp) / name
-                try:
-                    os.link(by_sha[sha], staged)
-                except OSError:
-                    shutil.copyfile(by_sha[sha], staged)
-                client.log_artifact(run_id, str(staged), FOLDER)
-            have[name] = by_sha[sha].stat().st_size
-        refs[sha] = {"uri": uri(run_id, sha), "bytes": int(have[name] or 0)}
+            client.log_artifact(run_id, str(by_sha[sha]), f"{FOLDER}/{sha}")
+            refs[sha] = {"uri": uri(run_id, sha, by_sha[sha].name), "bytes": by_sha[sha].stat().st_size}
+        else:
+            refs[sha] = {"uri": uri(run_id, sha, Path(stored[0].path).name), "bytes": int(stored[0].file_size or 0)}
     return refs
 
 
