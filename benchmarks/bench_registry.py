@@ -28,7 +28,8 @@ What it does (work folder ``benchmarks/out/registry/``, results in
 3. Load time of v1: a fresh process runs ``mlflow.pyfunc.load_model("models:/…/1")``
    and one ``predict`` (timed inside the process, after imports); thin
    *cold* = empty local cache (fetch the vectors, materialise, hash-check),
-   thin *warm* = materialised model cached. Median of ``--repeats``.
+   thin *warm* = materialised model cached. Median of ``--repeats`` rounds,
+   the modes interleaved within each round (they share the machine's load).
 
 Goal: disk per additional version of a two-vector edit ≤ 10 % of the model's
 weights. Prints ratios thin / main measured in the same run; exits 1 if the
@@ -151,20 +152,28 @@ def register_all(work: Path, mode: str, models: list[Path], vecs: list[Path]) ->
     return {"uri": uri, "disk": sizes, "register_s": seconds}
 
 
-def load_time(uri: str, cache: Path, *, cold: bool, repeats: int) -> dict:
-    runs = []
+def load_once(uri: str, cache: Path, *, cold: bool) -> dict:
+    """One fresh process: pyfunc load of version 1 + one predict (cold: empty local cache)."""
+    if cold:
+        shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "TASKVEC_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", LOAD, uri, f"models:/{MODEL}/1"], env=env, capture_output=True, text=True, check=False, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"load failed: {out.stderr[-2000:]}")
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**rec, "total": rec["load"] + rec["predict"], "process": wall}
+
+
+def load_times(uris: dict[str, str], cache: Path, repeats: int) -> dict:
+    """Median load times per mode, cold then warm, the modes interleaved round by round (they share the machine's load)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(repeats):
-        if cold:
-            shutil.rmtree(cache, ignore_errors=True)
-        env = {**os.environ, "TASKVEC_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", LOAD, uri, f"models:/{MODEL}/1"], env=env, capture_output=True, text=True, check=False, cwd=ROOT)
-        wall = time.perf_counter() - t0
-        if out.returncode != 0:
-            raise SystemExit(f"load failed: {out.stderr[-2000:]}")
-        rec = json.loads(out.stdout.strip().splitlines()[-1])
-        runs.append({**rec, "total": rec["load"] + rec["predict"], "process": wall})
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for mode, uri in uris.items():
+            for kind in ("cold", "warm"):
+                runs.setdefault((mode, kind), []).append(load_once(uri, cache / mode, cold=kind == "cold"))
+    return {mode: {f"load_{kind}": {k: statistics.median(r[k] for r in runs[(mode, kind)]) for k in runs[(mode, kind)][0]} for kind in ("cold", "warm")} for mode in uris}
 
 
 def main() -> None:
@@ -182,17 +191,15 @@ def main() -> None:
     weights = (base / "model.safetensors").stat().st_size
     models = [edited(work, "v1", [(t1, 0.5), (t2, 0.5)]), edited(work, "v2-rollback", [(t1, 0.5)]), edited(work, "v3", [(t1, 0.7), (t2, 0.3)])]
     res: dict = {"model_weights_bytes": weights, "vector_bytes": [t1.stat().st_size, t2.stat().st_size], "loadavg": os.getloadavg()}
+    uris = {}
     for mode in MODES:
         shutil.rmtree(cache, ignore_errors=True)
         reg = register_all(work, mode, models, [t1, t2])
         d = reg["disk"]
-        res[mode] = {
-            "first_version_bytes": d[1] - d[0],
-            "additional_version_bytes": [d[2] - d[1], d[3] - d[2]],
-            "register_s": reg["register_s"],
-            "load_cold": load_time(reg["uri"], cache / "load", cold=True, repeats=args.repeats),
-            "load_warm": load_time(reg["uri"], cache / "load", cold=False, repeats=args.repeats),
-        }
+        res[mode] = {"first_version_bytes": d[1] - d[0], "additional_version_bytes": [d[2] - d[1], d[3] - d[2]], "register_s": reg["register_s"]}
+        uris[mode] = reg["uri"]
+    for mode, times in load_times(uris, cache / "load", args.repeats).items():
+        res[mode].update(times)
     res["loadavg_end"] = os.getloadavg()
     mb = 1e6
     print(f"model weights {weights / mb:.1f} MB; vectors {res['vector_bytes'][0] / mb:.1f} + {res['vector_bytes'][1] / mb:.1f} MB; load average {res['loadavg'][0]:.1f} → {res['loadavg_end'][0]:.1f}")
@@ -210,7 +217,7 @@ def main() -> None:
     for label, get in rows:
         a, b, c = (get(res[m]) for m in MODES)
         print(f"{label:34} {a:10.3f} {b:10.3f} {c:10.3f} {c / a if a else float('nan'):10.3f}")
-    per_version = max(t["additional_version_bytes"]) / weights
+    per_version = max(res["thin"]["additional_version_bytes"]) / weights
     res["goal"] = {"thin_additional_version_over_model": per_version, "target": 0.10, "met": per_version <= 0.10}
     print(f"goal: thin disk per additional version / model weights = {per_version:.4f} (target ≤ 0.10): {'met' if per_version <= 0.10 else 'FAILED'}")
     out = ROOT / "benchmarks" / "out" / "registry.json"

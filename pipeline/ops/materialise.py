@@ -209,9 +209,11 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
         got = materialise(base["model"], ledger["edits"], fetch, out, base_hash=base["content_hash"])
         if got["output_hash"] != want:
             raise TaskvecError(f"materialised weights have content hash {got['output_hash'][:12]}, the version records {want[:12]}: a vector, the base or the ledger was altered; refusing to load")
-        if entry.is_dir():  # built concurrently by another process
-            shutil.rmtree(entry, ignore_errors=True)
-        os.replace(out, entry)
+        try:
+            os.replace(out, entry)
+        except OSError:  # built concurrently by another process: the same bits, keep theirs
+            if not entry.is_dir():
+                raise
     _prune(models, entry)
     return entry
 
