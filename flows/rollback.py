@@ -40,6 +40,7 @@ def rollback_flow(
     audit_url: str | None = None,
     evaluator: str | None = None,
     params_file: str | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact
 
@@ -57,6 +58,7 @@ def rollback_flow(
         move_champion=move_champion,
         evaluator=evaluator,
         params_file=params_file,
+        weights=weights,
     )
     logger.info(res.summary())
     md = (

@@ -132,8 +132,16 @@ class ExtractSection(_Strict):
 
 
 class RegisterSection(_Strict):
+    """``weights``: ``thin`` registers the ledger + content-addressed vectors (materialised on load), ``full`` the whole folder.
+
+    ``log_vectors``: store the vectors (once each, in the vector store) with a
+    ``full`` version too, so ``taskvec reproduce`` works from MLflow alone; a
+    ``thin`` version always stores them.
+    """
+
     alias: str = "challenger"
-    log_vectors: bool = True  # store the vectors with the version, so `taskvec reproduce` works from MLflow alone
+    weights: Literal["thin", "full"] = "thin"
+    log_vectors: bool = True
     description: str = "Task-arithmetic edit of the base model, built by the taskvec edit pipeline."
 
 

@@ -258,7 +258,7 @@ def edits(tmp_path_factory):
     return Edits(tmp_path_factory.mktemp("ops-edits"))
 
 
-def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | None = None, vectors: list[Path] = (), description: str = "test edit") -> str:
+def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | None = None, vectors: list[Path] = (), description: str = "test edit", weights: str = "thin") -> str:
     """Register ``folder`` the pipeline's way (:func:`pipeline.ops.registry.register_model`) in a run of ``taskvec-test``; returns the version."""
     from mlflow.exceptions import MlflowException
 
@@ -275,16 +275,19 @@ def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | Non
         exp_id = exp.experiment_id
     rid = client.create_run(exp_id).info.run_id
     ledger = json.loads((Path(folder) / "taskvec.json").read_text())
-    rec = registry.register_model(client, rid, folder, name=model, tags={**registry.ledger_tags(ledger), **(tags or {})}, vectors=list(vectors), version_description=description)
+    rec = registry.register_model(client, rid, folder, name=model, tags={**registry.ledger_tags(ledger), **(tags or {})}, vectors=list(vectors), version_description=description, weights=weights)
     client.set_terminated(rid, "FINISHED")
     return rec["version"]
 
 
 def register_edit(ops, model: str, edits: Edits, spec: list[tuple[str, float]], *, alias: str | None = None, log_vectors: bool = True, heads: bool = False) -> str:
-    """Build ``base + Σ λ τ`` and register it (ledger tags + pyfunc model, vectors with the run); returns the version."""
+    """Build ``base + Σ λ τ`` and register it (ledger tags + pyfunc model, vectors in the vector store); returns the version.
+
+    Thin by default; ``log_vectors=False`` registers full weights and stores no vector (a thin version needs its vectors).
+    """
     folder = edits.build(spec, heads=heads)
     vectors = list(dict.fromkeys(edits.vectors[n] for n, _ in spec)) if log_vectors else []
-    v = register_folder(ops, model, folder, vectors=vectors)
+    v = register_folder(ops, model, folder, vectors=vectors, weights="thin" if log_vectors else "full")
     if alias:
         ops.client.set_registered_model_alias(model, alias, v)
     return v

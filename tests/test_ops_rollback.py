@@ -58,12 +58,17 @@ def test_rollback_of_champion_edit(ops, edits, model_name, tmp_path):
     assert back.to_version == v
 
 
-def test_rollback_to_base_and_of_non_champion(ops, edits, model_name):
+def test_rollback_to_base_and_of_non_champion(ops, edits, model_name, tmp_path):
     v1 = register_edit(ops, model_name, edits, [("t2", 0.5)])
     _champion(ops, model_name, v1)
     v2 = register_edit(ops, model_name, edits, [("t1", 1.0)])
-    res = rollback(ops, model_name, edits.sha["t1"][:16], version=v2)
+    res = rollback(ops, model_name, edits.sha["t1"][:16], version=v2, weights="full")
     assert res.check.ok and res.ledger["edits"] == []
+    # full weights on request: the raw artifact is the whole base model folder
+    mv = ops.client.get_model_version(model_name, res.new_version)
+    assert mv.tags["taskvec.weights"] == "full"
+    raw = P.download_version(mv, tmp_path / "raw", ops.client.tracking_uri, thin_ok=False)
+    assert (raw / "model.safetensors").read_bytes() == (edits.base / "model.safetensors").read_bytes()
     assert res.champion_moved is None and P.alias_version(ops.client, model_name, "champion") == v1
     assert res.notes and "champion unchanged" in res.notes[0]
     e = ops.audit.entries(model=model_name)[-1]
@@ -174,6 +179,12 @@ def test_rolled_back_version_is_first_class(ops, edits, model_name, tmp_path, mo
         expected_hash = s.content_hash()
     assert mv.tags["taskvec.output_hash"] == res.ledger["output_hash"] == expected_hash
     assert float(mv.tags["taskvec.rollback_max_abs_diff"]) == res.check.max_abs_diff <= 1e-5
+    # a first-class thin version: ledger + references to the two stored vectors, no weights of its own
+    assert mv.tags["taskvec.weights"] == "thin"
+    assert set(json.loads(mv.tags["taskvec.vectors"])) == {edits.sha["t1"], edits.sha["t2"], edits.sha["bad"]}
+    raw = registry.download_version(mv, tmp_path / "raw", ops.client.tracking_uri, thin_ok=False)
+    assert not list(raw.glob("*.safetensors")) and (raw / "taskvec-thin.json").is_file() and (raw / "heads" / "t1.safetensors").is_file()
+    assert sorted(json.loads((raw / "taskvec-thin.json").read_text())["vectors"]) == sorted([edits.sha["t1"], edits.sha["t2"]])
     rep = registry.reproduce(types.SimpleNamespace(root=tmp_path), model_name, res.new_version, client=ops.client)
     assert rep["ok"] and rep["rebuilt_hash"] == rep["registered_hash"] == expected_hash
     # registered like any other version: same experiment as the source's run, artifacts under its root

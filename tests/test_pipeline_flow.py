@@ -66,10 +66,15 @@ def test_edit_flow_registers_a_reproducible_version(tiny_project):
     for key in ("git.commit", "dvc.lock", "taskvec.base_hash", "taskvec.composition", "metrics.summary"):
         assert key in tags
 
-    # the registered artifact loads back, as HF weights and as a pyfunc, and carries the model card
+    # registered thin (params: register.weights defaults to thin): the artifact holds no weights, the vectors are in the store
+    assert tags["taskvec.weights"] == "thin"
+    assert set(json.loads(tags["taskvec.vectors"])) == {e["vector_sha256"] for e in registry.edits_of(ledger)}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    folder = registry.model_folder(mlflow.artifacts.download_artifacts("models:/tiny-edit/1", dst_path=str(tiny_project / "dl")))
+    raw = registry.model_folder(mlflow.artifacts.download_artifacts("models:/tiny-edit/1", dst_path=str(tiny_project / "dl-raw")))
+    assert not list(raw.glob("*.safetensors")) and (raw / "taskvec-thin.json").is_file()
+    # the registered version loads back, as HF weights (materialised and hash-checked) and as a pyfunc, and carries the model card
+    folder = registry.download_version(mv, tiny_project / "dl", uri)
     model = AutoModel.from_pretrained(folder)
     assert model.config.hidden_size == 32
     card = (folder / "README.md").read_text()
@@ -81,7 +86,7 @@ def test_edit_flow_registers_a_reproducible_version(tiny_project):
     # rebuilding from the ledger gives the registered weights
     rep = registry.reproduce(p, "tiny-edit", "1")
     assert rep["ok"], rep
-    shutil.rmtree(tiny_project / "outputs" / "vectors")  # vectors then come from the registry's run artifacts
+    shutil.rmtree(tiny_project / "outputs" / "vectors")  # vectors come from the registry's vector store
     rep = registry.reproduce(p, "tiny-edit", "challenger")
     assert rep["ok"] and all(s.startswith("runs:/") for s in rep["vectors"].values()), rep
     rec = registry.lineage(p, "tiny-edit", "1")

@@ -166,6 +166,7 @@ def register(app: typer.Typer) -> None:
         no_move: Annotated[bool, typer.Option("--no-move", help="Register the rolled-back version but leave champion where it is.")] = False,
         evaluator: Annotated[Optional[str], typer.Option("--evaluator", help="module:function scoring the rolled-back model -> {task: accuracy} (default: params.yaml promotion.evaluator).")] = None,
         params: Annotated[Optional[Path], typer.Option("--params", help="params.yaml naming the promotion evaluator (default: $TASKVEC_PARAMS, else ./params.yaml).")] = None,
+        weights: Annotated[Optional[str], typer.Option("--weights", help="thin (ledger + stored vectors, materialised on load) or full (whole weights); default: params.yaml register.weights, else thin.")] = None,
         as_json: AsJson = False,
         tracking_uri: TrackingUri = None,
         audit_url: AuditUrl = None,
@@ -173,7 +174,7 @@ def register(app: typer.Typer) -> None:
         """Rebuild base + the remaining edits, check it against θ − λτ, evaluate and register it, move champion if needed."""
         from pipeline.ops.rollback import rollback
 
-        res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move, evaluator=evaluator, params_file=params)
+        res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move, evaluator=evaluator, params_file=params, weights=weights)
         if as_json:
             typer.echo(json.dumps({"source_version": res.source_version, "new_version": res.new_version, "removed": res.removed, "max_abs_diff": res.check.max_abs_diff, "max_ulps": res.check.max_ulps, "accuracy": res.accuracy, "champion_moved": bool(res.champion_moved), "notes": res.notes}, indent=2))
         else:

@@ -10,25 +10,33 @@ ledger (:class:`VectorResolver`), the one way to turn a ledger into weights
 step all use these, with the tracking URI they were given threaded through
 every client and every download.
 
-**What is registered.** The edited model folder (a plain Hugging Face encoder
-folder with ``taskvec.json``, ``heads/`` and the ``README.md`` model card) is
-logged as an MLflow *pyfunc* model (:class:`pipeline.ops.serving.TaskvecModel`,
-the folder as its ``model`` artifact, the ``taskvec`` code shipped with it via
-``code_paths``, a signature ``text``/``task`` → ``label``/``probability``) and
-registered as a new version. The artifact *is* the Hugging Face folder, byte
-for byte (``artifacts/model``), so ``AutoModel.from_pretrained`` loads it
-without MLflow; loading does not need the base model or the vectors —
-rebuilding base + Σλτ is what :func:`reproduce` does, as an audit.
+**What is registered** (``register.weights`` of params.yaml, default
+``thin``). A version is a logged MLflow *pyfunc* model
+(:class:`pipeline.ops.serving.TaskvecModel`, the ``taskvec`` code shipped
+with it via ``code_paths``, a signature ``text``/``task`` →
+``label``/``probability``) whose ``model`` artifact is
+
+* ``thin``: the edit ledger, the heads and the model card, and a manifest
+  naming the base by content hash and each vector by sha256 and its place in
+  the content-addressed vector store (:mod:`pipeline.ops.store`: one upload
+  per vector, shared by every version). Loading it — ``mlflow.pyfunc``,
+  serving, :func:`download_version` (and so promotion and rollback) —
+  materialises base + Σλτ with :func:`materialise`, caches the weights
+  locally by content hash and checks that hash
+  (:mod:`pipeline.ops.materialise`). Registration materialises it once
+  first, so a version that would not rebuild is never registered.
+* ``full``: the whole Hugging Face folder, byte for byte, as before
+  (``AutoModel.from_pretrained`` loads the raw artifact without taskvec);
+  the vectors still go to the store once.
 
 **Tags** on every version make it reproducible: ``taskvec.ledger`` (the whole
 edit ledger), ``taskvec.base_model``/``taskvec.base_hash``/
 ``taskvec.output_hash``, ``taskvec.edits`` (ordered vector sha256, λ,
-method), ``taskvec.composition``, ``git.commit``/``git.dirty``,
+method), ``taskvec.weights`` (thin/full), ``taskvec.vectors`` (sha256 →
+store URI), ``taskvec.composition``, ``git.commit``/``git.dirty``,
 ``dvc.lock`` (md5 of each input recorded in dvc.lock) and
 ``dvc.lock_sha256``, ``params.sha256``, ``data.digests``,
-``prefect.flow_run_id``, plus the metrics summary. The task vectors are
-logged with the version's run under ``vectors/`` so :func:`reproduce` needs
-nothing but the registry and the base model.
+``prefect.flow_run_id``, plus the metrics summary (:mod:`pipeline.ops.provenance`).
 """
 
 from __future__ import annotations
@@ -36,18 +44,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from taskvec.errors import TaskvecError
 
-from pipeline.ops import tracking
+from pipeline.ops import store, tracking
+from pipeline.ops.materialise import complete_weights, ledger_shas, materialise, read_manifest, segments
+from pipeline.ops.provenance import LEDGER_TAG, _dump, dvc_lock_hashes, edits_of, ledger_tags, version_tags
 
-LEDGER_TAG = "taskvec.ledger"
+__all__ = [
+    "LEDGER_TAG", "VectorResolver", "alias_version", "download_version", "dvc_lock_hashes", "edits_of", "format_lineage",
+    "get_version", "ledger_of", "ledger_tags", "lineage", "materialise", "mlflow_client", "model_folder", "register",
+    "register_model", "reproduce", "segments", "version_tags",
+]
 
 
 def _load_pyfunc(data_path: str):
@@ -138,27 +151,34 @@ def ledger_of(client, mv) -> dict:
     from taskvec.engine import read_ledger
 
     with tempfile.TemporaryDirectory(prefix="taskvec-ledger-") as tmp:
-        led = read_ledger(download_version(mv, tmp, getattr(client, "tracking_uri", None)))
+        led = read_ledger(download_version(mv, tmp, getattr(client, "tracking_uri", None), thin_ok=False))
     if led is None:
         raise TaskvecError(f"{mv.name} version {mv.version} has no edit ledger (no {LEDGER_TAG} tag, no taskvec.json)")
     return led
 
 
-def download_version(mv, dst: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Path:
-    """Download a version's artifact (from *this* store) and return the model folder in it."""
+def download_version(mv, dst: str | os.PathLike | None = None, tracking_uri: str | None = None, *, thin_ok: bool = True) -> Path:
+    """Download a version's artifact (from *this* store) into ``dst`` and return the model folder in it.
+
+    A thin version is completed (:func:`pipeline.ops.materialise.complete_weights`):
+    the folder returned holds the weights, checked against the version's
+    output hash. ``thin_ok=False`` returns the folder as stored.
+    """
     import mlflow
 
-    if dst is not None:
-        Path(dst).mkdir(parents=True, exist_ok=True)
+    # without dst, a local store's artifact would be returned in place: never write weights into the store
+    dst = Path(tempfile.mkdtemp(prefix="taskvec-download-")) if dst is None else Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
     try:
         # models:/m-… sources resolve their logged model through MLflow's global URI: point it at this store
         with _fluent_uri(tracking_uri) if tracking_uri else tracking.LOCK:
             path = mlflow.artifacts.download_artifacts(
-                artifact_uri=mv.source, dst_path=None if dst is None else str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+                artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
             )
     except Exception as exc:  # MlflowException, OSError …
         raise TaskvecError(f"cannot download {mv.name} version {mv.version} from {tracking.redact(mv.source)}: {tracking.redact(_first_line(exc))}") from None
-    return model_folder(Path(path))
+    folder = model_folder(Path(path))
+    return complete_weights(folder, tracking_uri) if thin_ok else folder
 
 
 def model_folder(root: str | os.PathLike) -> Path:
@@ -208,8 +228,15 @@ def run_vectors(client, mv, dst: Path) -> list[Path]:
     return found
 
 
+def _json_tag(mv, key: str) -> dict:
+    try:
+        return json.loads((mv.tags or {}).get(key) or "{}")
+    except ValueError:
+        raise TaskvecError(f"{mv.name} version {mv.version}: tag {key} is not JSON") from None
+
+
 class VectorResolver:
-    """``sha256 → file``: explicit files first, then the version's run artifacts, then local search folders."""
+    """``sha256 → file``: explicit files, then the vector store (the version's ``taskvec.vectors``), its run artifacts, local folders."""
 
     def __init__(self, client, mv, workdir: Path, explicit: list[Path] | None = None, search_dirs: list[Path] | None = None):
         self.client, self.mv, self.workdir = client, mv, Path(workdir)
@@ -225,6 +252,12 @@ class VectorResolver:
             if not p.is_file():
                 raise TaskvecError(f"vector file not found: {p}")
         hit = find_vector(sha, self.explicit)
+        stored = _json_tag(self.mv, store.VECTORS_TAG).get(sha)
+        if hit is None and stored:
+            from pipeline.ops.materialise import fetch_vector
+
+            self.sources[sha] = stored
+            return fetch_vector(sha, stored, self.client.tracking_uri)
         if hit is None:
             if self._run_dirs is None:
                 self._run_dirs = run_vectors(self.client, self.mv, self.workdir / "run-vectors")
@@ -240,130 +273,6 @@ class VectorResolver:
             got = ", ".join(f"{p} ({file_sha256(p)[:12]})" for p in self.explicit)
             raise TaskvecError(f"no vector file with sha256 {sha[:12]} among {got}")
         raise TaskvecError(f"vector file with sha256 {sha[:12]} not found with version {self.mv.version}'s run or in {', '.join(map(str, self.search_dirs))}; give it with --vector PATH")
-
-
-# ---------------------------------------------------------------------------
-# Ledger → weights: the one canonical rebuild
-
-
-def segments(edits: list[dict]) -> list[tuple[list[dict], dict]]:
-    """The applies a ledger records: consecutive sum edits are one apply (as the pipeline writes them), each merge edit its own."""
-    out: list[tuple[list[dict], dict, bool]] = []
-    for e in edits:
-        if "merge" in e:
-            out.append(([dict(m) for m in e["merge"]], {k: v for k, v in e.items() if k != "merge"}, True))
-        elif out and not out[-1][2] and out[-1][1].get("method", "sum") == "sum" and e.get("method", "sum") == "sum":
-            out[-1][0].append(e)
-        else:
-            out.append(([e], {k: v for k, v in e.items() if k not in ("vector_sha256", "vector", "lambda")}, False))
-    return [(items, opts) for items, opts, _ in out]
-
-
-def materialise(base: str | os.PathLike, edits: list[dict], resolve: Callable[[str], Path], out: str | os.PathLike, *, base_hash: str | None = None) -> dict:
-    """Write the model a ledger describes — base + the ordered edits, via :func:`taskvec.engine.apply` — to ``out``.
-
-    Reproduce, rollback and registration all build weights with this, so they
-    agree bit for bit. With no edits, ``out`` is a copy of the base with a
-    ledger whose output hash is the base's. Returns the ledger written.
-    """
-    from taskvec.engine import LEDGER_FILE, MergeOptions, apply
-    from taskvec.io import TensorSource, atomic_dir, resolve_model
-
-    out = Path(out)
-    current: Path = resolve_model(base)
-    if not edits:
-        with TensorSource(current) as src:
-            own = src.content_hash()
-        if base_hash is not None and own != base_hash:
-            raise TaskvecError(f"base {base} has content hash {own[:12]}, the ledger records {base_hash[:12]}")
-        ledger = {"format": 1, "base_model": str(base), "base_hash": own, "edits": [], "output_hash": own}
-        with atomic_dir(out) as tmp:
-            shutil.copytree(current, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", ".cache", LEDGER_FILE))
-            (tmp / LEDGER_FILE).write_text(json.dumps(ledger, indent=2, sort_keys=True) + "\n")
-        return ledger
-    parts = segments(edits)
-    with tempfile.TemporaryDirectory(prefix="taskvec-materialise-", dir=out.parent if out.parent.is_dir() else None) as scratch:
-        ledger: dict = {}
-        for i, (items, opts) in enumerate(parts):
-            options = MergeOptions(method=opts.get("method", "sum"), density=opts.get("density", 1.0), drop=opts.get("drop", 0.0), seed=opts.get("seed", 0))
-            step = out if i == len(parts) - 1 else Path(scratch) / f"step{i}"
-            ledger = apply(current, [(resolve(e["vector_sha256"]), float(e["lambda"])) for e in items], step, options=options)
-            current = step
-    if base_hash is not None and ledger.get("base_hash") != base_hash:
-        raise TaskvecError(f"base {base} has content hash {str(ledger.get('base_hash'))[:12]}, the ledger records {base_hash[:12]}")
-    return ledger
-
-
-# ---------------------------------------------------------------------------
-# provenance helpers
-
-
-def dvc_lock_hashes(root: str | os.PathLike) -> tuple[dict[str, str], str | None]:
-    """``({path: md5}, sha256 of dvc.lock)`` for every stage out and external dep recorded in dvc.lock."""
-    import hashlib
-
-    import yaml
-
-    lock = Path(root) / "dvc.lock"
-    if not lock.is_file():
-        return {}, None
-    raw = lock.read_bytes()
-    data = yaml.safe_load(raw) or {}
-    hashes: dict[str, str] = {}
-    for name, stage in (data.get("stages") or {}).items():
-        if name == "register":
-            continue
-        for kind in ("outs", "deps"):
-            for entry in stage.get(kind) or []:
-                path = entry.get("path", "")
-                if kind == "deps" and not (path.startswith("outputs/") or path.startswith("..") or path.startswith("/")):
-                    continue  # code deps are covered by git.commit
-                md5 = entry.get("md5") or entry.get("hash") or ""
-                if md5:
-                    hashes[path] = md5
-    return dict(sorted(hashes.items())), hashlib.sha256(raw).hexdigest()
-
-
-def edits_of(ledger: dict) -> list[dict]:
-    """Flat ordered list of {vector_sha256, vector, lambda, method, ...} of a ledger."""
-    out = []
-    for e in ledger.get("edits", []):
-        opts = {k: v for k, v in e.items() if k not in ("merge", "vector_sha256", "vector", "lambda")}
-        for item in e.get("merge", [e]):
-            out.append({"vector_sha256": item["vector_sha256"], "vector": item.get("vector"), "lambda": item["lambda"], **opts})
-    return out
-
-
-def _dump(o: Any) -> str:
-    return json.dumps(o, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def ledger_tags(ledger: dict) -> dict[str, str]:
-    """The tags every registered version carries about its weights (ledger, hashes, ordered edits)."""
-    core = {k: v for k, v in ledger.items() if k != "weight_files"}
-    return {
-        LEDGER_TAG: _dump(core),
-        "taskvec.base_model": str(ledger["base_model"]),
-        "taskvec.base_hash": str(ledger["base_hash"]),
-        "taskvec.output_hash": str(ledger["output_hash"]),
-        "taskvec.edits": _dump([{k: e[k] for k in ("vector_sha256", "lambda", "method")} for e in edits_of(ledger)]),
-    }
-
-
-def version_tags(*, ledger: dict, composition: dict, git: dict, dvc_hashes: dict, dvc_sha: str | None, params_sha: str, digests: dict, flow_run_id: str | None, summary: dict) -> dict[str, str]:
-    tags = {
-        **ledger_tags(ledger),
-        "taskvec.composition": _dump(composition),
-        "git.commit": str(git.get("commit")),
-        "git.dirty": str(bool(git.get("dirty"))).lower(),
-        "dvc.lock": _dump(dvc_hashes),
-        "dvc.lock_sha256": str(dvc_sha),
-        "params.sha256": params_sha,
-        "data.digests": _dump(digests),
-        "prefect.flow_run_id": str(flow_run_id or "none"),
-        "metrics.summary": _dump(summary),
-    }
-    return {k: tracking.redact(v) for k, v in tags.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -392,37 +301,52 @@ def _fluent_uri(uri: str) -> Iterator[None]:
                     os.environ[k] = v
 
 
-def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: str, tags: dict[str, str], description: str = "", alias: str | None = None, vectors: list[Path] = (), version_description: str | None = None) -> dict:
+def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: str, tags: dict[str, str], description: str = "", alias: str | None = None, vectors: list[Path] = (), version_description: str | None = None, weights: str = "thin") -> dict:
     """Log ``model_dir`` as the serving pyfunc in run ``run_id`` (same store as ``client``), register a new version.
 
     The one registration path: the register step and rollback both use it, so
     every version has an MLmodel, a signature, its artifacts under the run's
-    experiment artifact root, and the ledger tags.
+    experiment artifact root, and the ledger tags. ``vectors`` go to the
+    content-addressed store (once each); ``weights="thin"`` logs the thin
+    version (every ledger vector must be given or already stored, and the
+    version must materialise to its output hash), ``"full"`` the whole folder.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipeline.ops import serving
 
+    if weights not in store.WEIGHTS:
+        raise TaskvecError(f"unknown weights mode {weights!r}: use thin or full")
     model_dir = Path(model_dir)
+    ledger_file = model_dir / "taskvec.json"
+    if not ledger_file.is_file():
+        raise TaskvecError(f"{model_dir} has no edit ledger (taskvec.json); nothing registered")
+    ledger = json.loads(ledger_file.read_text())
+    with _fluent_uri(client.tracking_uri):
+        refs = store.put_vectors(client, client.get_run(run_id).info.experiment_id, list(vectors), ledger_shas(ledger) if weights == "thin" else [])
+    tags = {**tags, store.WEIGHTS_TAG: weights, **({store.VECTORS_TAG: _dump({s: r["uri"] for s, r in refs.items()})} if refs else {})}
     with tempfile.TemporaryDirectory(prefix="taskvec-code-") as code:
-        code_paths = serving.code_paths(Path(code))
+        artifact = model_dir
+        if weights == "thin":
+            artifact = Path(code) / "thin" / model_dir.name
+            store.stage_thin(model_dir, refs, artifact)
+            store.verify_thin(artifact, list(vectors), client.tracking_uri)
+        code_paths = serving.code_paths(Path(code) / "code")
         with _fluent_uri(client.tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=serving.TaskvecModel(),
-                artifacts={"model": str(model_dir)},
+                artifacts={"model": str(artifact)},
                 code_paths=code_paths,
-                pip_requirements=serving.requirements(),
+                pip_requirements=serving.requirements(store.base_requirements(ledger) if weights == "thin" else ()),
                 signature=serving.signature(),
-                metadata={"taskvec_output_hash": tags["taskvec.output_hash"], "taskvec_base_hash": tags["taskvec.base_hash"]},
+                metadata={"taskvec_output_hash": tags["taskvec.output_hash"], "taskvec_base_hash": tags["taskvec.base_hash"], "taskvec_weights": weights},
             )
     # MLflow's SQL registry resolves the logged model of a version through the *global* tracking URI
     # (MlflowClient() in create_model_version), so the registration runs with it pointed at this store too
     with _fluent_uri(client.tracking_uri):
-        for vec in vectors:
-            client.log_artifact(run_id, str(vec), "vectors")
         try:
             client.create_registered_model(name, description=description)
         except MlflowException as exc:
@@ -431,12 +355,12 @@ def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: s
         mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, description=version_description or f"edit {tags['taskvec.output_hash'][:12]}", model_id=info.model_id)
         if alias:
             client.set_registered_model_alias(name, alias, mv.version)
-    return {"model": name, "version": str(mv.version), "alias": alias, "model_uri": f"models:/{name}/{mv.version}", "source": info.model_uri, "run_id": run_id, "model_id": info.model_id}
+    return {"model": name, "version": str(mv.version), "alias": alias, "model_uri": f"models:/{name}/{mv.version}", "source": info.model_uri, "run_id": run_id, "model_id": info.model_id, "weights": weights}
 
 
-def register(tracker: tracking.Tracker, step: tracking.StepRun, model_dir: str | os.PathLike, *, name: str, alias: str, tags: dict[str, str], vectors: list[Path], description: str) -> dict:
+def register(tracker: tracking.Tracker, step: tracking.StepRun, model_dir: str | os.PathLike, *, name: str, alias: str, tags: dict[str, str], vectors: list[Path], description: str, weights: str = "thin") -> dict:
     """The register step's call: :func:`register_model` in ``step``'s run, then set ``alias``."""
-    return register_model(tracker.client, step.run_id, model_dir, name=name, alias=alias, tags=tags, vectors=vectors, description=description)
+    return register_model(tracker.client, step.run_id, model_dir, name=name, alias=alias, tags=tags, vectors=vectors, description=description, weights=weights)
 
 
 # ---------------------------------------------------------------------------
@@ -488,8 +412,11 @@ def format_lineage(rec: dict) -> str:
 def reproduce(p, model: str, version: str, *, workdir: str | os.PathLike | None = None, client=None) -> dict:
     """Rebuild the weights of a registered version from its ledger (:func:`materialise`) and check the content hashes.
 
-    Vectors come from the version's run artifacts (``vectors/``) or
-    ``outputs/vectors``/``outputs/edit`` when their sha256 matches. The base is
+    Vectors come from the vector store (the version's ``taskvec.vectors``), the
+    version's run artifacts (``vectors/``, older versions) or
+    ``outputs/vectors``/``outputs/edit`` when their sha256 matches. The rebuild
+    is fresh (not the load cache); a thin version's registered hash is the one
+    its manifest records. The base is
     resolved from the ledger's ``base_model`` and must have the ledger's
     ``base_hash``. Returns a report with ``ok`` true when rebuilt == ledger == registered.
     """
@@ -504,9 +431,13 @@ def reproduce(p, model: str, version: str, *, workdir: str | os.PathLike | None 
     ledger = ledger_of(client, mv)
     with tempfile.TemporaryDirectory(prefix="taskvec-reproduce-", dir=workdir) as tmp:
         tmp = Path(tmp)
-        folder = download_version(mv, tmp / "registered", client.tracking_uri)
-        with TensorSource(folder) as src:
-            registered_hash = src.content_hash(use_cache=False)
+        folder = download_version(mv, tmp / "registered", client.tracking_uri, thin_ok=False)
+        manifest = read_manifest(folder)
+        if manifest is not None:  # a thin version registers no weights, only the hash they must have
+            registered_hash = manifest["output_hash"]
+        else:
+            with TensorSource(folder) as src:
+                registered_hash = src.content_hash(use_cache=False)
         resolve = VectorResolver(client, mv, tmp, search_dirs=[p.root / P.OUTPUTS / "vectors", p.root / P.OUTPUTS / "edit"])
         rebuilt = materialise(ledger["base_model"], ledger["edits"], resolve, tmp / "rebuilt", base_hash=ledger["base_hash"])
         rebuilt_hash = rebuilt["output_hash"]
@@ -518,5 +449,6 @@ def reproduce(p, model: str, version: str, *, workdir: str | os.PathLike | None 
         "rebuilt_hash": rebuilt_hash,
         "registered_hash": registered_hash,
         "base_hash": ledger["base_hash"],
+        "weights": "thin" if manifest is not None else "full",
         "vectors": resolve.sources,
     }

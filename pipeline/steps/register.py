@@ -1,8 +1,10 @@
 """Step 6 — register: the edited model as a new MLflow registered-model version (alias ``challenger``).
 
 Logs ``outputs/model`` as the serving pyfunc (:func:`pipeline.ops.registry.register_model`,
-the same registration rollback uses; model class in :mod:`pipeline.ops.serving`), the
-task vectors beside it, and registers a version carrying the reproducibility
+the same registration rollback uses; model class in :mod:`pipeline.ops.serving`) —
+``register.weights: thin`` (default) logs the ledger, heads and card and stores the
+task vectors once in the content-addressed vector store, ``full`` the whole folder —
+and registers a version carrying the reproducibility
 tags (ledger, git commit, dvc.lock hashes, params hash, dataset digests,
 Prefect flow-run id). Writes ``outputs/registry/registered.json``.
 
@@ -61,7 +63,8 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         flow_run_id=flow_run_id,
         summary=metrics["summary"],
     )
-    vectors = list(dict.fromkeys(p.root / i["path"] if (p.root / i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if p.register.log_vectors else []
+    thin = p.register.weights == "thin"
+    vectors = list(dict.fromkeys(p.root / i["path"] if (p.root / i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if thin or p.register.log_vectors else []
     tracker = tracking.Tracker(p)
     own_parent = parent_run_id is None
     parent = parent_run_id or tracker.start("edit (dvc repro)" if not flow_run_id else "edit", tags={"taskvec.runner": "dvc" if not flow_run_id else "prefect", "prefect.flow_run_id": str(flow_run_id or "none")})
@@ -70,11 +73,11 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         if own_parent:
             log_summary(tracker, parent, p, metrics, digests)
         with tracker.run("register", parent=parent, tags={"taskvec.step": "register"}) as step:
-            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "tracking_uri": uri(p, tracker.safe_uri)})
+            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "weights": p.register.weights, "tracking_uri": uri(p, tracker.safe_uri)})
             step.metrics(metrics["summary"])
             result = registry.register(
                 tracker, step, model,
-                name=p.mlflow.registered_model, alias=p.register.alias, tags=tags, vectors=vectors, description=p.register.description,
+                name=p.mlflow.registered_model, alias=p.register.alias, tags=tags, vectors=vectors, description=p.register.description, weights=p.register.weights,
             )
         status = "FINISHED"
     finally:
