@@ -52,7 +52,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     dvc_hashes, dvc_sha = registry.dvc_lock_hashes(p.root)
     tags = registry.version_tags(
         ledger=ledger,
-        composition={"vector_sha256": composition["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in composition["inputs"]], "options": composition["options"]},
+        composition={"vector_sha256": composition["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in composition["inputs"]], "options": composition["options"], **({"recipe": composition["recipe"]} if composition.get("recipe") else {})},
         git=P.git_commit(p.root),
         dvc_hashes=dvc_hashes,
         dvc_sha=dvc_sha,
@@ -62,6 +62,8 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         summary=metrics["summary"],
     )
     vectors = list(dict.fromkeys(p.root / i["path"] if (p.root / i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if p.register.log_vectors else []
+    if composition.get("recipe") and p.register.log_vectors:  # the ledger applies the composed vector itself
+        vectors.append(p.root / composition["vector"])
     tracker = tracking.Tracker(p)
     own_parent = parent_run_id is None
     parent = parent_run_id or tracker.start("edit (dvc repro)" if not flow_run_id else "edit", tags={"taskvec.runner": "dvc" if not flow_run_id else "prefect", "prefect.flow_run_id": str(flow_run_id or "none")})
