@@ -63,17 +63,9 @@ def tracker_for(params_file: str):
 
 
 def step_tags(step: str, inputs: dict) -> dict[str, str]:
+    from pipeline.ops.services import executor
+
     return {"taskvec.step": step, "taskvec.worker": executor(), "taskvec.cache_key_inputs": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()}
-
-
-def executor() -> str:
-    """Where this task runs: the name of the Dask worker (``dask worker --name``) under Dask, else ``local``."""
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().name)
-    except (ImportError, ValueError):  # ValueError: not inside a Dask worker
-        return "local"
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline import params as P
+from pipeline.steps import EVAL_THREADS, pinned_threads
 from taskvec.errors import TaskvecError
 
 METRICS = "evaluate.json"
@@ -34,6 +35,7 @@ TABLE = "results.csv"
 CARD = "README.md"
 
 
+@pinned_threads(EVAL_THREADS)
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     import torch
 

@@ -31,6 +31,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     from taskvec.io import atomic_path
 
     from pipeline.ops import registry, tracking
+    from pipeline.ops.services import executor
     from pipeline.portable import uri
     from pipeline.steps.compose import RECORD as COMPOSE_RECORD
     from pipeline.steps.evaluate import METRICS
@@ -71,7 +72,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     try:
         if own_parent:
             log_summary(tracker, parent, p, metrics, digests)
-        with tracker.run("register", parent=parent, tags={"taskvec.step": "register"}) as step:
+        with tracker.run("register", parent=parent, tags={"taskvec.step": "register", "taskvec.worker": executor()}) as step:
             step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "tracking_uri": uri(p, tracker.safe_uri)})
             step.metrics(metrics["summary"])
             result = registry.register(
