@@ -48,6 +48,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import params as P
 from pipeline.params import EFFECTIVE_PARAMS, effective_params  # noqa: F401 - re-exported for callers of the flow
+from pipeline.recipe import recipe_sha256
 from tasks.common import outputs_hash, result_storage, step_outputs
 from tasks.compose import compose_task
 from tasks.evaluate import evaluate_task
@@ -90,6 +91,23 @@ def _verified(p, storage: Path, task, step: str, name: str | None, future, args:
     if result.get("outputs_sha256") != outputs_hash(p.root, outs):
         raise RuntimeError(f"{step}: outputs changed on disk while the step ran")
     return result, state
+
+
+def finetune_placement(p):
+    """``dask.annotate(resources=runner.finetune_resources)`` (e.g. ``{GPU: 1}``), so Dask runs fine-tunes only on
+    workers started with those resources (``dask worker --resources GPU=1``); a no-op context without any."""
+    import contextlib
+
+    resources = dict(p.runner.finetune_resources)
+    if not resources:
+        return contextlib.nullcontext()
+    try:
+        import dask
+    except ImportError:
+        from taskvec.errors import TaskvecError
+
+        raise TaskvecError("runner.finetune_resources needs Dask (pip install 'prefect-dask==0.3.7')") from None
+    return dask.annotate(resources=resources)
 
 
 def _state_name(future) -> str:
@@ -144,7 +162,8 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
             earlier = list(ft_futures.values())
             wait = [earlier[-conc]] if len(earlier) >= conc else []  # at most `conc` fine-tunes at once
             ft_args[t] = (params_file, t, inputs, parent)
-            ft_futures[t] = _opts(finetune_task, storage, P.finetuned_dir(p, t)).submit(*ft_args[t], wait_for=wait)
+            with finetune_placement(p):
+                ft_futures[t] = _opts(finetune_task, storage, P.finetuned_dir(p, t)).submit(*ft_args[t], wait_for=wait)
         t0 = time.perf_counter()
         states: dict[str, str] = {}
         ft_results = {}
@@ -162,7 +181,7 @@ def edit(params_file: str = "params.yaml", register_model: bool = True, dvc_sync
 
         # -- compose → search → evaluate
         t0 = time.perf_counter()
-        inputs = {"vectors": [(t, s, vectors[t]["sha256"]) for t, s in plan.signed_tasks()], "edit": dump["edit"]}
+        inputs = {"vectors": [(t, s, vectors[t]["sha256"]) for t, s in plan.signed_tasks()], "edit": dump["edit"], "recipe_sha256": recipe_sha256(p)}
         args = (params_file, inputs, parent)
         fut = _opts(compose_task, storage, [P.edit_dir(p) / "vector.safetensors", P.edit_dir(p) / "compose.json"]).submit(*args)
         composed, states["compose"] = _verified(p, storage, compose_task, "compose", None, fut, args, logger)

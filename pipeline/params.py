@@ -68,11 +68,19 @@ class EditPlan(_Strict):
     density: merge_option("density") = methods.OPTIONS["density"].default
     drop: merge_option("drop") = methods.OPTIONS["drop"].default
     seed: merge_option("seed") = methods.OPTIONS["seed"].default
+    # a mergekit YAML under recipes/ that says how to merge the learn/forget vectors (pipeline/recipe.py)
+    recipe: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> EditPlan:
         if not (self.learn or self.forget or self.analogies):
             raise ValueError("the edit plan is empty: give edit.learn, edit.forget or edit.analogies")
+        if self.recipe:
+            changed = [k for k in ("method", "density", "drop") if getattr(self, k) != (methods.OPTIONS[k].default if k != "method" else "sum")]
+            if changed:
+                raise ValueError(f"edit.recipe says how to merge: leave edit.{changed[0]} at its default (or drop edit.recipe)")
+            if self.analogies:
+                raise ValueError("edit.recipe merges edit.learn and edit.forget: analogies are not supported with a recipe")
         self._check_roles()
         check_merge_options(self.method, density=self.density, drop=self.drop, seed=self.seed)
         return self
@@ -202,6 +210,9 @@ class RunnerSection(_Strict):
     kind: Literal["default", "dask"] = "default"
     address: str | None = None
     cluster_kwargs: dict = Field(default_factory=dict)
+    # Dask worker resources each fine-tune needs, e.g. {GPU: 1}: only workers started with
+    # `dask worker --resources GPU=1` run fine-tunes (dask.annotate); other steps go anywhere
+    finetune_resources: dict[str, float] = Field(default_factory=dict)
 
 
 with warnings.catch_warnings():

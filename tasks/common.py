@@ -63,7 +63,9 @@ def tracker_for(params_file: str):
 
 
 def step_tags(step: str, inputs: dict) -> dict[str, str]:
-    return {"taskvec.step": step, "taskvec.cache_key_inputs": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()}
+    from pipeline.ops.services import executor
+
+    return {"taskvec.step": step, "taskvec.worker": executor(), "taskvec.cache_key_inputs": hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()}
 
 
 # ---------------------------------------------------------------------------

@@ -109,8 +109,25 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def save_heatmap(report: dict, png: str | os.PathLike) -> None:
-    """Cosine similarity and sign conflict side by side, as a PNG."""
+def _luminance(rgb: Sequence[float]) -> float:
+    """WCAG relative luminance of an sRGB colour (components in [0, 1])."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """WCAG contrast ratio of two sRGB colours (1 = none, 21 = black on white; ≥ 4.5 reads as body text)."""
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def label_color(cell: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with the cell (the diagonal's 1.00 sits on dark red)."""
+    return "black" if contrast_ratio(cell, (0, 0, 0)) >= contrast_ratio(cell, (1, 1, 1)) else "white"
+
+
+def heatmap_figure(report: dict):
+    """The matplotlib figure of :func:`save_heatmap`: each cell labelled in the colour that reads on it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,8 +144,17 @@ def save_heatmap(report: dict, png: str | os.PathLike) -> None:
         ax.set_yticks(range(n), labels)
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{data[i][j]:.2f}", ha="center", va="center", fontsize=8)
+                cell = im.cmap(im.norm(data[i][j]))
+                ax.text(j, i, f"{data[i][j]:.2f}", ha="center", va="center", fontsize=9, color=label_color(cell))
         fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def save_heatmap(report: dict, png: str | os.PathLike) -> None:
+    """Cosine similarity and sign conflict side by side, as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(report)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)

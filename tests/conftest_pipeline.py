@@ -106,7 +106,7 @@ def tiny_project(pipeline_env) -> Path:
 def dvc_project(root: Path, remote: Path, *, steps: int = 4) -> Path:
     """``write_project`` plus the pipeline's code, dvc.yaml, .dvc/config (local remote) in a fresh git repo."""
     write_project(root, steps=steps)
-    for d in ("pipeline", "taskvec", "bin"):
+    for d in ("pipeline", "taskvec", "bin", "recipes"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")

@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
         from pipeline import params as P
 
         overrides = list(set_param or [])
-        p = P.load(P.effective_params(params, overrides))  # fail fast, one line, before Prefect starts
+        effective = P.effective_params(params, overrides)
+        p = P.load(effective)  # fail fast, one line, before Prefect starts
         from pipeline.ops.services import prefect_api
 
         # our own Prefect API server (dies with us), started before the heavy imports so they overlap
@@ -51,8 +52,9 @@ def register(app: typer.Typer) -> None:
             from taskvec.data import validate_tasks
 
             validate_tasks(p, p.finetune.tasks + p.edit.eval_tasks())  # all data of the plan, before any training
-            from flows.edit import edit
+            from flows.schedule import edit_flow
 
+            edit = edit_flow(effective)  # Prefect's DaskTaskRunner when runner/TASKVEC_DASK_ADDRESS say so
             api.wait()
             summary = edit(str(params), register_model=not no_register, dvc_sync=False if no_dvc else None, finetune_concurrency=concurrency, overrides=overrides)
         if as_json:

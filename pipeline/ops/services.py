@@ -443,3 +443,16 @@ def prefect_api():
             signal.signal(sig, handler)
         if isinstance(server, PrefectServer):
             server.stop()
+
+
+def executor() -> str:
+    """Where this step runs: the name of the Dask worker (``dask worker --name``) under Dask, else ``local``.
+
+    Recorded as the MLflow tag ``taskvec.worker`` of every step run.
+    """
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):  # ValueError: not inside a Dask worker
+        return "local"

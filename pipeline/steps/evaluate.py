@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pipeline import params as P
+from pipeline.steps import EVAL_THREADS, pinned_threads
 from taskvec.errors import TaskvecError
 
 METRICS = "evaluate.json"
@@ -34,6 +35,7 @@ TABLE = "results.csv"
 CARD = "README.md"
 
 
+@pinned_threads(EVAL_THREADS)
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     import torch
 
@@ -43,7 +45,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     from taskvec.suite import Suite
 
     from pipeline.portable import lineage
-    from pipeline.steps.compose import RECORD
+    from pipeline.steps.compose import RECORD, VECTOR
     from pipeline.steps.search import BEST
 
     started = time.perf_counter()
@@ -56,8 +58,13 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     best = json.loads(best_file.read_text())
     record = json.loads(record_file.read_text())
     lam = float(best["lambda"])
-    vectors = []
-    for item in record["inputs"]:
+    vectors, options = [], p.edit.merge_options()
+    if record.get("recipe"):  # a recipe's merge is not λ-linear: apply the composed vector the search scaled
+        composed = P.edit_dir(p) / VECTOR
+        if not composed.is_file():
+            raise TaskvecError(f"composed vector not found: {composed} (run the compose step first)")
+        vectors.append((str(composed), lam))
+    for item in [] if record.get("recipe") else record["inputs"]:
         path = P.vector_path(p, item["task"])
         if not path.is_file():
             raise TaskvecError(f"task vector of {item['task']} not found: {path}")
@@ -67,7 +74,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32)
     out = P.model_dir(p)
     with atomic_dir(out) as tmp:
-        ledger = apply(p.base, vectors, tmp, options=p.edit.merge_options())
+        ledger = apply(p.base, vectors, tmp, options=options)
         for t in tasks:
             save_head(suite.heads[t], tmp / "heads" / f"{t}.safetensors")
         base_acc = suite.accuracies()
@@ -78,7 +85,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
             "params_sha256": P.params_hash(Path(params_file)),
             "git": P.git_commit(p.root),
             "data": lineage(p, suite.lineage(split)),
-            "composition": {"vector_sha256": record["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in record["inputs"]], "options": record["options"]},
+            "composition": {"vector_sha256": record["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in record["inputs"]], "options": record["options"], **({"recipe": record["recipe"]} if record.get("recipe") else {})},
             "search": {k: best[k] for k in ("lambda", "objective", "strategy", "split", "evaluations")},
         }
         (tmp / CARD).write_text(model_card(p, ledger, metrics, provenance))
@@ -155,6 +162,8 @@ def _edit_lines(ledger: dict) -> list[str]:
 def model_card(p: P.PipelineParams, ledger: dict, metrics: dict, provenance: dict) -> str:
     plan = p.edit
     git = provenance["git"]
+    recipe = provenance["composition"].get("recipe")
+    how = f"λ·{recipe['merge_method']}(τ) (mergekit recipe `{recipe['path']}`)" if recipe else f"{plan.method}(λ·τ)"
     data_lines = [f"| {t} | {d['split']} | `{d['sha256']}` | {d['rows_used']} / {d['rows_total']} | {d['origin']} |" for t, d in provenance["data"].items()]
     text = f"""---
 library_name: transformers
@@ -164,7 +173,7 @@ tags: [taskvec, task-arithmetic, model-editing]
 
 # Task-arithmetic edit of `{ledger['base_model']}`
 
-θ = θ₀ + {plan.method}(λ·τ): learn {', '.join(plan.learn) or '–'}; forget {', '.join(plan.forget) or '–'};
+θ = θ₀ + {how}: learn {', '.join(plan.learn) or '–'}; forget {', '.join(plan.forget) or '–'};
 analogies {', '.join(f'{a.c}+({a.b}−{a.a})' for a in plan.analogies) or '–'}; controls {', '.join(plan.control) or '–'}.
 λ = {metrics['summary']['lambda']:g}, chosen on the {provenance['search']['split']} split by {provenance['search']['strategy']} search
 ({provenance['search']['evaluations']} evaluations).

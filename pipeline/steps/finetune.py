@@ -20,6 +20,7 @@ import os
 import sys
 
 from pipeline import params as P
+from pipeline.steps import pinned_threads
 from taskvec.errors import TaskvecError
 
 #: torch intra-op threads of every fine-tune (see the module docstring)
@@ -28,8 +29,6 @@ THREADS = 1
 
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, task: str = "") -> dict:
     """Fine-tune ``task``; returns the output folder, its weights' content hash and the data lineage."""
-    import torch
-
     from taskvec.io import TensorSource
     from taskvec.train import finetune
 
@@ -38,12 +37,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, task: str = "") -> d
         listed = ", ".join(p.finetune.tasks) or "none"
         raise TaskvecError(f"task {task!r} is not in finetune.tasks ({listed})")
     out = P.finetuned_dir(p, task)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        result = finetune(task, p, out, progress=p.finetune.progress)
-    finally:
-        torch.set_num_threads(previous)  # a caller's own thread pool is its business
+    result = pinned_threads(THREADS)(finetune)(task, p, out, progress=p.finetune.progress)
     with TensorSource(out) as src:
         content_hash = src.content_hash()
     head = out / "heads" / f"{task}.safetensors"

@@ -33,6 +33,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     from taskvec.io import atomic_path
 
     from pipeline.ops import registry, tracking
+    from pipeline.ops.services import executor
     from pipeline.portable import uri
     from pipeline.steps.compose import RECORD as COMPOSE_RECORD
     from pipeline.steps.evaluate import METRICS
@@ -54,7 +55,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     dvc_hashes, dvc_sha = registry.dvc_lock_hashes(p.root)
     tags = registry.version_tags(
         ledger=ledger,
-        composition={"vector_sha256": composition["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in composition["inputs"]], "options": composition["options"]},
+        composition={"vector_sha256": composition["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in composition["inputs"]], "options": composition["options"], **({"recipe": composition["recipe"]} if composition.get("recipe") else {})},
         git=P.git_commit(p.root),
         dvc_hashes=dvc_hashes,
         dvc_sha=dvc_sha,
@@ -65,6 +66,8 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     )
     thin = p.register.weights == "thin"
     vectors = list(dict.fromkeys(p.root / i["path"] if (p.root / i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if thin or p.register.log_vectors else []
+    if composition.get("recipe") and (thin or p.register.log_vectors):  # the ledger applies the composed vector itself
+        vectors.append(p.root / composition["vector"])
     tracker = tracking.Tracker(p)
     own_parent = parent_run_id is None
     parent = parent_run_id or tracker.start("edit (dvc repro)" if not flow_run_id else "edit", tags={"taskvec.runner": "dvc" if not flow_run_id else "prefect", "prefect.flow_run_id": str(flow_run_id or "none")})
@@ -72,7 +75,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     try:
         if own_parent:
             log_summary(tracker, parent, p, metrics, digests)
-        with tracker.run("register", parent=parent, tags={"taskvec.step": "register"}) as step:
+        with tracker.run("register", parent=parent, tags={"taskvec.step": "register", "taskvec.worker": executor()}) as step:
             step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "weights": p.register.weights, "tracking_uri": uri(p, tracker.safe_uri)})
             step.metrics(metrics["summary"])
             result = registry.register(

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from pipeline import params as P
+from pipeline.steps import EVAL_THREADS, pinned_threads
 from taskvec.errors import TaskvecError
 
 CURVE = "curve.csv"
@@ -79,6 +80,7 @@ def edit_objective(p: P.PipelineParams, base: dict[str, float], ft: dict[str, fl
     )
 
 
+@pinned_threads(EVAL_THREADS)
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     import torch
 
