@@ -29,18 +29,14 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from taskvec import methods
-from taskvec.config import MergeMethod, Params, check_merge_options, load_params, merge_option
+from taskvec.config import MergeSpec, Params, _Strict, load_params, merge_option
 from taskvec.errors import TaskvecError
 
 DEFAULT_PARAMS = "params.yaml"
 OUTPUTS = "outputs"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Analogy(_Strict):
@@ -52,7 +48,7 @@ class Analogy(_Strict):
     target: str | None = None  # task evaluated for this analogy (needs no fine-tune)
 
 
-class EditPlan(_Strict):
+class EditPlan(MergeSpec):
     """What the edit does: learn (add), forget (negate), analogies, merge method, controls.
 
     The composed vector is ``merge(+τ_learn…, −τ_forget…, +τ_c, +τ_b, −τ_a…)``
@@ -63,10 +59,7 @@ class EditPlan(_Strict):
     forget: list[str] = Field(default_factory=list)
     analogies: list[Analogy] = Field(default_factory=list)
     control: list[str] = Field(default_factory=list)
-    # merge method and its options: declared, range-checked and matched to the method by taskvec.methods
-    method: MergeMethod = "sum"
-    density: merge_option("density") = methods.OPTIONS["density"].default
-    drop: merge_option("drop") = methods.OPTIONS["drop"].default
+    # the merge method and its options (MergeSpec's, plus DARE's seed): range-checked and matched to the method by taskvec.methods
     seed: merge_option("seed") = methods.OPTIONS["seed"].default
 
     @model_validator(mode="after")
@@ -74,7 +67,7 @@ class EditPlan(_Strict):
         if not (self.learn or self.forget or self.analogies):
             raise ValueError("the edit plan is empty: give edit.learn, edit.forget or edit.analogies")
         self._check_roles()
-        check_merge_options(self.method, density=self.density, drop=self.drop, seed=self.seed)
+        self.check_merge()
         return self
 
     def _check_roles(self) -> None:

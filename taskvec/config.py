@@ -75,6 +75,24 @@ def check_merge_options(method: str, **options: Any) -> None:
     _as_value_error(lambda m: _methods.validate(m, options))(method)
 
 
+class MergeSpec(_Strict):
+    """A merge method and its options, as a schema section declares them (``method``, ``density``, ``drop``; a
+    subclass may add ``seed: merge_option("seed")``), checked by the registry like the engine's options."""
+
+    method: MergeMethod = "sum"
+    density: merge_option("density") = _methods.OPTIONS["density"].default
+    drop: merge_option("drop") = _methods.OPTIONS["drop"].default
+
+    def check_merge(self) -> None:
+        """Refuse an option the method does not take (a ValueError with the registry's message)."""
+        check_merge_options(self.method, **{name: getattr(self, name) for name in _methods.OPTIONS if name in type(self).model_fields})
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        self.check_merge()
+        return self
+
+
 class RowCaps(_Strict):
     """Optional per-split row caps (``None`` = use every row)."""
 
