@@ -263,13 +263,11 @@ def effective_params(params_file: str | os.PathLike, overrides: list[str] | None
         return str(params_file)
     import yaml
 
-    from taskvec.config import read_params_mapping
     from taskvec.io import atomic_path
-    from taskvec.overrides import apply_overrides
 
     src = Path(params_file).resolve()
-    load_params(params_file, model=PipelineParams, overrides=overrides)  # the file's own errors first, then the overrides'
-    data = apply_overrides(read_params_mapping(src), overrides)
+    # one parse: the file's own errors first, then the overrides'; the mapping validated is the one written
+    _, data = load_params(params_file, model=PipelineParams, overrides=overrides, with_mapping=True)
     head = [f"# Effective params of `taskvec run -S`: {src.name} + the overrides below (rewritten by each run; do not edit)."]
     text = "\n".join(head + [f"#   -S {o}" for o in overrides]) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     out = src.parent / EFFECTIVE_PARAMS

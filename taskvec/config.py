@@ -19,9 +19,10 @@ keyed on the resolved path, the schema and the sha256 of the bytes, so an edit
 is never missed) and hands each caller its own deep copy.
 
 Merge-method options (``method``, ``density``, ``drop``, ``seed``) in any
-schema use :data:`MergeMethod`, :func:`merge_option` and
-:func:`check_merge_options`, which delegate to the registry in
-:mod:`taskvec.methods`: the same checks and one-line messages as the engine.
+schema come from :class:`MergeSpec` (built on :data:`MergeMethod`,
+:func:`merge_option` and :func:`check_merge_options`), which delegates to the
+registry in :mod:`taskvec.methods`: the same checks and one-line messages as
+the engine.
 """
 
 from __future__ import annotations
@@ -290,18 +291,9 @@ def _decode(path: Path, raw: bytes) -> str:
         raise TaskvecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def read_params_mapping(path: str | Path) -> dict:
-    """A params file as a plain mapping (parsed, not validated); one-line errors."""
-    path = Path(path)
-    data = _parse_yaml(path, _decode(path, _read_bytes(path)))
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TaskvecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, overrides: list[str] | tuple[str, ...] | None = None) -> P:
+def load_params(
+    path: str | Path = "params.yaml", *, model: type[P] = Params, overrides: list[str] | tuple[str, ...] | None = None, with_mapping: bool = False
+) -> P | tuple[P, dict]:
     """Read and validate a YAML params file; relative ``data_dir`` is resolved against its folder.
 
     The one reader of params files. A file is parsed and validated once per
@@ -310,13 +302,10 @@ def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, ov
     so a caller may modify what it gets. ``overrides`` (``-S key.path=value``,
     see :mod:`taskvec.overrides`) are applied to the file's mapping before
     validation, once the file itself is valid (its own errors come first).
+    ``with_mapping``: return ``(params, mapping)``, the mapping being what was
+    validated (the file's, with the overrides applied), from the same single
+    parse of the file's bytes.
     """
-    if overrides:
-        from taskvec.overrides import apply_overrides
-
-        load_params(path, model=model)
-        data = apply_overrides(read_params_mapping(path), list(overrides))
-        return parse_params(data, source=f"{path} with -S", root=Path(path).resolve().parent, model=model)
     path = Path(path)
     raw = _read_bytes(path)
     key = (str(path.resolve()), model, hashlib.sha256(raw).digest())
@@ -324,10 +313,24 @@ def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, ov
         hit = _MEMO.get(key)
         if hit is not None:
             _MEMO.move_to_end(key)
+    data = None
     if hit is None:
-        hit = parse_params(_parse_yaml(path, _decode(path, raw)), source=str(path), root=path.resolve().parent, model=model)
+        data = _parse_yaml(path, _decode(path, raw))
+        hit = parse_params(data, source=str(path), root=path.resolve().parent, model=model)
         with _MEMO_LOCK:
             _MEMO[key] = hit
             while len(_MEMO) > _MEMO_SIZE:
                 _MEMO.popitem(last=False)
-    return hit.model_copy(deep=True)
+    if not (overrides or with_mapping):
+        return hit.model_copy(deep=True)
+    if data is None:  # validated before (memo): the mapping comes from these same bytes
+        data = _parse_yaml(path, _decode(path, raw))
+    data = data or {}  # the file is valid, so this is a mapping
+    if overrides:
+        from taskvec.overrides import apply_overrides
+
+        data = apply_overrides(data, list(overrides))
+        params = parse_params(data, source=f"{path} with -S", root=path.resolve().parent, model=model)
+    else:
+        params = hit.model_copy(deep=True)
+    return (params, data) if with_mapping else params
