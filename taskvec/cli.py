@@ -203,8 +203,11 @@ def inspect_cmd(
     vectors: Annotated[list[Path], typer.Argument(help="One or more task-vector files.")],
     png: Annotated[Optional[Path], typer.Option("--png", help="Also save the cosine / sign-conflict heatmap here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    header: Annotated[bool, typer.Option("--header", help="Only what each file's header records (base, tensors, parameters, dtype, storage, recipe) and its sha256: no tensor math.")] = False,
 ) -> None:
     """Norms per layer, sparsity, and cosine / sign-conflict matrices between vectors."""
+    if header:
+        return _inspect_headers(vectors, png, as_json)
     from taskvec.inspection import format_report, inspect_vectors, save_heatmap
     from taskvec.io import check_output
 
@@ -215,6 +218,23 @@ def inspect_cmd(
     if png:
         save_heatmap(report, png)
         typer.echo(f"wrote {png}")
+
+
+def _inspect_headers(vectors: list[Path], png: Path | None, as_json: bool) -> None:
+    """``inspect --header``: each vector's header and sha256, validated as on every read (torch is never imported)."""
+    from taskvec.vector import VectorFile
+
+    if png:
+        raise TaskvecError("--header reads no tensors, so it draws no --png: drop one of them")
+    described = []
+    for path in vectors:
+        with VectorFile(path) as vf:
+            described.append(vf.describe())
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    for d in described:
+        typer.echo(f"{Path(d['path']).stem}  sha256 {d['sha256'][:12]}  {d['tensors']} tensors, {d['param_count']:,} parameters  {d['dtype']} {d['storage']}  base {d['base_model']} ({d['base_hash'][:12]})")
 
 
 ENGINE_COMMANDS = {"extract": extract, "combine": combine, "apply": apply, "merge": merge, "compress": compress, "inspect": inspect_cmd}

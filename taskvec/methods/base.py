@@ -4,32 +4,20 @@ A merge method is one module under :mod:`taskvec.methods` (like mergekit's
 ``merge_methods``) that exports its per-tensor math and a :class:`Method`
 naming the :class:`Option` s it takes. Nothing here imports torch at import
 time (``taskvec.config`` and the CLI import the registry to build schemas and
-``--help``; torch is loaded on first use of the math, see :data:`torch`).
+``--help``; torch is loaded on first use of the math, see :mod:`taskvec.lazy`).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from taskvec.errors import TaskvecError
+from taskvec.lazy import torch  # noqa: F401 - the method modules' torch, imported on first use
 
 
-class _LazyModule:
-    """``torch`` for the method modules, imported on first attribute access (keeps ``--help`` fast)."""
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def __getattr__(self, attr: str):
-        module = importlib.import_module(self._name)
-        return getattr(module, attr)
-
-
-torch = _LazyModule("torch")
 
 # float32's largest finite value (== torch.finfo(torch.float32).max), without importing torch
 F32_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
