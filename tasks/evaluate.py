@@ -10,7 +10,7 @@ from pipeline.steps import evaluate
 from tasks.common import step_task
 
 
-def _log(run, result: dict, inputs: dict, _task=None) -> None:
+def _track(run, result: dict, inputs: dict, _task=None) -> None:
     from pipeline.ops import tracking
 
     metrics = json.loads(Path(result["metrics"]).read_text())
@@ -28,6 +28,6 @@ def _log(run, result: dict, inputs: dict, _task=None) -> None:
     run.datasets(prov["data"], context="test")
 
 
-@step_task("evaluate", _log)
+@step_task("evaluate", _track)
 def evaluate_task(params_file: str, inputs: dict, parent_run_id: str | None = None) -> dict:
     return evaluate.main(params_file)

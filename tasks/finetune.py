@@ -79,7 +79,7 @@ def run_child(cmd: list[str], *, cwd, env: dict, label: str) -> tuple[int, str]:
     return proc.returncode, "".join(kept)
 
 
-def _log(run, result: dict, inputs: dict, task_name: str) -> None:
+def _track(run, result: dict, inputs: dict, task_name: str) -> None:
     run.params({"task": task_name, "train": inputs.get("train"), "base_hash": inputs.get("base_hash")})
     run.metrics({"seconds": result["seconds"], "final_loss": result["losses"][-1][1] if result["losses"] else float("nan")})
     run.series("train_loss", [tuple(x) for x in result["losses"]])
@@ -89,7 +89,7 @@ def _log(run, result: dict, inputs: dict, task_name: str) -> None:
         run.datasets({"train": data}, context="training")
 
 
-@step_task("finetune", _log, retry_delay_seconds=5)
+@step_task("finetune", _track, retry_delay_seconds=5)
 def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id: str | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

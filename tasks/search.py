@@ -8,7 +8,7 @@ from pipeline.steps import search
 from tasks.common import step_task
 
 
-def _log(run, result: dict, inputs: dict, _task=None) -> None:
+def _track(run, result: dict, inputs: dict, _task=None) -> None:
     run.params({"search": inputs.get("search"), "eval": inputs.get("eval"), "vector_sha256": inputs.get("vector_sha256")})
     run.metrics({"best_lambda": result["lambda"], "best_objective": result["objective"], "evaluations": result["evaluations"], "seconds": result["seconds"]})
     run.metrics({f"val.{t}.edited": a for t, a in result["accuracy"].items()} | {f"val.{t}.base": a for t, a in result["base_accuracy"].items()} | {f"val.{t}.finetuned": a for t, a in result["finetuned_accuracy"].items()})
@@ -27,6 +27,6 @@ def _log(run, result: dict, inputs: dict, _task=None) -> None:
     run.datasets(result["data"], context="validation")
 
 
-@step_task("search", _log)
+@step_task("search", _track)
 def search_task(params_file: str, inputs: dict, parent_run_id: str | None = None) -> dict:
     return search.main(params_file)
