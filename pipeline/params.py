@@ -29,18 +29,14 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from taskvec import methods
-from taskvec.config import MergeMethod, Params, check_merge_options, load_params, merge_option
+from taskvec.config import MergeSpec, Params, _Strict, load_params, merge_option
 from taskvec.errors import TaskvecError
 
 DEFAULT_PARAMS = "params.yaml"
 OUTPUTS = "outputs"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Analogy(_Strict):
@@ -52,7 +48,7 @@ class Analogy(_Strict):
     target: str | None = None  # task evaluated for this analogy (needs no fine-tune)
 
 
-class EditPlan(_Strict):
+class EditPlan(MergeSpec):
     """What the edit does: learn (add), forget (negate), analogies, merge method, controls.
 
     The composed vector is ``merge(+τ_learn…, −τ_forget…, +τ_c, +τ_b, −τ_a…)``
@@ -63,10 +59,7 @@ class EditPlan(_Strict):
     forget: list[str] = Field(default_factory=list)
     analogies: list[Analogy] = Field(default_factory=list)
     control: list[str] = Field(default_factory=list)
-    # merge method and its options: declared, range-checked and matched to the method by taskvec.methods
-    method: MergeMethod = "sum"
-    density: merge_option("density") = methods.OPTIONS["density"].default
-    drop: merge_option("drop") = methods.OPTIONS["drop"].default
+    # the merge method and its options (MergeSpec's, plus DARE's seed): range-checked and matched to the method by taskvec.methods
     seed: merge_option("seed") = methods.OPTIONS["seed"].default
     # a mergekit YAML under recipes/ that says how to merge the learn/forget vectors (pipeline/recipe.py)
     recipe: str | None = None
@@ -82,7 +75,7 @@ class EditPlan(_Strict):
             if self.analogies:
                 raise ValueError("edit.recipe merges edit.learn and edit.forget: analogies are not supported with a recipe")
         self._check_roles()
-        check_merge_options(self.method, density=self.density, drop=self.drop, seed=self.seed)
+        self.check_merge()
         return self
 
     def _check_roles(self) -> None:
@@ -289,13 +282,11 @@ def effective_params(params_file: str | os.PathLike, overrides: list[str] | None
         return str(params_file)
     import yaml
 
-    from taskvec.config import read_params_mapping
     from taskvec.io import atomic_path
-    from taskvec.overrides import apply_overrides
 
     src = Path(params_file).resolve()
-    load_params(params_file, model=PipelineParams, overrides=overrides)  # the file's own errors first, then the overrides'
-    data = apply_overrides(read_params_mapping(src), overrides)
+    # one parse: the file's own errors first, then the overrides'; the mapping validated is the one written
+    _, data = load_params(params_file, model=PipelineParams, overrides=overrides, with_mapping=True)
     head = [f"# Effective params of `taskvec run -S`: {src.name} + the overrides below (rewritten by each run; do not edit)."]
     text = "\n".join(head + [f"#   -S {o}" for o in overrides]) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     out = src.parent / EFFECTIVE_PARAMS

@@ -14,8 +14,12 @@ dies with the outputs it describes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
@@ -46,6 +50,41 @@ def transient(task, task_run, state) -> bool:
     except Exception:  # noqa: BLE001 - anything else (I/O, a killed subprocess, a locked DB) may pass
         return True
     return True
+
+
+def step_task(step: str, log: Callable | None = None, *, retries: int = 1, retry_delay_seconds: float = 2):
+    """Decorator: ``fn`` (``params_file``, [``task_name``,] ``inputs``, ``parent_run_id``, … -> result dict) as the Prefect task of ``step``.
+
+    The task is retried unless the failure is a user error (:func:`transient`),
+    cached on :func:`cache_key` with its result persisted, and named
+    ``step-<task_name>`` when it runs per task. Its result gets
+    ``step_seconds`` and ``outputs_sha256`` (:func:`with_outputs_hash`); with
+    a ``parent_run_id``, ``log(run, result, inputs, task_name)`` records it in
+    a nested MLflow run of the flow's run (``step`` or ``step/<task_name>``).
+    """
+    from prefect import task
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        per_task = "task_name" in signature.parameters
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs) -> dict:
+            a = signature.bind(*args, **kwargs).arguments
+            task_name, parent = a.get("task_name"), a.get("parent_run_id")
+            t0 = time.perf_counter()
+            result = with_outputs_hash(fn(*args, **kwargs), a["params_file"], step, task_name)
+            result["step_seconds"] = round(time.perf_counter() - t0, 3)
+            if log is not None and parent:
+                name = f"{step}/{task_name}" if per_task else step
+                with tracker_for(a["params_file"]).run(name, parent=parent, tags=step_tags(step, a["inputs"]), seconds=result["step_seconds"]) as mlrun:
+                    log(mlrun, result, a["inputs"], task_name)
+            return result
+
+        naming = {"task_run_name": f"{step}-{{task_name}}"} if per_task else {}
+        return task(name=step, retries=retries, retry_delay_seconds=retry_delay_seconds, retry_condition_fn=transient, cache_key_fn=cache_key, persist_result=True, **naming)(run)
+
+    return decorate
 
 
 def result_storage(root: str | Path) -> Path:

@@ -20,11 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from prefect import task
-
 from pipeline.ops.services import child_command
 from taskvec.errors import TaskvecError
-from tasks.common import ROOT, cache_key, step_tags, tracker_for, transient, with_outputs_hash
+from tasks.common import ROOT, step_task
 
 
 PROGRESS_EVERY_S = float(os.environ.get("TASKVEC_PROGRESS_EVERY_S", "10"))
@@ -81,7 +79,17 @@ def run_child(cmd: list[str], *, cwd, env: dict, label: str) -> tuple[int, str]:
     return proc.returncode, "".join(kept)
 
 
-@task(name="finetune", retries=1, retry_delay_seconds=5, retry_condition_fn=transient, cache_key_fn=cache_key, persist_result=True, task_run_name="finetune-{task_name}")
+def _track(run, result: dict, inputs: dict, task_name: str) -> None:
+    run.params({"task": task_name, "train": inputs.get("train"), "base_hash": inputs.get("base_hash")})
+    run.metrics({"seconds": result["seconds"], "final_loss": result["losses"][-1][1] if result["losses"] else float("nan")})
+    run.series("train_loss", [tuple(x) for x in result["losses"]])
+    run.tags({"taskvec.content_hash": result["content_hash"]})
+    data = result.get("data") or {}
+    if data.get("sha256"):
+        run.datasets({"train": data}, context="training")
+
+
+@step_task("finetune", _track, retry_delay_seconds=5)
 def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id: str | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -89,24 +97,10 @@ def finetune_task(params_file: str, task_name: str, inputs: dict, parent_run_id:
     with tempfile.TemporaryDirectory(prefix="taskvec-ft-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = child_command("pipeline.steps.finetune", "--params", str(params_file), "--task", task_name, "--json-out", str(out))
-        t0 = time.perf_counter()
         returncode, stderr = run_child(cmd, cwd=Path(params_file).resolve().parent, env=env, label=f"finetune {task_name}")
         if returncode == 2:
             lines = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
             raise TaskvecError(lines[-1].removeprefix("error: ") if lines else f"finetune {task_name} failed")
         if returncode != 0:
             raise RuntimeError(f"finetune {task_name} exited {returncode}: {stderr.strip()[-2000:]}")
-        result = json.loads(out.read_text())
-        result["step_seconds"] = round(time.perf_counter() - t0, 3)
-    with_outputs_hash(result, params_file, "finetune", task_name)
-    if parent_run_id:
-        tracker = tracker_for(params_file)
-        with tracker.run(f"finetune/{task_name}", parent=parent_run_id, tags=step_tags("finetune", inputs), seconds=result["step_seconds"]) as run:
-            run.params({"task": task_name, "train": inputs.get("train"), "base_hash": inputs.get("base_hash")})
-            run.metrics({"seconds": result["seconds"], "final_loss": result["losses"][-1][1] if result["losses"] else float("nan")})
-            run.series("train_loss", [tuple(x) for x in result["losses"]])
-            run.tags({"taskvec.content_hash": result["content_hash"]})
-            data = result.get("data") or {}
-            if data.get("sha256"):
-                run.datasets({"train": data}, context="training")
-    return result
+        return json.loads(out.read_text())

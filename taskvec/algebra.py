@@ -8,30 +8,15 @@ Nothing here reads or writes files: every function takes and returns
 ``torch.Tensor`` values for ONE parameter tensor (the engine streams a model
 through them tensor by tensor). All arithmetic is done in float32.
 
-Definitions
------------
-Task arithmetic (Ilharco et al., 2023)
-    ``merged = Σ_t λ_t τ_t``; negation is ``λ < 0``; an analogy
-    ``τ_C + (τ_B − τ_A)`` is the sum with λ = (1, 1, −1).
-
-TIES-Merging (Yadav et al., 2023, arXiv:2306.01708)
-    1. *Trim*: keep the top-k fraction of each task vector's entries by
-       magnitude, zero the rest (:func:`topk_mask`).
-    2. *Elect sign*: ``γ = sgn(Σ_t τ̂_t)`` — the sign with the larger total
-       mass (sum of trimmed values) wins (:func:`elect_sign`).
-    3. *Disjoint mean*: average, per entry, only the trimmed values whose sign
-       agrees with ``γ`` (zeros do not count) (:func:`disjoint_mean`).
-
-DARE (Yu et al., 2023, arXiv:2311.03099)
-    Drop each entry independently with probability ``p`` and rescale the
-    survivors by ``1 / (1 − p)`` (:func:`dare`), then merge by task arithmetic
-    (``dare``) or by TIES' sign election and disjoint mean in place of the
-    trim step (``dare_ties``).
+Definitions: each method module's docstring (task arithmetic in
+:mod:`taskvec.methods.sum`, TIES-Merging in :mod:`taskvec.methods.ties`, DARE
+in :mod:`taskvec.methods.dare`, magnitude pruning in
+:mod:`taskvec.methods.magnitude`).
 
 Choices the papers leave open (documented here and in the README)
     * Trimming is per tensor, not over the whole flattened model: the engine
       streams tensor by tensor and never holds a whole model (mergekit makes
-      the same choice). ``k = ceil(density × numel)``; ties at the threshold
+      the same choice). ``k = max(1, floor(density × numel))``; ties at the threshold
       are broken by lower flat index, so the result is exactly k entries.
     * Per-vector weights λ_t are applied *before* trimming and sign election
       (``τ'_t = λ_t τ_t``): a negative λ flips the vector's vote. With equal

@@ -12,30 +12,64 @@ stderr (``error: …``) and exit status 2.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from taskvec.errors import TaskvecError
+from taskvec.methods import METHOD_NAMES, OPTIONS
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-Method = Annotated[str, typer.Option("--method", "-m", help="sum | ties | dare | dare_ties | magnitude.")]
-Density = Annotated[Optional[float], typer.Option("--density", "-k", help="TIES/magnitude: kept fraction in (0, 1] (mergekit's density).")]
-Drop = Annotated[Optional[float], typer.Option("--drop", "-p", help="DARE: drop probability p in [0, 1).")]
-Seed = Annotated[int, typer.Option("--seed", help="DARE random seed.")]
+Method = Annotated[str, typer.Option("--method", "-m", help=f"{' | '.join(METHOD_NAMES)}.")]
+Density = Annotated[Optional[float], typer.Option("--density", "-k", help=OPTIONS["density"].help)]
+Drop = Annotated[Optional[float], typer.Option("--drop", "-p", help=OPTIONS["drop"].help)]
+Seed = Annotated[int, typer.Option("--seed", help=OPTIONS["seed"].help)]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Admit pickle .bin checkpoints (loaded with weights_only=True).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output that taskvec did not write (never an input).")]
 ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Shard output weights above this size, e.g. 5GB.")]
 
 
-def _options(method: str, density: float | None, drop: float | None, seed: int):
-    from taskvec.engine import MergeOptions
+@dataclass(frozen=True)
+class MergeArgs:
+    """The merge options as given on the command line (``None``: not given)."""
 
-    return MergeOptions(method=method, density=1.0 if density is None else density, drop=0.0 if drop is None else drop, seed=seed)
+    method: str = "sum"
+    density: float | None = None
+    drop: float | None = None
+    seed: int = 0
+
+    def given(self) -> bool:
+        return self.method != "sum" or self.density is not None or self.drop is not None
+
+    def options(self):
+        from taskvec.engine import MergeOptions
+
+        return MergeOptions(method=self.method, density=1.0 if self.density is None else self.density, drop=0.0 if self.drop is None else self.drop, seed=self.seed)
+
+
+_MERGE_PARAMS = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d) for n, a, d in (("method", Method, "sum"), ("density", Density, None), ("drop", Drop, None), ("seed", Seed, 0))]
+
+
+def merge_options(command):
+    """Give ``command`` the options ``--method/--density/--drop/--seed`` (declared once, here), passed to it as one :class:`MergeArgs` in its parameter ``merging``."""
+    signature = inspect.signature(command, eval_str=True)
+    params = []
+    for p in signature.parameters.values():
+        params += _MERGE_PARAMS if p.name == "merging" else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        merging = MergeArgs(**{p.name: kwargs.pop(p.name) for p in _MERGE_PARAMS})
+        return command(**kwargs, merging=merging)
+
+    run.__signature__ = signature.replace(parameters=params)
+    return run
 
 
 def _vectors(args: list[str]) -> list[tuple[str, float]]:
@@ -75,13 +109,11 @@ def extract(
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
 
+@merge_options
 def combine(
     vectors: Annotated[list[str], typer.Argument(help="Vectors as PATH[:LAMBDA]; λ defaults to 1, negative negates. Analogy: C:1 B:1 A:-1.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output task-vector file.")],
-    method: Method = "sum",
-    density: Density = None,
-    drop: Drop = None,
-    seed: Seed = 0,
+    merging: MergeArgs,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype.")] = "float32",
     force: Force = False,
     quiet: Quiet = False,
@@ -89,18 +121,16 @@ def combine(
     """Combine task vectors into one (sum, negation, analogy, TIES, DARE…)."""
     from taskvec.engine import combine as run
 
-    res = run(_vectors(vectors), out, options=_options(method, density, drop, seed), dtype=_dtype(dtype), progress=not quiet, force=force)
+    res = run(_vectors(vectors), out, options=merging.options(), dtype=_dtype(dtype), progress=not quiet, force=force)
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
 
+@merge_options
 def apply(
     base: Annotated[str, typer.Argument(help="Base model folder or hub id the vectors were taken from.")],
     vectors: Annotated[list[str], typer.Argument(help="Vectors as PATH[:LAMBDA].")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
-    method: Method = "sum",
-    density: Density = None,
-    drop: Drop = None,
-    seed: Seed = 0,
+    merging: MergeArgs,
     max_shard_size: ShardSize = "5GB",
     allow_pickle: AllowPickle = False,
     force: Force = False,
@@ -110,19 +140,17 @@ def apply(
     from taskvec.engine import apply as run
     from taskvec.engine import parse_size
 
-    ledger = run(base, _vectors(vectors), out, options=_options(method, density, drop, seed), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, force=force)
+    ledger = run(base, _vectors(vectors), out, options=merging.options(), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, force=force)
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}  edits {len(ledger['edits'])}")
 
 
+@merge_options
 def merge(
     base: Annotated[Optional[str], typer.Argument(help="Base model folder or hub id (not with --config).")] = None,
     finetuned: Annotated[Optional[list[str]], typer.Argument(help="Fine-tuned models as PATH[:LAMBDA] (not with --config).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A mergekit YAML recipe (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs) in place of BASE/FINETUNED/--method.")] = None,
-    method: Method = "sum",
-    density: Density = None,
-    drop: Drop = None,
-    seed: Seed = 0,
+    merging: MergeArgs = MergeArgs(),
     include: Annotated[Optional[list[str]], typer.Option("--include", help="Only merge tensors matching this glob.")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep the base's value for tensors matching this glob.")] = None,
     max_shard_size: ShardSize = "5GB",
@@ -137,17 +165,17 @@ def merge(
     if out is None:
         raise TaskvecError("merge needs --out/-o OUT_DIR")
     if config is not None:
-        if base or finetuned or method != "sum" or density is not None or drop is not None:
+        if base or finetuned or merging.given():
             raise TaskvecError("--config takes the models, method and parameters from the recipe: drop BASE/FINETUNED and --method/--density/--drop")
         from taskvec.recipes import run_recipe
 
-        ledger = run_recipe(config, out, seed=seed, include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, warn=lambda m: typer.echo(m, err=True))
+        ledger = run_recipe(config, out, seed=merging.seed, include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, warn=lambda m: typer.echo(m, err=True))
         typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
         return
     if not base or not finetuned:
         raise TaskvecError("merge needs BASE and at least one FINETUNED model (or --config recipe.yml)")
     pairs = _vectors(finetuned)
-    ledger = run(base, pairs, out, options=_options(method, density, drop, seed), include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, force=force)
+    ledger = run(base, pairs, out, options=merging.options(), include=include or (), exclude=exclude or (), max_shard_bytes=parse_size(max_shard_size), allow_pickle=allow_pickle, progress=not quiet, force=force)
     typer.echo(f"wrote {out}  weights {ledger['output_hash'][:12]}")
 
 
@@ -175,8 +203,11 @@ def inspect_cmd(
     vectors: Annotated[list[Path], typer.Argument(help="One or more task-vector files.")],
     png: Annotated[Optional[Path], typer.Option("--png", help="Also save the cosine / sign-conflict heatmap here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    header: Annotated[bool, typer.Option("--header", help="Only what each file's header records (base, tensors, parameters, dtype, storage, recipe) and its sha256: no tensor math.")] = False,
 ) -> None:
     """Norms per layer, sparsity, and cosine / sign-conflict matrices between vectors."""
+    if header:
+        return _inspect_headers(vectors, png, as_json)
     from taskvec.inspection import format_report, inspect_vectors, save_heatmap
     from taskvec.io import check_output
 
@@ -187,6 +218,23 @@ def inspect_cmd(
     if png:
         save_heatmap(report, png)
         typer.echo(f"wrote {png}")
+
+
+def _inspect_headers(vectors: list[Path], png: Path | None, as_json: bool) -> None:
+    """``inspect --header``: each vector's header and sha256, validated as on every read (torch is never imported)."""
+    from taskvec.vector import VectorFile
+
+    if png:
+        raise TaskvecError("--header reads no tensors, so it draws no --png: drop one of them")
+    described = []
+    for path in vectors:
+        with VectorFile(path) as vf:
+            described.append(vf.describe())
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    for d in described:
+        typer.echo(f"{Path(d['path']).stem}  sha256 {d['sha256'][:12]}  {d['tensors']} tensors, {d['param_count']:,} parameters  {d['dtype']} {d['storage']}  base {d['base_model']} ({d['base_hash'][:12]})")
 
 
 ENGINE_COMMANDS = {"extract": extract, "combine": combine, "apply": apply, "merge": merge, "compress": compress, "inspect": inspect_cmd}

@@ -19,9 +19,10 @@ keyed on the resolved path, the schema and the sha256 of the bytes, so an edit
 is never missed) and hands each caller its own deep copy.
 
 Merge-method options (``method``, ``density``, ``drop``, ``seed``) in any
-schema use :data:`MergeMethod`, :func:`merge_option` and
-:func:`check_merge_options`, which delegate to the registry in
-:mod:`taskvec.methods`: the same checks and one-line messages as the engine.
+schema come from :class:`MergeSpec` (built on :data:`MergeMethod`,
+:func:`merge_option` and :func:`check_merge_options`), which delegates to the
+registry in :mod:`taskvec.methods`: the same checks and one-line messages as
+the engine.
 """
 
 from __future__ import annotations
@@ -73,6 +74,24 @@ def merge_option(name: str) -> Any:
 def check_merge_options(method: str, **options: Any) -> None:
     """:func:`taskvec.methods.validate` for a model validator (an option the method does not take is refused)."""
     _as_value_error(lambda m: _methods.validate(m, options))(method)
+
+
+class MergeSpec(_Strict):
+    """A merge method and its options, as a schema section declares them (``method``, ``density``, ``drop``; a
+    subclass may add ``seed: merge_option("seed")``), checked by the registry like the engine's options."""
+
+    method: MergeMethod = "sum"
+    density: merge_option("density") = _methods.OPTIONS["density"].default
+    drop: merge_option("drop") = _methods.OPTIONS["drop"].default
+
+    def check_merge(self) -> None:
+        """Refuse an option the method does not take (a ValueError with the registry's message)."""
+        check_merge_options(self.method, **{name: getattr(self, name) for name in _methods.OPTIONS if name in type(self).model_fields})
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        self.check_merge()
+        return self
 
 
 class RowCaps(_Strict):
@@ -272,18 +291,9 @@ def _decode(path: Path, raw: bytes) -> str:
         raise TaskvecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def read_params_mapping(path: str | Path) -> dict:
-    """A params file as a plain mapping (parsed, not validated); one-line errors."""
-    path = Path(path)
-    data = _parse_yaml(path, _decode(path, _read_bytes(path)))
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TaskvecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, overrides: list[str] | tuple[str, ...] | None = None) -> P:
+def load_params(
+    path: str | Path = "params.yaml", *, model: type[P] = Params, overrides: list[str] | tuple[str, ...] | None = None, with_mapping: bool = False
+) -> P | tuple[P, dict]:
     """Read and validate a YAML params file; relative ``data_dir`` is resolved against its folder.
 
     The one reader of params files. A file is parsed and validated once per
@@ -292,13 +302,10 @@ def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, ov
     so a caller may modify what it gets. ``overrides`` (``-S key.path=value``,
     see :mod:`taskvec.overrides`) are applied to the file's mapping before
     validation, once the file itself is valid (its own errors come first).
+    ``with_mapping``: return ``(params, mapping)``, the mapping being what was
+    validated (the file's, with the overrides applied), from the same single
+    parse of the file's bytes.
     """
-    if overrides:
-        from taskvec.overrides import apply_overrides
-
-        load_params(path, model=model)
-        data = apply_overrides(read_params_mapping(path), list(overrides))
-        return parse_params(data, source=f"{path} with -S", root=Path(path).resolve().parent, model=model)
     path = Path(path)
     raw = _read_bytes(path)
     key = (str(path.resolve()), model, hashlib.sha256(raw).digest())
@@ -306,10 +313,24 @@ def load_params(path: str | Path = "params.yaml", *, model: type[P] = Params, ov
         hit = _MEMO.get(key)
         if hit is not None:
             _MEMO.move_to_end(key)
+    data = None
     if hit is None:
-        hit = parse_params(_parse_yaml(path, _decode(path, raw)), source=str(path), root=path.resolve().parent, model=model)
+        data = _parse_yaml(path, _decode(path, raw))
+        hit = parse_params(data, source=str(path), root=path.resolve().parent, model=model)
         with _MEMO_LOCK:
             _MEMO[key] = hit
             while len(_MEMO) > _MEMO_SIZE:
                 _MEMO.popitem(last=False)
-    return hit.model_copy(deep=True)
+    if not (overrides or with_mapping):
+        return hit.model_copy(deep=True)
+    if data is None:  # validated before (memo): the mapping comes from these same bytes
+        data = _parse_yaml(path, _decode(path, raw))
+    data = data or {}  # the file is valid, so this is a mapping
+    if overrides:
+        from taskvec.overrides import apply_overrides
+
+        data = apply_overrides(data, list(overrides))
+        params = parse_params(data, source=f"{path} with -S", root=path.resolve().parent, model=model)
+    else:
+        params = hit.model_copy(deep=True)
+    return (params, data) if with_mapping else params

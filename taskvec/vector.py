@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import torch
+from taskvec.lazy import torch
 
 from taskvec import __version__
 from taskvec.errors import FormatError, HomologyError, TaskvecError
@@ -234,8 +234,12 @@ class VectorHeader:
     base_model: str
     base_hash: str
     recipe: dict
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # None: float32 (a default that does not import torch)
     storage: dict = field(default_factory=lambda: {"kind": "dense"})
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = torch.float32
 
     def metadata(self, names: list[str], param_count: int) -> dict[str, str]:
         return {

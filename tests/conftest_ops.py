@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -46,6 +47,8 @@ __all__ = [
     "fake_evaluate",
     "pg_url",
     "wait_for",
+    "http_service",
+    "free_port",
 ]
 
 
@@ -96,7 +99,7 @@ def fresh_db(pg):
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -115,11 +118,9 @@ def wait_for(pred, timeout: float, interval: float = 0.25, what: str = "conditio
 @pytest.fixture(scope="session")
 def mlflow_server(fresh_db, tmp_path_factory):
     """A real ``mlflow server`` (PostgreSQL backend store, served artifacts) for the whole session."""
-    import urllib.request
-
     db = fresh_db("taskvec_mlflow")
     art = tmp_path_factory.mktemp("mlflow-artifacts")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("mlflow-log") / "server.log"
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [
@@ -132,21 +133,7 @@ def mlflow_server(fresh_db, tmp_path_factory):
         "--workers", "1",
     ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, timeout=180, interval=0.5, what="mlflow server /health")
+    with http_service(cmd, env=env, log=log, health=f"http://127.0.0.1:{port}/health", timeout=180, what="mlflow server") as uri:
         old = os.environ.get("MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = uri
         yield uri
@@ -154,9 +141,34 @@ def mlflow_server(fresh_db, tmp_path_factory):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old
-    finally:
-        import signal
 
+
+@contextlib.contextmanager
+def http_service(cmd: list[str], *, env: dict, log: Path, health: str, timeout: float, what: str):
+    """Run ``cmd`` (a server, in its own process group, output to ``log``) until ``health`` answers 200; yield its base URL.
+
+    A server that exits before it is healthy fails with the tail of its log;
+    on leaving, its whole process group gets SIGTERM (SIGKILL after 20 s).
+    """
+    import signal
+    import urllib.request
+
+    fh = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def healthy():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}): {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(health, timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=timeout, interval=0.5, what=f"{what} {health}")
+        yield health.rsplit("/", 1)[0]
+    finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
@@ -165,6 +177,7 @@ def mlflow_server(fresh_db, tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            proc.wait(timeout=20)
         fh.close()
 
 

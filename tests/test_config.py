@@ -165,3 +165,18 @@ def test_core_app_still_refuses_pipeline_sections(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err == f"error: {path}: finetune: Extra inputs are not permitted\n"
+
+
+def test_overrides_and_the_merged_mapping_come_from_one_parse(tmp_path, monkeypatch):
+    calls = _count_parses(monkeypatch)
+    path = write(tmp_path, GOOD)
+    params, mapping = load_params(path, overrides=["train.steps=3", "search.grid_points=4"], with_mapping=True)
+    assert len(calls) == 1  # the file's own validation and the overridden one share the parse
+    assert (params.train.steps, params.search.grid_points, params.search.strategy) == (3, 4, "grid")
+    assert mapping["train"] == {"steps": 3} and mapping["search"] == {"strategy": "grid", "grid_points": 4}
+    assert parse_params(mapping, root=tmp_path.resolve()) == params  # the mapping is exactly what was validated
+    assert load_params(path).train.steps == 7  # the memoised file is untouched by the overrides
+    again, same = load_params(path, with_mapping=True)
+    assert len(calls) == 2 and same["train"] == {"steps": 7} and again.train.steps == 7  # a memo hit parses only for the mapping
+    with pytest.raises(TaskvecError, match="with -S: train.steps"):
+        load_params(path, overrides=["train.steps=0"], with_mapping=True)

@@ -26,17 +26,21 @@ def test_metrics_by_hand():
         metrics(np.array([]), np.array([]), 2)
 
 
+def _arranged(tiny_model, tmp_path, rows, **batching):
+    """A classifier whose head rows are the embeddings of "bad" and "good", and the validation set of ``rows``."""
+    write_csv(tmp_path / "c" / "validation.csv", rows)
+    spec = TaskSpec(name="c", source=str(tmp_path / "c"), labels=LABELS)
+    encoder, tokenizer, _ = load_encoder(tiny_model)
+    head = build_head(encoder, tokenizer, "c", LABELS, ["bad", "good"])
+    return EncoderClassifier(encoder, head), EvalSet.build(load_split(spec, tmp_path, "validation"), tokenizer, **batching)
+
+
 def test_constructed_case_scores_exactly_three_of_four(tiny_model, tmp_path):
     # The head rows are the embeddings of "bad" and "good", so those exact texts
     # are classified as their own row; one row is labelled wrongly on purpose.
     # Texts of different lengths check that length-sorted batching keeps row order.
     rows = [("good", "positive"), ("bad bad bad", "negative"), ("bad", "positive"), ("good good", "positive")]
-    write_csv(tmp_path / "c" / "validation.csv", rows)
-    spec = TaskSpec(name="c", source=str(tmp_path / "c"), labels=LABELS)
-    encoder, tokenizer, _ = load_encoder(tiny_model)
-    head = build_head(encoder, tokenizer, "c", LABELS, ["bad", "good"])
-    model = EncoderClassifier(encoder, head)
-    evalset = EvalSet.build(load_split(spec, tmp_path, "validation"), tokenizer, batch_size=3, max_length=16)
+    model, evalset = _arranged(tiny_model, tmp_path, rows, batch_size=3, max_length=16)
     pred = predict(model, evalset)
     assert pred[0] == 1 and pred[2] == 0  # the texts equal to a head row
     expected = metrics(evalset.labels, pred, 2)
@@ -48,12 +52,8 @@ def test_constructed_case_scores_exactly_three_of_four(tiny_model, tmp_path):
 
 def test_exact_accuracy_with_an_arranged_encoder(tiny_model, tmp_path):
     rows = [("good", "positive"), ("bad", "negative"), ("good", "negative"), ("bad", "negative")]
-    write_csv(tmp_path / "c" / "validation.csv", rows)
-    spec = TaskSpec(name="c", source=str(tmp_path / "c"), labels=LABELS)
-    encoder, tokenizer, _ = load_encoder(tiny_model)
-    head = build_head(encoder, tokenizer, "c", LABELS, ["bad", "good"])
-    evalset = EvalSet.build(load_split(spec, tmp_path, "validation"), tokenizer, batch_size=2, max_length=8)
-    assert score(EncoderClassifier(encoder, head), evalset)["accuracy"] == 0.75
+    model, evalset = _arranged(tiny_model, tmp_path, rows, batch_size=2, max_length=8)
+    assert score(model, evalset)["accuracy"] == 0.75
 
 
 def test_evaluate_model_prefers_the_models_own_head(tiny_model, params, tmp_path):

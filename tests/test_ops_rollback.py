@@ -108,7 +108,9 @@ def test_bad_rollbacks_change_nothing(ops, edits, model_name):
     assert _snapshot(ops, model_name) == before
 
 
-def test_cli_commands(ops, edits, model_name, monkeypatch, capsys):
+@pytest.fixture
+def cli(ops, monkeypatch, capsys):
+    """``run(*argv) -> (exit code, stdout, stderr)`` of the full ``taskvec`` command on the test's registry and audit log."""
     from pipeline.cli import main
 
     monkeypatch.setenv("TASKVEC_AUDIT_URL", ops.audit.url)
@@ -120,38 +122,42 @@ def test_cli_commands(ops, edits, model_name, monkeypatch, capsys):
         out = capsys.readouterr()
         return ei.value.code, out.out, out.err
 
+    return run
+
+
+def test_cli_commands(ops, edits, model_name, cli, capsys):
     v1 = register_edit(ops, model_name, edits, [("t1", 0.5)])
     capsys.readouterr()
-    code, _, err = run("approve", model_name, v1, "--approver", "ann", "--reason", "ok")
+    code, _, err = cli("approve", model_name, v1, "--approver", "ann", "--reason", "ok")
     assert code == 2 and err.startswith("error: ") and "no gate evaluation" in err
     cmp = P.apply_gates({"t1": 0.9}, None, P.PromotionSpec(targets=["t1"]))
     P.record_gates(ops, model_name, v1, cmp, champion_version=None)
-    code, out, err = run("approve", model_name, v1, "--approver", "ann", "--reason", "ok", "--no-resume")
+    code, out, err = cli("approve", model_name, v1, "--approver", "ann", "--reason", "ok", "--no-resume")
     assert code == 0, err
     assert "champion of" in out and P.alias_version(ops.client, model_name, "champion") == v1
     v2 = register_edit(ops, model_name, edits, [("bad", 1.0)])
     capsys.readouterr()
     P.record_gates(ops, model_name, v2, cmp, champion_version=v1)
-    code, out, _ = run("reject", model_name, v2, "--approver", "bob", "--reason", "no")
+    code, out, _ = cli("reject", model_name, v2, "--approver", "bob", "--reason", "no")
     assert code == 0 and "recorded reject" in out
-    code, _, err = run("approve", model_name, v2, "--approver", "ann", "--reason", "x")
+    code, _, err = cli("approve", model_name, v2, "--approver", "ann", "--reason", "x")
     assert code == 2 and "rejected" in err
-    code, out, err = run("rollback", model_name, "--remove", edits.sha["t1"], "--reason", "test")
+    code, out, err = cli("rollback", model_name, "--remove", edits.sha["t1"], "--reason", "test")
     assert code == 0, err
     assert "max |diff|" in out and "champion" in out
-    code, out, _ = run("champion-revert", model_name, "--approver", "ann", "--reason", "undo")
+    code, out, _ = cli("champion-revert", model_name, "--approver", "ann", "--reason", "undo")
     assert code == 0 and f"-> {v1}" in out
-    code, out, _ = run("audit", "show", "--model", model_name)
+    code, out, _ = cli("audit", "show", "--model", model_name)
     assert code == 0 and "promote" in out and "reject" in out and "rollback" in out and "revert" in out
-    code, out, _ = run("audit", "verify")
+    code, out, _ = cli("audit", "verify")
     assert code == 0 and "audit log OK" in out
     with ops.audit._engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE taskvec_audit DISABLE TRIGGER USER")
         conn.exec_driver_sql("UPDATE taskvec_audit SET actor = 'mallory' WHERE seq = 2")
         conn.exec_driver_sql("ALTER TABLE taskvec_audit ENABLE TRIGGER USER")
-    code, out, _ = run("audit", "verify")
+    code, out, _ = cli("audit", "verify")
     assert code == 1 and "BROKEN" in out and "entry 2" in out
-    code, _, err = run("rollback", model_name, "--remove", "ff" * 32)
+    code, _, err = cli("rollback", model_name, "--remove", "ff" * 32)
     assert code == 2 and "unknown vector" in err
 
 
@@ -225,19 +231,8 @@ def test_rejected_version_is_not_rolled_back(ops, edits, model_name):
     assert _snapshot(ops, model_name) == before
 
 
-def test_cli_bad_input_is_one_line_exit_2(ops, edits, model_name, monkeypatch, capsys, tmp_path):
-    from pipeline.cli import main
-
-    monkeypatch.setenv("TASKVEC_AUDIT_URL", ops.audit.url)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", ops.client.tracking_uri)
+def test_cli_bad_input_is_one_line_exit_2(ops, edits, model_name, cli, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("TASKVEC_SERVICE_TIMEOUT", "3")
-
-    def run(*argv):
-        with pytest.raises(SystemExit) as ei:
-            main(list(argv))
-        out = capsys.readouterr()
-        return ei.value.code, out.out, out.err
-
     v = register_edit(ops, model_name, edits, [("t1", 0.5)])
     P.record_gates(ops, model_name, v, P.apply_gates({"t1": 0.9}, None, P.PromotionSpec(targets=["t1"])), champion_version=None)
     P.record_decision(ops, model_name, v, "reject", "bob", "no")
@@ -256,7 +251,7 @@ def test_cli_bad_input_is_one_line_exit_2(ops, edits, model_name, monkeypatch, c
         (("reproduce", "nope-" + model_name, "1"), "not found"),
     ]
     for argv, msg in cases:
-        code, out, err = run(*argv)
+        code, out, err = cli(*argv)
         assert code == 2, (argv, code, out, err)
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
     assert _snapshot(ops, model_name) == before

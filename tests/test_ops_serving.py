@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.conftest_ops import free_port, http_service
 from tests.conftest_tasks import make_model
 
 
@@ -125,12 +122,6 @@ def test_missing_or_unknown_task_is_a_clear_error(served):
         model.predict(pd.DataFrame({"text": ["x"], "task": [""]}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
     try:
@@ -141,7 +132,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_mlflow_models_serve_answers_http(served):
-    port = _free_port()
+    port = free_port()
     log = served["root"] / "serve.log"
     # `mlflow models serve` execs `uvicorn` from PATH: a shim running this interpreter's uvicorn module
     shim = served["root"] / "bin"
@@ -150,21 +141,7 @@ def test_mlflow_models_serve_answers_http(served):
     (shim / "uvicorn").chmod(0o755)
     env = {**os.environ, "MLFLOW_TRACKING_URI": served["uri"], "MLFLOW_REGISTRY_URI": served["uri"], "PATH": f"{shim}:{os.environ.get('PATH', '')}"}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{served['name']}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, f"mlflow models serve exited ({proc.returncode}): {log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"server did not answer /ping: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
+    with http_service(cmd, env=env, log=log, health=f"http://127.0.0.1:{port}/ping", timeout=240, what="mlflow models serve") as base:
         status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["text", "task"], "data": [["good", "senti"], ["movie", "topic"]]}})
         assert status == 200, body
         preds = body["predictions"]
@@ -175,16 +152,6 @@ def test_mlflow_models_serve_answers_http(served):
         assert status == 400 and "task" in body.get("message", ""), body
         status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["text", "task"], "data": [["good", "agnews"]]}})
         assert status == 400 and "unknown task 'agnews'" in body.get("message", ""), body
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=20)
 
 
 # ---------------------------------------------------------------------------

@@ -276,3 +276,18 @@ def test_a_file_without_edit_plan_serves_core_commands_not_the_pipeline(tmp_path
     path.write_text("tasks:\n  toy: {source: x, labels: [a, b]}\nfinetune: {tasks: [nope]}\n")
     with pytest.raises(TaskvecError, match="task 'nope' is used by the edit plan or finetune.tasks but not declared"):
         load_params(path, model=P.PipelineParams)
+
+
+def test_effective_params_parse_the_file_once(tmp_path, monkeypatch):
+    from taskvec import config
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text((REPO / "params.yaml").read_text() + "\n# a fresh copy: not in the memo\n")
+    calls = []
+    real = config._parse_yaml
+    monkeypatch.setattr(config, "_parse_yaml", lambda path, text: calls.append(path) or real(path, text))
+    out = Path(P.effective_params(params_file, ["train.steps=3"]))
+    assert len(calls) == 1, calls
+    written = yaml.safe_load(out.read_text())
+    assert written["train"]["steps"] == 3 and P.load(out).train.steps == 3
+    assert {k: v for k, v in written.items() if k != "train"} == {k: v for k, v in yaml.safe_load(params_file.read_text()).items() if k != "train"}

@@ -139,14 +139,14 @@ def good_task(ctx: Ctx, **splits: str) -> Path:
 CASES: list = []
 
 
-def case(case_id: str, expect: str, *, marks=()):
-    """Register a builder ``fn(ctx) -> Invocation`` as a refusal case expecting ``expect`` in the message."""
+def case(case_id: str, expect: str, build: Callable[[Ctx], Invocation] | None = None, *, marks=()):
+    """Register ``build(ctx) -> Invocation`` as a refusal case expecting ``expect`` in the message (as a decorator without ``build``)."""
 
     def deco(fn: Callable[[Ctx], Invocation]):
         CASES.append(pytest.param(fn, expect, id=case_id, marks=list(marks)))
         return fn
 
-    return deco
+    return deco if build is None else deco(build)
 
 
 def _extract(ctx: Ctx, base, ft, *extra) -> Invocation:
@@ -173,11 +173,7 @@ def _finetune(ctx: Ctx, params: Path, task: str = "toy") -> Invocation:
 # Engine: homology (names, shapes, dtypes, base hash)
 
 
-@case("extract-shape-mismatch", "'embeddings.word_embeddings.weight' has shape")
-def _(ctx):
-    return _extract(ctx, ctx.base, make_tiny_bert(ctx.tmp / "wide", vocab_size=120))
-
-
+case("extract-shape-mismatch", "'embeddings.word_embeddings.weight' has shape", lambda ctx: _extract(ctx, ctx.base, make_tiny_bert(ctx.tmp / "wide", vocab_size=120)))
 @case("extract-extra-tensor", "'extra.weight' is in the fine-tuned model but not in the base")
 def _(ctx):
     w = ctx.weights(ctx.ft1) | {"extra.weight": torch.zeros(3)}
@@ -197,11 +193,7 @@ def _(ctx):
     return _extract(ctx, ctx.base, ctx.model("ft", w))
 
 
-@case("apply-base-hash-differs", "differs from the hash")
-def _(ctx):
-    return _apply(ctx, ctx.ft2, ctx.v1)
-
-
+case("apply-base-hash-differs", "differs from the hash", lambda ctx: _apply(ctx, ctx.ft2, ctx.v1))
 @case("apply-vector-shape-differs-from-base", "has shape [120, 32] in vector")
 def _(ctx):
     wide = make_tiny_bert(ctx.tmp / "wide", vocab_size=120)
@@ -284,16 +276,8 @@ def _(ctx):
     return _apply(ctx, ctx.base, ctx.tmp / "bad.safetensors")
 
 
-@case("vector-is-a-plain-model-file", "not a taskvec task vector")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.ft1 / "model.safetensors")
-
-
-@case("vector-unknown-format-version", "unsupported task-vector format version")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("v9.safetensors", lambda t, m: m.update({"taskvec.format": "9"})))
-
-
+case("vector-is-a-plain-model-file", "not a taskvec task vector", lambda ctx: _apply(ctx, ctx.base, ctx.ft1 / "model.safetensors"))
+case("vector-unknown-format-version", "unsupported task-vector format version", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("v9.safetensors", lambda t, m: m.update({"taskvec.format": "9"}))))
 @case("sharded-model-missing-shard", ".safetensors is missing")
 def _(ctx):
     from transformers import AutoModel
@@ -326,16 +310,8 @@ def _poison(ctx: Ctx, src: Path, name: str, value: float) -> Path:
     return ctx.model(name, w)
 
 
-@case("finetuned-model-has-nan", "fine-tuned model has NaN or Inf values in tensor")
-def _(ctx):
-    return _extract(ctx, ctx.base, _poison(ctx, ctx.ft1, "ft", math.nan))
-
-
-@case("base-model-has-inf", "base model has NaN or Inf values in tensor")
-def _(ctx):
-    return _extract(ctx, _poison(ctx, ctx.base, "b", math.inf), ctx.ft1)
-
-
+case("finetuned-model-has-nan", "fine-tuned model has NaN or Inf values in tensor", lambda ctx: _extract(ctx, ctx.base, _poison(ctx, ctx.ft1, "ft", math.nan)))
+case("base-model-has-inf", "base model has NaN or Inf values in tensor", lambda ctx: _extract(ctx, _poison(ctx, ctx.base, "b", math.inf), ctx.ft1))
 @case("vector-has-nan", "NaN or Inf values in tensor")
 def _(ctx):
     def edit(t, m):
@@ -366,11 +342,7 @@ def _(ctx):
     return _apply(ctx, ctx.base, f"{ctx.copy_vector('huge.safetensors', edit)}:2")
 
 
-@case("lambda-beyond-float32", "lambda")
-def _(ctx):
-    return _apply(ctx, ctx.base, f"{ctx.v1}:1e300")  # finite as a Python float, not as a float32
-
-
+case("lambda-beyond-float32", "lambda", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:1e300"))  # finite as a Python float, not as a float32
 @case("empty-vector-file", "empty task vector")
 def _(ctx):
     with safe_open(ctx.v1, "pt") as f:
@@ -381,11 +353,7 @@ def _(ctx):
     return _apply(ctx, ctx.base, ctx.tmp / "empty.safetensors")
 
 
-@case("extract-everything-excluded", "empty task vector")
-def _(ctx):
-    return _extract(ctx, ctx.base, ctx.ft1, "--exclude", "*")
-
-
+case("extract-everything-excluded", "empty task vector", lambda ctx: _extract(ctx, ctx.base, ctx.ft1, "--exclude", "*"))
 # ---------------------------------------------------------------------------
 # Engine: pickle
 
@@ -411,30 +379,14 @@ def _(ctx):
     return _extract(ctx, ctx.base, d)
 
 
-@case("pickle-allowed-but-carries-code", "cannot load pickle checkpoint with weights_only=True")
-def _(ctx):
-    return _extract(ctx, ctx.base, _pickled_model(ctx, {"embeddings.word_embeddings.weight": _RunsCode()}), "--allow-pickle")
-
-
+case("pickle-allowed-but-carries-code", "cannot load pickle checkpoint with weights_only=True", lambda ctx: _extract(ctx, ctx.base, _pickled_model(ctx, {"embeddings.word_embeddings.weight": _RunsCode()}), "--allow-pickle"))
 # ---------------------------------------------------------------------------
 # Engine: unknown ids, bad parameters
 
 
-@case("vector-not-found", "task vector not found")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.tmp / "missing.safetensors")
-
-
-@case("base-model-not-found", "model folder not found")
-def _(ctx):
-    return _apply(ctx, ctx.tmp / "no-such-model", ctx.v1)
-
-
-@case("hub-model-unresolvable-offline", "cannot resolve model 'no-such-org/no-such-model'")
-def _(ctx):
-    return _extract(ctx, "no-such-org/no-such-model", ctx.ft1)
-
-
+case("vector-not-found", "task vector not found", lambda ctx: _apply(ctx, ctx.base, ctx.tmp / "missing.safetensors"))
+case("base-model-not-found", "model folder not found", lambda ctx: _apply(ctx, ctx.tmp / "no-such-model", ctx.v1))
+case("hub-model-unresolvable-offline", "cannot resolve model 'no-such-org/no-such-model'", lambda ctx: _extract(ctx, "no-such-org/no-such-model", ctx.ft1))
 @case("model-folder-without-weights", "no safetensors weights found")
 def _(ctx):
     (ctx.tmp / "empty-model").mkdir()
@@ -442,77 +394,25 @@ def _(ctx):
     return _extract(ctx, ctx.tmp / "empty-model", ctx.ft1)
 
 
-@case("unknown-merge-method", "unknown merge method 'mean'")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "mean"])
-
-
-@case("lambda-nan", "lambda must be a finite number")
-def _(ctx):
-    return _apply(ctx, ctx.base, f"{ctx.v1}:nan")
-
-
-@case("lambda-inf", "lambda must be a finite number")
-def _(ctx):
-    return _combine(ctx, ctx.v1, f"{ctx.v2}:-inf")
-
-
-@case("lambda-not-a-number", "lambda must be a finite number in plain decimal")
-def _(ctx):
-    return _apply(ctx, ctx.base, f"{ctx.v1}:abc")
-
-
-@case("dare-p-equals-1", "DARE drop probability p must be in [0, 1)")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "dare", "--drop", "1"])
-
-
-@case("dare-p-negative", "DARE drop probability p must be in [0, 1)")
-def _(ctx):
-    return _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "dare_ties", "--drop", "-0.1"])
-
-
-@case("ties-k-zero", "density must be the kept fraction in (0, 1]")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "0"])
-
-
-@case("ties-k-above-100", "density must be the kept fraction in (0, 1]")
-def _(ctx):
-    return _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "ties", "--density", "1.01"])
-
-
-@case("ties-k-as-percent", "density must be the kept fraction in (0, 1]")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "50"])
-
-
-@case("ties-k-nan", "density must be the kept fraction in (0, 1]")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "nan"])
-
-
-@case("drop-with-ties", "--drop applies to dare and dare_ties, not ties")
-def _(ctx):
-    return _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "ties", "--drop", "0.5"])
-
-
+case("unknown-merge-method", "unknown merge method 'mean'", lambda ctx: _apply(ctx, ctx.base, ctx.v1, extra=["--method", "mean"]))
+case("lambda-nan", "lambda must be a finite number", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:nan"))
+case("lambda-inf", "lambda must be a finite number", lambda ctx: _combine(ctx, ctx.v1, f"{ctx.v2}:-inf"))
+case("lambda-not-a-number", "lambda must be a finite number in plain decimal", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:abc"))
+case("dare-p-equals-1", "DARE drop probability p must be in [0, 1)", lambda ctx: _apply(ctx, ctx.base, ctx.v1, extra=["--method", "dare", "--drop", "1"]))
+case("dare-p-negative", "DARE drop probability p must be in [0, 1)", lambda ctx: _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "dare_ties", "--drop", "-0.1"]))
+case("ties-k-zero", "density must be the kept fraction in (0, 1]", lambda ctx: _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "0"]))
+case("ties-k-above-100", "density must be the kept fraction in (0, 1]", lambda ctx: _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "ties", "--density", "1.01"]))
+case("ties-k-as-percent", "density must be the kept fraction in (0, 1]", lambda ctx: _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "50"]))
+case("ties-k-nan", "density must be the kept fraction in (0, 1]", lambda ctx: _apply(ctx, ctx.base, ctx.v1, extra=["--method", "ties", "--density", "nan"]))
+case("drop-with-ties", "--drop applies to dare and dare_ties, not ties", lambda ctx: _combine(ctx, ctx.v1, ctx.v2, extra=["--method", "ties", "--drop", "0.5"]))
 @case("compress-two-sparsifiers", "choose one sparsifier")
 def _(ctx):
     out = ctx.tmp / "s.safetensors"
     return Invocation(["compress", str(ctx.v1), "--density", "0.1", "--drop", "0.5", "-o", str(out)], outputs=[out])
 
 
-@case("unknown-dtype", "unknown dtype 'int8'")
-def _(ctx):
-    return _extract(ctx, ctx.base, ctx.ft1, "--dtype", "int8")
-
-
-@case("bad-shard-size", "bad size '5 parsecs'")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.v1, extra=["--max-shard-size", "5 parsecs"])
-
-
+case("unknown-dtype", "unknown dtype 'int8'", lambda ctx: _extract(ctx, ctx.base, ctx.ft1, "--dtype", "int8"))
+case("bad-shard-size", "bad size '5 parsecs'", lambda ctx: _apply(ctx, ctx.base, ctx.v1, extra=["--max-shard-size", "5 parsecs"]))
 @case("apply-output-is-a-file", "exists and is not a folder")
 def _(ctx):
     (ctx.tmp / "out").write_text("keep me")
@@ -639,11 +539,7 @@ def _device(ctx: Ctx) -> Path:
     return node
 
 
-@case("extract-output-dev-null", "is not a regular file")
-def _(ctx):
-    return Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(_device(ctx))])
-
-
+case("extract-output-dev-null", "is not a regular file", lambda ctx: Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(_device(ctx))]))
 @case("extract-output-fifo", "is not a regular file")
 def _(ctx):
     os.mkfifo(ctx.tmp / "pipe")
@@ -656,11 +552,7 @@ def _(ctx):
     return Invocation(["extract", str(ctx.base), str(ctx.ft1), "-o", str(ctx.tmp / "vecs")])
 
 
-@case("apply-output-is-a-device", "exists and is not a folder")
-def _(ctx):
-    return Invocation(["apply", str(ctx.base), str(ctx.v1), "-o", str(_device(ctx))])
-
-
+case("apply-output-is-a-device", "exists and is not a folder", lambda ctx: Invocation(["apply", str(ctx.base), str(ctx.v1), "-o", str(_device(ctx))]))
 @case("finetune-output-foreign-folder", "was not written by taskvec")
 def _(ctx):
     p = good_task(ctx)
@@ -696,6 +588,11 @@ def _raw(path: Path, header: dict, data: bytes) -> Path:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     return path
+
+
+def _inspect_raw(ctx: Ctx, name: str, header: dict, data: bytes) -> Invocation:
+    """``taskvec inspect`` of a file with this raw safetensors header."""
+    return Invocation(["inspect", str(_raw(ctx.tmp / name, header, data))])
 
 
 def _raw_text(path: Path, header_text: str, data: bytes) -> Path:
@@ -788,10 +685,7 @@ def _(ctx):
     return Invocation(["inspect", str(_raw(ctx.tmp / "overlap.safetensors", header, bytes(16)))])
 
 
-@case("header-gap-between-tensors", "leaves a gap")
-def _(ctx):
-    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}
-    return Invocation(["inspect", str(_raw(ctx.tmp / "gap.safetensors", header, bytes(12)))])
+case("header-gap-between-tensors", "leaves a gap", lambda ctx: _inspect_raw(ctx, "gap.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, bytes(12)))
 
 
 @case("header-trailing-bytes", "bytes after the last tensor are not described")
@@ -800,16 +694,10 @@ def _(ctx):
     return _apply(ctx, ctx.base, ctx.tmp / "tail.safetensors")
 
 
-@case("header-negative-dimension", "negative dimension")
-def _(ctx):
-    header = {"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}
-    return Invocation(["inspect", str(_raw(ctx.tmp / "neg.safetensors", header, bytes(16)))])
+case("header-negative-dimension", "negative dimension", lambda ctx: _inspect_raw(ctx, "neg.safetensors", {"a": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}, bytes(16)))
 
 
-@case("header-float-dimension", "shape and offsets must be integers")
-def _(ctx):
-    header = {"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}
-    return Invocation(["inspect", str(_raw(ctx.tmp / "float.safetensors", header, bytes(16)))])
+case("header-float-dimension", "shape and offsets must be integers", lambda ctx: _inspect_raw(ctx, "float.safetensors", {"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, bytes(16)))
 
 
 @case("header-duplicate-tensor-names", "appears twice")
@@ -824,10 +712,7 @@ def _(ctx):
     return _apply(ctx, ctx.base, _raw(ctx.tmp / "meta.safetensors", header, bytes(4)))
 
 
-@case("header-unknown-dtype", "unsupported safetensors dtype 'F8'")
-def _(ctx):
-    header = {"a": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}
-    return Invocation(["inspect", str(_raw(ctx.tmp / "f8.safetensors", header, bytes(1)))])
+case("header-unknown-dtype", "unsupported safetensors dtype 'F8'", lambda ctx: _inspect_raw(ctx, "f8.safetensors", {"a": {"dtype": "F8", "shape": [1], "data_offsets": [0, 1]}}, bytes(1)))
 
 
 @case("header-length-one-past-the-file", "corrupt safetensors header (declared length")
@@ -881,21 +766,9 @@ def _(ctx):
     return _extract(ctx, ctx.tmp / "base-fifo", ctx.ft1)
 
 
-@case("names-wrong-json-type", "taskvec.names must be a JSON list of tensor names")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("n.safetensors", lambda t, m: m.update({"taskvec.names": '{"a": 1}'})))
-
-
-@case("names-a-json-string", "taskvec.names must be a JSON list")
-def _(ctx):
-    return Invocation(["inspect", str(ctx.copy_vector("s.safetensors", lambda t, m: m.update({"taskvec.names": '"pooler.dense.bias"'})))])
-
-
-@case("names-list-of-numbers", "taskvec.names must be a JSON list of tensor names")
-def _(ctx):
-    return _combine(ctx, ctx.copy_vector("num.safetensors", lambda t, m: m.update({"taskvec.names": "[1, 2]"})))
-
-
+case("names-wrong-json-type", "taskvec.names must be a JSON list of tensor names", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("n.safetensors", lambda t, m: m.update({"taskvec.names": '{"a": 1}'}))))
+case("names-a-json-string", "taskvec.names must be a JSON list", lambda ctx: Invocation(["inspect", str(ctx.copy_vector("s.safetensors", lambda t, m: m.update({"taskvec.names": '"pooler.dense.bias"'})))]))
+case("names-list-of-numbers", "taskvec.names must be a JSON list of tensor names", lambda ctx: _combine(ctx, ctx.copy_vector("num.safetensors", lambda t, m: m.update({"taskvec.names": "[1, 2]"}))))
 @case("names-duplicated", "is named twice in taskvec.names")
 def _(ctx):
     def edit(t, m):
@@ -905,41 +778,13 @@ def _(ctx):
     return _apply(ctx, ctx.base, ctx.copy_vector("dn.safetensors", edit))
 
 
-@case("recipe-wrong-json-type", "taskvec.recipe must be a JSON object")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("r.safetensors", lambda t, m: m.update({"taskvec.recipe": "[1]"})))
-
-
-@case("storage-kind-unknown", "is not dense, sparse or lowrank")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("k.safetensors", lambda t, m: m.update({"taskvec.storage": '{"kind": "zip"}'})))
-
-
-@case("param-count-negative", "taskvec.param_count is not a non-negative integer")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("pc.safetensors", lambda t, m: m.update({"taskvec.param_count": "-5"})))
-
-
-@case("param-count-wrong", "but the tensors hold")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("pc2.safetensors", lambda t, m: m.update({"taskvec.param_count": "7"})))
-
-
-@case("base-hash-not-a-digest", "taskvec.base_hash is not a sha256 hex digest")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("bh.safetensors", lambda t, m: m.update({"taskvec.base_hash": "not-a-hash"})))
-
-
-@case("vector-claims-another-base", "differs from the hash")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("other.safetensors", lambda t, m: m.update({"taskvec.base_hash": "f" * 64})))
-
-
-@case("vector-header-missing-key", "corrupt task-vector header (no taskvec.recipe)")
-def _(ctx):
-    return _apply(ctx, ctx.base, ctx.copy_vector("mk.safetensors", lambda t, m: m.pop("taskvec.recipe")))
-
-
+case("recipe-wrong-json-type", "taskvec.recipe must be a JSON object", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("r.safetensors", lambda t, m: m.update({"taskvec.recipe": "[1]"}))))
+case("storage-kind-unknown", "is not dense, sparse or lowrank", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("k.safetensors", lambda t, m: m.update({"taskvec.storage": '{"kind": "zip"}'}))))
+case("param-count-negative", "taskvec.param_count is not a non-negative integer", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("pc.safetensors", lambda t, m: m.update({"taskvec.param_count": "-5"}))))
+case("param-count-wrong", "but the tensors hold", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("pc2.safetensors", lambda t, m: m.update({"taskvec.param_count": "7"}))))
+case("base-hash-not-a-digest", "taskvec.base_hash is not a sha256 hex digest", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("bh.safetensors", lambda t, m: m.update({"taskvec.base_hash": "not-a-hash"}))))
+case("vector-claims-another-base", "differs from the hash", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("other.safetensors", lambda t, m: m.update({"taskvec.base_hash": "f" * 64}))))
+case("vector-header-missing-key", "corrupt task-vector header (no taskvec.recipe)", lambda ctx: _apply(ctx, ctx.base, ctx.copy_vector("mk.safetensors", lambda t, m: m.pop("taskvec.recipe"))))
 @case("vector-integer-values", "not floating point")
 def _(ctx):
     def edit(t, m):
@@ -961,23 +806,26 @@ def _write_index(folder: Path, index: dict) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def _remap_first_shard(ctx: Ctx, where: Callable[[Path, str], str]) -> Invocation:
+    """``extract`` from a sharded fine-tune whose index sends the first shard's tensors to ``where(folder, shard)``."""
+    sh, index = _sharded(ctx)
+    first = sorted(set(index["weight_map"].values()))[0]
+    target = where(sh, first)
+    index["weight_map"] = {k: (target if v == first else v) for k, v in index["weight_map"].items()}
+    _write_index(sh, index)
+    return _extract(ctx, ctx.base, sh)
+
+
 @case("shard-index-dotdot-path", "leaves the model folder")
 def _(ctx):
-    sh, index = _sharded(ctx)
-    first = sorted(set(index["weight_map"].values()))[0]
-    (ctx.tmp / "outside.safetensors").write_bytes((sh / first).read_bytes())
-    index["weight_map"] = {k: ("../outside.safetensors" if v == first else v) for k, v in index["weight_map"].items()}
-    _write_index(sh, index)
-    return _extract(ctx, ctx.base, sh)
+    def outside(sh: Path, first: str) -> str:
+        (ctx.tmp / "outside.safetensors").write_bytes((sh / first).read_bytes())
+        return "../outside.safetensors"
+
+    return _remap_first_shard(ctx, outside)
 
 
-@case("shard-index-absolute-path", "leaves the model folder")
-def _(ctx):
-    sh, index = _sharded(ctx)
-    first = sorted(set(index["weight_map"].values()))[0]
-    index["weight_map"] = {k: (str(sh / first) if v == first else v) for k, v in index["weight_map"].items()}
-    _write_index(sh, index)
-    return _extract(ctx, ctx.base, sh)
+case("shard-index-absolute-path", "leaves the model folder", lambda ctx: _remap_first_shard(ctx, lambda sh, first: str(sh / first)))
 
 
 @case("shard-symlink-escapes-the-folder", "is a link to a file outside the model folder")
@@ -1035,31 +883,11 @@ def _(ctx):
 # Issue 11: the λ grammar
 
 
-@case("lambda-with-underscore", "lambda must be a finite number in plain decimal")
-def _(ctx):
-    return _apply(ctx, ctx.base, f"{ctx.v1}:1_0")
-
-
-@case("lambda-hex", "lambda must be a finite number in plain decimal")
-def _(ctx):
-    return _combine(ctx, f"{ctx.v1}:0x10")
-
-
-@case("lambda-infinity-spelled-out", "lambda must be a finite number in plain decimal")
-def _(ctx):
-    return _apply(ctx, ctx.base, f"{ctx.v1}:Infinity")
-
-
-@case("lambda-overflows-to-inf", "lambda must be a finite number")
-def _(ctx):
-    return _apply(ctx, ctx.base, f"{ctx.v1}:1e999")
-
-
-@case("lambda-empty", "lambda must be a finite number in plain decimal")
-def _(ctx):
-    return _apply(ctx, ctx.base, f"{ctx.v1}:")
-
-
+case("lambda-with-underscore", "lambda must be a finite number in plain decimal", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:1_0"))
+case("lambda-hex", "lambda must be a finite number in plain decimal", lambda ctx: _combine(ctx, f"{ctx.v1}:0x10"))
+case("lambda-infinity-spelled-out", "lambda must be a finite number in plain decimal", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:Infinity"))
+case("lambda-overflows-to-inf", "lambda must be a finite number", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:1e999"))
+case("lambda-empty", "lambda must be a finite number in plain decimal", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:"))
 @case("lambda-ambiguous-with-a-file-of-that-name", "ambiguous vector argument")
 def _(ctx):
     v = _vcopy(ctx, "task.safetensors")
@@ -1071,31 +899,11 @@ def _(ctx):
 # Issue 11: usage and OS errors are one line too
 
 
-@case("usage-missing-argument", "Missing argument")
-def _(ctx):
-    return Invocation(["apply", str(ctx.base)])
-
-
-@case("usage-missing-out-option", "Missing option '--out'")
-def _(ctx):
-    return Invocation(["extract", str(ctx.base), str(ctx.ft1)])
-
-
-@case("usage-bad-option-value", "Invalid value for '--seed'")
-def _(ctx):
-    return Invocation(["combine", str(ctx.v1), "--seed", "many", "-o", str(ctx.tmp / "c.safetensors")], outputs=[ctx.tmp / "c.safetensors"])
-
-
-@case("usage-unknown-option", "No such option: --bogus")
-def _(ctx):
-    return Invocation(["apply", str(ctx.base), str(ctx.v1), "-o", str(ctx.tmp / "out"), "--bogus"], outputs=[ctx.tmp / "out"])
-
-
-@case("usage-unknown-command", "No such command 'extrakt'")
-def _(ctx):
-    return Invocation(["extrakt", str(ctx.base)])
-
-
+case("usage-missing-argument", "Missing argument", lambda ctx: Invocation(["apply", str(ctx.base)]))
+case("usage-missing-out-option", "Missing option '--out'", lambda ctx: Invocation(["extract", str(ctx.base), str(ctx.ft1)]))
+case("usage-bad-option-value", "Invalid value for '--seed'", lambda ctx: Invocation(["combine", str(ctx.v1), "--seed", "many", "-o", str(ctx.tmp / "c.safetensors")], outputs=[ctx.tmp / "c.safetensors"]))
+case("usage-unknown-option", "No such option: --bogus", lambda ctx: Invocation(["apply", str(ctx.base), str(ctx.v1), "-o", str(ctx.tmp / "out"), "--bogus"], outputs=[ctx.tmp / "out"]))
+case("usage-unknown-command", "No such command 'extrakt'", lambda ctx: Invocation(["extrakt", str(ctx.base)]))
 @case("os-read-only-file-system", "cannot write")
 def _(ctx):
     import errno
@@ -1138,36 +946,12 @@ def _(ctx):
 # Data (through `taskvec finetune`, which validates data before touching a model)
 
 
-@case("unknown-task", "unknown task 'nope' (params declare: toy)")
-def _(ctx):
-    return _finetune(ctx, good_task(ctx), "nope")
-
-
-@case("data-missing-text-column", "has no column 'text'")
-def _(ctx):
-    return _finetune(ctx, good_task(ctx, train="sentence,label\nfine,positive\n"))
-
-
-@case("data-missing-label-column", "has no column 'label'")
-def _(ctx):
-    return _finetune(ctx, good_task(ctx, train="text,target\nfine,positive\n"))
-
-
-@case("data-unknown-label", "data row 2 has unknown label 'neutral'")
-def _(ctx):
-    return _finetune(ctx, good_task(ctx, train="text,label\nfine,positive\nmeh,neutral\n"))
-
-
-@case("data-empty-label", "data row 1 has an empty label")
-def _(ctx):
-    return _finetune(ctx, good_task(ctx, train="text,label\nfine,\n"))
-
-
-@case("data-empty-split", "split train is empty")
-def _(ctx):
-    return _finetune(ctx, good_task(ctx, train="text,label\n"))
-
-
+case("unknown-task", "unknown task 'nope' (params declare: toy)", lambda ctx: _finetune(ctx, good_task(ctx), "nope"))
+case("data-missing-text-column", "has no column 'text'", lambda ctx: _finetune(ctx, good_task(ctx, train="sentence,label\nfine,positive\n")))
+case("data-missing-label-column", "has no column 'label'", lambda ctx: _finetune(ctx, good_task(ctx, train="text,target\nfine,positive\n")))
+case("data-unknown-label", "data row 2 has unknown label 'neutral'", lambda ctx: _finetune(ctx, good_task(ctx, train="text,label\nfine,positive\nmeh,neutral\n")))
+case("data-empty-label", "data row 1 has an empty label", lambda ctx: _finetune(ctx, good_task(ctx, train="text,label\nfine,\n")))
+case("data-empty-split", "split train is empty", lambda ctx: _finetune(ctx, good_task(ctx, train="text,label\n")))
 @case("data-missing-split-file", "missing file")
 def _(ctx):
     p = good_task(ctx)
@@ -1175,20 +959,12 @@ def _(ctx):
     return _finetune(ctx, p)
 
 
-@case("data-folder-missing", "data folder not found")
-def _(ctx):
-    return _finetune(ctx, ctx.params("tasks:\n  toy:\n    source: ./nowhere\n    labels: [a, b]\nfinetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n"))
-
-
+case("data-folder-missing", "data folder not found", lambda ctx: _finetune(ctx, ctx.params("tasks:\n  toy:\n    source: ./nowhere\n    labels: [a, b]\nfinetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n")))
 # ---------------------------------------------------------------------------
 # params.yaml (schema-validated with pydantic)
 
 
-@case("params-unknown-top-level-key", "bogus: Extra inputs are not permitted")
-def _(ctx):
-    return _finetune(ctx, ctx.params(TASK_YAML + "bogus: 1\n"))
-
-
+case("params-unknown-top-level-key", "bogus: Extra inputs are not permitted", lambda ctx: _finetune(ctx, ctx.params(TASK_YAML + "bogus: 1\n")))
 @case("params-unknown-nested-key", "train.stepz: Extra inputs are not permitted")
 def _(ctx):
     ctx.data("toy", {"train": GOOD_CSV})
@@ -1207,52 +983,20 @@ def _(ctx):
     return _finetune(ctx, ctx.params(TASK_YAML + "train:\n  lr: -1\n"))
 
 
-@case("params-task-one-label", "at least 2 labels")
-def _(ctx):
-    return _finetune(ctx, ctx.params("data_dir: data\ntasks:\n  toy:\n    source: toy\n    labels: [only]\n"))
-
-
-@case("params-invalid-yaml", "invalid YAML")
-def _(ctx):
-    return _finetune(ctx, ctx.params("tasks: [unclosed\n"))
-
-
-@case("params-not-a-mapping", "expected a mapping at the top level")
-def _(ctx):
-    return _finetune(ctx, ctx.params("- just\n- a list\n"))
-
-
-@case("params-file-missing", "params file not found")
-def _(ctx):
-    return _finetune(ctx, ctx.tmp / "nope.yaml")
-
-
+case("params-task-one-label", "at least 2 labels", lambda ctx: _finetune(ctx, ctx.params("data_dir: data\ntasks:\n  toy:\n    source: toy\n    labels: [only]\n")))
+case("params-invalid-yaml", "invalid YAML", lambda ctx: _finetune(ctx, ctx.params("tasks: [unclosed\n")))
+case("params-not-a-mapping", "expected a mapping at the top level", lambda ctx: _finetune(ctx, ctx.params("- just\n- a list\n")))
+case("params-file-missing", "params file not found", lambda ctx: _finetune(ctx, ctx.tmp / "nope.yaml"))
 def _pipeline_params(ctx: Ctx, extra: str) -> Invocation:
     """``taskvec run --params P``: the pipeline validates the whole file before Prefect starts."""
     p = ctx.params(TASK_YAML + "finetune:\n  tasks: [toy]\n" + extra)
     return Invocation(["run", "--params", str(p), "--no-register", "--no-dvc"], outputs=[ctx.tmp / "outputs"])
 
 
-@case("params-unknown-merge-method", "edit.method: unknown merge method 'mean': choose one of sum, ties, dare, dare_ties, magnitude")
-def _(ctx):
-    return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: mean\n")
-
-
-@case("params-ties-k-above-100", "edit.density: density must be the kept fraction in (0, 1] (k% / 100), got 50.0")
-def _(ctx):
-    return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: ties\n  density: 50\n")
-
-
-@case("params-dare-p-1", "edit.drop: DARE drop probability p must be in [0, 1), got 1.0")
-def _(ctx):
-    return _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: dare\n  drop: 1.0\n")
-
-
-@case("params-edit-unknown-task", "task 'nope' is used by the edit plan")
-def _(ctx):
-    return _pipeline_params(ctx, "edit:\n  learn: [nope]\n")
-
-
+case("params-unknown-merge-method", "edit.method: unknown merge method 'mean': choose one of sum, ties, dare, dare_ties, magnitude", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: mean\n"))
+case("params-ties-k-above-100", "edit.density: density must be the kept fraction in (0, 1] (k% / 100), got 50.0", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: ties\n  density: 50\n"))
+case("params-dare-p-1", "edit.drop: DARE drop probability p must be in [0, 1), got 1.0", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: dare\n  drop: 1.0\n"))
+case("params-edit-unknown-task", "task 'nope' is used by the edit plan", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [nope]\n"))
 @case(
     "params-lambda-max-infinite",
     "lambda_max",
@@ -1285,31 +1029,11 @@ def _ops_cmd(ctx: Ctx, *args: str) -> Invocation:
     return Invocation([*args, *uris], registry=_count_registry(store))
 
 
-@case("registry-unknown-model", "registered model 'nope' not found")
-def _(ctx):
-    return _ops_cmd(ctx, "approve", "nope", "1", "--approver", "a", "--reason", "r", "--no-resume")
-
-
-@case("registry-unknown-version", "model 'm' has no version 7")
-def _(ctx):
-    return _ops_cmd(ctx, "approve", "m", "7", "--approver", "a", "--reason", "r", "--no-resume")
-
-
-@case("registry-unknown-alias", "model 'm' has no version with alias 'champion'")
-def _(ctx):
-    return _ops_cmd(ctx, "reject", "m", "champion", "--approver", "a", "--reason", "r", "--no-resume")
-
-
-@case("rollback-unknown-vector-id", "unknown vector bbbbbbbbbbbb: no version of m was edited with it")
-def _(ctx):
-    return _ops_cmd(ctx, "rollback", "m", "--remove", "b" * 64, "--version", "1", "--approver", "a", "--reason", "r")
-
-
-@case("rollback-malformed-vector-id", "bad vector sha256 'xyz'")
-def _(ctx):
-    return _ops_cmd(ctx, "rollback", "m", "--remove", "xyz", "--version", "1", "--approver", "a", "--reason", "r")
-
-
+case("registry-unknown-model", "registered model 'nope' not found", lambda ctx: _ops_cmd(ctx, "approve", "nope", "1", "--approver", "a", "--reason", "r", "--no-resume"))
+case("registry-unknown-version", "model 'm' has no version 7", lambda ctx: _ops_cmd(ctx, "approve", "m", "7", "--approver", "a", "--reason", "r", "--no-resume"))
+case("registry-unknown-alias", "model 'm' has no version with alias 'champion'", lambda ctx: _ops_cmd(ctx, "reject", "m", "champion", "--approver", "a", "--reason", "r", "--no-resume"))
+case("rollback-unknown-vector-id", "unknown vector bbbbbbbbbbbb: no version of m was edited with it", lambda ctx: _ops_cmd(ctx, "rollback", "m", "--remove", "b" * 64, "--version", "1", "--approver", "a", "--reason", "r"))
+case("rollback-malformed-vector-id", "bad vector sha256 'xyz'", lambda ctx: _ops_cmd(ctx, "rollback", "m", "--remove", "xyz", "--version", "1", "--approver", "a", "--reason", "r"))
 # ---------------------------------------------------------------------------
 # Pipeline: unreachable services (subprocess: a hang must not hang the suite)
 
@@ -1345,16 +1069,8 @@ def _tracker(ctx: Ctx, uri: str) -> Invocation:
     return Invocation(argv=[sys.executable, "-c", _TRACKER_PROBE, env_uri, str(ctx.tmp)], timeout=SERVICE_TIMEOUT, env={"MLFLOW_TRACKING_URI": env_uri})
 
 
-@case("mlflow-server-unreachable", "MLflow tracking server http://127.0.0.1")
-def _(ctx):
-    return _tracker(ctx, f"http://127.0.0.1:{_free_port()}")
-
-
-@case("mlflow-postgres-unreachable", "MLflow tracking store postgresql")
-def _(ctx):
-    return _tracker(ctx, f"postgresql://mlflow:s3cr3t@127.0.0.1:{_free_port()}/mlflow")
-
-
+case("mlflow-server-unreachable", "MLflow tracking server http://127.0.0.1", lambda ctx: _tracker(ctx, f"http://127.0.0.1:{_free_port()}"))
+case("mlflow-postgres-unreachable", "MLflow tracking store postgresql", lambda ctx: _tracker(ctx, f"postgresql://mlflow:s3cr3t@127.0.0.1:{_free_port()}/mlflow"))
 @case("prefect-server-unreachable", "Prefect API http://127.0.0.1")
 def _(ctx):
     p = ctx.params(TASK_YAML + "finetune:\n  tasks: [toy]\nedit:\n  learn: [toy]\n")

@@ -79,6 +79,13 @@ def plot_bars(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+
     if "negation" in results:
         items = list(results["negation"].items())
         fig, axes = plt.subplots(1, len(items), figsize=(6 * len(items), 4), squeeze=False)
@@ -92,10 +99,7 @@ def plot_bars(results: dict, out: Path) -> list[Path]:
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"negation: {target}")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "negation.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "negation.png")
+        save(fig, "negation.png")
     if "addition" in results:
         add = results["addition"]
         names = [n for n in add["rows"] if n != "individual fine-tunes"]
@@ -112,10 +116,7 @@ def plot_bars(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel("normalised test accuracy (%)")
         ax.set_title("addition of 4 task vectors")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "addition.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "addition.png")
+        save(fig, "addition.png")
     if "analogy" in results:
         an = results["analogy"]
         names = list(an["rows"])
@@ -124,8 +125,5 @@ def plot_bars(results: dict, out: Path) -> list[Path]:
         ax.set_xticks(range(len(names)), [n.split(" (")[0][:40] for n in names], rotation=15, ha="right", fontsize=8)
         ax.set_ylabel(f"{an['target']} test accuracy (%)")
         ax.set_title("task analogy")
-        fig.tight_layout()
-        fig.savefig(out / "analogy.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "analogy.png")
+        save(fig, "analogy.png")
     return written

@@ -6,10 +6,9 @@ import copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from taskvec import methods
-from taskvec.config import MergeMethod, Params, SearchSpec, TrainSpec, _Strict, check_merge_options, load_params, merge_option
+from taskvec.config import MergeMethod, MergeSpec, Params, SearchSpec, TrainSpec, _Strict, load_params
 
 
 class GradientAscentSpec(_Strict):
@@ -26,18 +25,11 @@ class NegationSpec(_Strict):
     gradient_ascent: GradientAscentSpec = Field(default_factory=GradientAscentSpec)
 
 
-class MethodSpec(_Strict):
-    """A merge method and its options, checked by the registry in taskvec.methods (as the engine checks them)."""
+class MethodSpec(MergeSpec):
+    """A named merge method and its options, checked by the registry in taskvec.methods (as the engine checks them)."""
 
     name: str
     method: MergeMethod
-    density: merge_option("density") = methods.OPTIONS["density"].default
-    drop: merge_option("drop") = methods.OPTIONS["drop"].default
-
-    @model_validator(mode="after")
-    def _check_options(self) -> MethodSpec:
-        check_merge_options(self.method, density=self.density, drop=self.drop)
-        return self
 
 
 class AdditionSpec(_Strict):
@@ -53,10 +45,16 @@ class AdditionSpec(_Strict):
 
 
 class AnalogySpec(_Strict):
+    """τ_target ≈ τ_source + (τ_target_lm − τ_source_lm): the target's vector from its unlabelled text's."""
+
     target: str = "yelp"
     source: str = "amazon"
     target_lm: str = "yelp_lm"
     source_lm: str = "amazon_lm"
+
+    def tasks(self) -> list[str]:
+        """The four tasks fine-tuned for the analogy."""
+        return [self.target, self.source, self.target_lm, self.source_lm]
 
 
 class QuickSpec(_Strict):
@@ -115,7 +113,7 @@ def needed_tasks(params: ExperimentParams) -> tuple[list[str], list[str]]:
         scored += b.addition.tasks
     if b.analogy:
         a = b.analogy
-        ft += [a.target, a.source, a.target_lm, a.source_lm]
+        ft += a.tasks()
         scored += [a.target]
     ft = list(dict.fromkeys(ft))
     scored = list(dict.fromkeys(scored))

@@ -26,11 +26,13 @@ from typing import Annotated, Optional
 
 import typer
 
-TrackingUri = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else params.yaml).")]
-AuditUrl = Annotated[Optional[str], typer.Option("--audit-url", help="Audit log database URL (default: TASKVEC_AUDIT_URL, else beside the tracking store).")]
-Approver = Annotated[str, typer.Option("--approver", help="Who decides (recorded in the audit log and the version's tags).")]
-Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log and the version's tags).")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+from pipeline.cli.options import Approver, AsJson, AuditUrl, Model, Reason, TrackingUri, Version
+
+NoResume = Annotated[bool, typer.Option("--no-resume", help="Do not look for a paused promote flow run (approve: promote directly).")]
+DECISIONS = {
+    "approve": "Approve a gated challenger: write the approval record, then resume its paused promote run (or promote headless).",
+    "reject": "Reject a challenger: recorded in the audit log; it can never become champion.",
+}
 
 
 def _ops(tracking_uri: str | None, audit_url: str | None):
@@ -83,35 +85,29 @@ def _decide(model: str, version: str, decision: str, approver: str, reason: str,
         typer.echo(f"champion of {model}: {move.from_version or 'none'} -> {move.to_version} (audit entry {move.entry.seq})")
 
 
+def _decision_command(decision: str):
+    """The ``taskvec approve`` / ``taskvec reject`` command."""
+
+    def command(
+        model: Model,
+        version: Version,
+        approver: Approver,
+        reason: Reason,
+        no_resume: NoResume = False,
+        tracking_uri: TrackingUri = None,
+        audit_url: AuditUrl = None,
+    ) -> None:
+        _decide(model, version, decision, approver, reason, tracking_uri, audit_url, not no_resume)
+
+    return command
+
+
 def register(app: typer.Typer) -> None:
     audit_app = typer.Typer(help="The append-only, hash-chained audit log of promotions, rejections and rollbacks.", no_args_is_help=True)
     app.add_typer(audit_app, name="audit")
 
-    @app.command("approve")
-    def approve_cmd(
-        model: Annotated[str, typer.Argument(help="Registered model name.")],
-        version: Annotated[str, typer.Argument(help="Version number or alias (e.g. challenger).")],
-        approver: Approver,
-        reason: Reason,
-        no_resume: Annotated[bool, typer.Option("--no-resume", help="Do not look for a paused promote flow run; promote directly.")] = False,
-        tracking_uri: TrackingUri = None,
-        audit_url: AuditUrl = None,
-    ) -> None:
-        """Approve a gated challenger: write the approval record, then resume its paused promote run (or promote headless)."""
-        _decide(model, version, "approve", approver, reason, tracking_uri, audit_url, not no_resume)
-
-    @app.command("reject")
-    def reject_cmd(
-        model: Annotated[str, typer.Argument(help="Registered model name.")],
-        version: Annotated[str, typer.Argument(help="Version number or alias.")],
-        approver: Approver,
-        reason: Reason,
-        no_resume: Annotated[bool, typer.Option("--no-resume", help="Do not resume a paused promote flow run.")] = False,
-        tracking_uri: TrackingUri = None,
-        audit_url: AuditUrl = None,
-    ) -> None:
-        """Reject a challenger: recorded in the audit log; it can never become champion."""
-        _decide(model, version, "reject", approver, reason, tracking_uri, audit_url, not no_resume)
+    for decision, doc in DECISIONS.items():
+        app.command(decision, help=doc)(_decision_command(decision))
 
     @app.command("promote")
     def promote_cmd(
@@ -143,7 +139,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("champion-revert")
     def revert_cmd(
-        model: Annotated[str, typer.Argument(help="Registered model name.")],
+        model: Model,
         approver: Approver,
         reason: Reason,
         tracking_uri: TrackingUri = None,
@@ -157,7 +153,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("rollback")
     def rollback_cmd(
-        model: Annotated[str, typer.Argument(help="Registered model name.")],
+        model: Model,
         remove: Annotated[str, typer.Option("--remove", help="sha256 (or ≥8-digit prefix) of the edit's vector to remove.")],
         version: Annotated[str, typer.Option("--version", help="Version or alias to roll back from.")] = "champion",
         vector: Annotated[Optional[list[Path]], typer.Option("--vector", help="Vector file(s) to use (else found with the version's run or in outputs/).")] = None,

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (its folder is the project root).")]
+from pipeline.cli.options import AsJson, Model, ParamsOpt, Version
 
 
 def _offline_env() -> None:
@@ -73,33 +73,17 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"took {summary['seconds']:.1f} s   see: mlflow ui --backend-store-uri {summary['tracking_uri']}")
 
     @app.command("lineage")
-    def lineage_cmd(
-        model: Annotated[str, typer.Argument(help="Registered model name.")],
-        version: Annotated[str, typer.Argument(help="Version number or alias (challenger, @champion…).")],
-        params: ParamsOpt = Path("params.yaml"),
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    ) -> None:
+    def lineage_cmd(model: Model, version: Version, params: ParamsOpt = Path("params.yaml"), as_json: AsJson = False) -> None:
         """Print a registered version's reproducibility record: ledger, commit, dvc.lock, params, data, flow run."""
-        _offline_env()
-        from pipeline import params as P
+        rec = _registry("lineage", params, model, version)
         from pipeline.ops import registry
 
-        rec = registry.lineage(P.load(params), model, version)
         typer.echo(json.dumps(rec, indent=2, default=str) if as_json else registry.format_lineage(rec))
 
     @app.command("reproduce")
-    def reproduce_cmd(
-        model: Annotated[str, typer.Argument(help="Registered model name.")],
-        version: Annotated[str, typer.Argument(help="Version number or alias.")],
-        params: ParamsOpt = Path("params.yaml"),
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    ) -> None:
+    def reproduce_cmd(model: Model, version: Version, params: ParamsOpt = Path("params.yaml"), as_json: AsJson = False) -> None:
         """Rebuild a registered version's weights from its ledger (base + Σλτ) and check the content hash."""
-        _offline_env()
-        from pipeline import params as P
-        from pipeline.ops import registry
-
-        rep = registry.reproduce(P.load(params), model, version)
+        rep = _registry("reproduce", params, model, version)
         if as_json:
             typer.echo(json.dumps(rep, indent=2))
         else:
@@ -108,3 +92,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  ledger     {rep['ledger_output_hash']}\n  rebuilt    {rep['rebuilt_hash']}\n  registered {rep['registered_hash']}")
         if not rep["ok"]:
             raise typer.Exit(1)
+
+
+def _registry(operation: str, params: Path, model: str, version: str):
+    """Run ``pipeline.ops.registry.<operation>(params, model, version)`` offline."""
+    _offline_env()
+    from pipeline import params as P
+    from pipeline.ops import registry
+
+    return getattr(registry, operation)(P.load(params), model, version)

@@ -2,37 +2,67 @@
 
 from __future__ import annotations
 
-import torch
+from functools import cache
 
 from taskvec.errors import FormatError, TaskvecError
+from taskvec.lazy import torch
 
-# safetensors dtype code <-> torch dtype
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_CODES = {v: k for k, v in _DTYPES.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+@cache
+def _tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """safetensors dtype code <-> torch dtype (built on first use: importing this module does not import torch)."""
+    dtypes = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    return dtypes, {v: k for k, v in dtypes.items()}
+
+
+class _Dtypes:
+    """``_DTYPES[code]``: the torch dtype of a safetensors code."""
+
+    def __getitem__(self, code: str) -> torch.dtype:
+        return _tables()[0][code]
+
+    def __contains__(self, code: object) -> bool:
+        return code in _tables()[0]
+
+
+_DTYPES = _Dtypes()
 
 
 def dtype_code(dtype: torch.dtype) -> str:
     try:
-        return _CODES[dtype]
+        return _tables()[1][dtype]
     except KeyError:
         raise TaskvecError(f"unsupported tensor dtype {dtype}") from None
 
 
+# bytes per element of each safetensors code (header checks need no torch)
+_ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def element_size(code: str) -> int:
+    """Bytes per element of safetensors dtype ``code``; a FormatError for a code taskvec does not read."""
+    try:
+        return _ITEM_SIZES[code]
+    except KeyError:
+        raise FormatError(f"unsupported safetensors dtype {code!r}") from None
+
+
 def torch_dtype(code: str) -> torch.dtype:
     try:
-        return _DTYPES[code]
+        return _tables()[0][code]
     except KeyError:
         raise FormatError(f"unsupported safetensors dtype {code!r}") from None
 

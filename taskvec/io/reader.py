@@ -9,10 +9,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from taskvec.lazy import torch
 
 from taskvec.errors import FormatError, TaskvecError
-from taskvec.io.dtypes import _DTYPES, FLOAT_CODES, _tensor_bytes, dtype_code, torch_dtype
+from taskvec.io.dtypes import _DTYPES, FLOAT_CODES, _tensor_bytes, dtype_code, element_size
 from taskvec.io.hashing import ContentHasher, _cached, _hash_cache_put, _stat_key
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -130,9 +130,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         begin, end = offsets
         if begin < 0 or end < begin:
             raise FormatError(f"{path}: corrupt safetensors header: {name!r} has offsets {offsets}")
-        torch_dtype(code)
         info = TensorInfo(name, code, tuple(shape), path, data_start + begin, data_start + end)
-        expected = info.numel * torch.empty((), dtype=_DTYPES[code]).element_size()
+        expected = info.numel * element_size(code)
         if info.nbytes != expected:
             raise FormatError(f"{path}: corrupt safetensors header: {name!r} spans {end - begin} bytes, shape needs {expected}")
         if end > data_len:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from taskvec.lazy import torch
 
 from taskvec.io.atomic import durable_writes
 from taskvec.io.dtypes import _tensor_bytes, dtype_code

@@ -4,32 +4,20 @@ A merge method is one module under :mod:`taskvec.methods` (like mergekit's
 ``merge_methods``) that exports its per-tensor math and a :class:`Method`
 naming the :class:`Option` s it takes. Nothing here imports torch at import
 time (``taskvec.config`` and the CLI import the registry to build schemas and
-``--help``; torch is loaded on first use of the math, see :data:`torch`).
+``--help``; torch is loaded on first use of the math, see :mod:`taskvec.lazy`).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from taskvec.errors import TaskvecError
+from taskvec.lazy import torch  # noqa: F401 - the method modules' torch, imported on first use
 
 
-class _LazyModule:
-    """``torch`` for the method modules, imported on first attribute access (keeps ``--help`` fast)."""
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def __getattr__(self, attr: str):
-        module = importlib.import_module(self._name)
-        return getattr(module, attr)
-
-
-torch = _LazyModule("torch")
 
 # float32's largest finite value (== torch.finfo(torch.float32).max), without importing torch
 F32_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
@@ -88,23 +76,37 @@ class Option:
         return value
 
 
+def option(name: str, type: type, default: float | int, *, within: str = "", help: str, message: str) -> Option:
+    """Declare an :class:`Option` with its range in interval notation: ``"(0, 1]"``, ``"[0, 1)"``, ``""`` (unbounded)."""
+    if not within:
+        return Option(name, type, default, help, message)
+    low, high = (float(x) for x in within[1:-1].split(","))
+    return Option(name, type, default, help, message, low=low, high=high, low_open=within[0] == "(", high_open=within[-1] == ")")
+
+
 @dataclass(frozen=True)
 class Method:
     """A merge method: its name, the options it takes, and its per-tensor merge.
 
     ``merge(taus, lambdas, **{option: value}, seeds=...)`` merges one tensor
-    of every vector; it receives the options named in ``merge_options``
-    (``seed`` is not passed: the engine turns it into one seed per vector and
-    tensor, ``seeds``, when ``needs_seeds``).
+    of every vector; it receives every declared option but ``seed``
+    (:attr:`merge_options`): a method taking ``seed`` gets one seed per vector
+    and tensor instead, ``seeds``, made by the engine (:attr:`needs_seeds`).
     """
 
     name: str
     options: tuple[Option, ...]
     merge: Callable
     help: str
-    merge_options: tuple[str, ...] = ()
-    needs_seeds: bool = False
 
     @property
     def option_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.options)
+
+    @property
+    def merge_options(self) -> tuple[str, ...]:
+        return tuple(n for n in self.option_names if n != "seed")
+
+    @property
+    def needs_seeds(self) -> bool:
+        return "seed" in self.option_names

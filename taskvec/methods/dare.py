@@ -16,27 +16,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from taskvec.methods.base import Method, Option, torch
+from taskvec.methods.base import Method, option, torch
 from taskvec.methods.sum import scale, weighted_sum
 from taskvec.methods.ties import disjoint_mean, elect_sign
 
-DROP = Option(
-    name="drop",
-    type=float,
-    default=0.0,
-    low=0.0,
-    high=1.0,
-    high_open=True,
-    help="DARE: drop probability p in [0, 1).",
-    message="DARE drop probability p must be in [0, 1), got {value!r}",
-)
-SEED = Option(
-    name="seed",
-    type=int,
-    default=0,
-    help="DARE random seed.",
-    message="DARE seed must be an integer, got {value!r}",
-)
+DROP = option("drop", float, 0.0, within="[0, 1)", help="DARE: drop probability p in [0, 1).", message="DARE drop probability p must be in [0, 1), got {value!r}")
+SEED = option("seed", int, 0, help="DARE random seed.", message="DARE seed must be an integer, got {value!r}")
 
 
 def check_drop(p: float) -> float:
@@ -84,19 +69,5 @@ def merge_dare_ties(taus: Sequence[torch.Tensor], lambdas: Sequence[float], *, d
     return dare_ties(taus, lambdas, drop, seeds)
 
 
-METHOD = Method(
-    name="dare",
-    options=(DROP, SEED),
-    merge=merge_dare,
-    merge_options=("drop",),
-    needs_seeds=True,
-    help="DARE: drop with probability p, rescale by 1/(1-p), then the sum",
-)
-TIES_METHOD = Method(
-    name="dare_ties",
-    options=(DROP, SEED),
-    merge=merge_dare_ties,
-    merge_options=("drop",),
-    needs_seeds=True,
-    help="DARE's drop in place of TIES' trim, then sign election and disjoint mean",
-)
+METHOD = Method("dare", (DROP, SEED), merge_dare, "DARE: drop with probability p, rescale by 1/(1-p), then the sum")
+TIES_METHOD = Method("dare_ties", (DROP, SEED), merge_dare_ties, "DARE's drop in place of TIES' trim, then sign election and disjoint mean")

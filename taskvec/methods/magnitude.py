@@ -22,10 +22,4 @@ def merge(taus: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: fl
     return weighted_sum([magnitude_prune(t, density) for t in taus], lambdas)
 
 
-METHOD = Method(
-    name="magnitude",
-    options=(DENSITY,),
-    merge=merge,
-    merge_options=("density",),
-    help="magnitude pruning of each vector to its top-k fraction, then the sum",
-)
+METHOD = Method("magnitude", (DENSITY,), merge, "magnitude pruning of each vector to its top-k fraction, then the sum")

@@ -18,18 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from taskvec.methods.base import Method, Option, torch
+from taskvec.methods.base import Method, option, torch
 from taskvec.methods.sum import scale
 
-DENSITY = Option(
-    name="density",
-    type=float,
-    default=1.0,
-    low=0.0,
-    high=1.0,
-    low_open=True,
-    help="TIES/magnitude: kept fraction in (0, 1] (mergekit's density).",
-    message="density must be the kept fraction in (0, 1] (k% / 100), got {value!r}",
+DENSITY = option(
+    "density", float, 1.0, within="(0, 1]", help="TIES/magnitude: kept fraction in (0, 1] (mergekit's density).", message="density must be the kept fraction in (0, 1] (k% / 100), got {value!r}"
 )
 
 
@@ -97,10 +90,4 @@ def merge(taus: Sequence[torch.Tensor], lambdas: Sequence[float], *, density: fl
     return ties(taus, lambdas, density)
 
 
-METHOD = Method(
-    name="ties",
-    options=(DENSITY,),
-    merge=merge,
-    merge_options=("density",),
-    help="TIES: trim to the top-k fraction, elect sign by mass, disjoint mean",
-)
+METHOD = Method("ties", (DENSITY,), merge, "TIES: trim to the top-k fraction, elect sign by mass, disjoint mean")

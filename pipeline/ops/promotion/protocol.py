@@ -29,11 +29,13 @@ Gates are in :mod:`pipeline.ops.promotion.gates`, evaluators in
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +106,11 @@ class _Undo:
     def push(self, what: str, fn: Callable[[], Any]) -> None:
         self._steps.append((what, fn))
 
+    def put(self, what: str, previous: str | None, value: str, put: Callable[[str], Any], delete: Callable[[], Any]) -> None:
+        """``put(value)`` in place of ``previous``, registering its undo: ``put(previous)``, or ``delete()`` if there was none."""
+        self.push(what, delete if previous is None else (lambda: put(previous)))
+        put(value)
+
     def run(self) -> list[str]:
         failed = []
         for what, fn in reversed(self._steps):
@@ -118,47 +125,43 @@ class _Undo:
 def _set_version_tags(client, mv, tags: dict[str, str], undo: _Undo) -> None:
     old = dict(mv.tags or {})
     for key, value in tags.items():
-        prev = old.get(key)
-
-        def restore(key=key, prev=prev):
-            if prev is None:
-                client.delete_model_version_tag(mv.name, mv.version, key)
-            else:
-                client.set_model_version_tag(mv.name, mv.version, key, prev)
-
-        undo.push(f"tag {key}", restore)
-        client.set_model_version_tag(mv.name, mv.version, key, value)
+        put = functools.partial(client.set_model_version_tag, mv.name, mv.version, key)
+        undo.put(f"tag {key}", old.get(key), value, put, functools.partial(client.delete_model_version_tag, mv.name, mv.version, key))
 
 
 def _set_anchor(client, model: str, entry: AuditEntry, undo: _Undo, log_id: str) -> None:
     prev = (client.get_registered_model(model).tags or {}).get(ANCHOR_TAG)
+    put = functools.partial(client.set_registered_model_tag, model, ANCHOR_TAG)
+    undo.put("audit anchor", prev, entry.anchor(log_id), put, functools.partial(client.delete_registered_model_tag, model, ANCHOR_TAG))
 
-    def restore():
-        if prev is None:
-            client.delete_registered_model_tag(model, ANCHOR_TAG)
-        else:
-            client.set_registered_model_tag(model, ANCHOR_TAG, prev)
 
-    undo.push("audit anchor", restore)
-    client.set_registered_model_tag(model, ANCHOR_TAG, entry.anchor(log_id))
+@contextmanager
+def _audited(ops: Ops, action: str, model: str, version: str | None, **check) -> Iterator[tuple[AuditTransaction, _Undo]]:
+    """The frame of every audited write: a locked transaction, checked before anything is written.
+
+    The body does its side effects (registering their undo) and appends; on
+    leaving it the transaction is committed. If the body or the commit fails,
+    the side effects are undone and the transaction rolled back.
+    """
+    with ops.audit.transaction() as tx:
+        undo = _Undo()
+        try:
+            integrity.check_before_write(ops, action, model, version, tx=tx, **check)
+            yield tx, undo
+            _fault("before_commit")
+            tx.commit()
+        except BaseException:
+            undo.run()
+            raise
 
 
 def audited_append(ops: Ops, action: str, model: str, version: str | None, build: Callable[[AuditTransaction, _Undo], dict], *, actor: str | None = None) -> AuditEntry:
     """Append one entry whose payload ``build`` computes (and whose side effects it may register for undo)."""
-    with ops.audit.transaction() as tx:
-        undo = _Undo()
-        try:
-            integrity.check_before_write(ops, action, model, version, tx=tx)
-            payload = build(tx, undo)
-            entry = tx.append(action, model, version, payload, actor=actor)
-            _set_anchor(ops.client, model, entry, undo, ops.audit.log_id)
-            integrity.anchor_rejection(ops.client, entry, undo, ops.audit.log_id)
-            _fault("before_commit")
-            tx.commit()
-            return entry
-        except BaseException:
-            undo.run()
-            raise
+    with _audited(ops, action, model, version) as (tx, undo):
+        entry = tx.append(action, model, version, build(tx, undo), actor=actor)
+        _set_anchor(ops.client, model, entry, undo, ops.audit.log_id)
+        integrity.anchor_rejection(ops.client, entry, undo, ops.audit.log_id)
+    return entry
 
 
 def is_move(e: AuditEntry, alias: str = CHAMPION) -> bool:
@@ -255,76 +258,61 @@ def move_alias(
     client = ops.client
     mv = get_version(client, model, version)
     version = str(mv.version)
-    with ops.audit.transaction() as tx:
-        undo = _Undo()
-        try:
-            integrity.check_before_write(ops, action, model, version, alias=alias, tx=tx)
-            approvals, rejects, consumed = _decisions(tx, model, version)
-            if rejects:
-                raise TaskvecError(f"{model} version {version} was rejected (audit entry {rejects[0].seq}); a rejected version never becomes {alias}")
-            previous = alias_version(client, model, alias)
-            if previous == version:
-                raise TaskvecError(f"{model} version {version} is already the {alias}")
-            if inline_approval is not None:
-                approver, reason = inline_approval
-                if not approver or not approver.strip() or not reason or not reason.strip():
-                    raise TaskvecError(f"{action} needs an approver and a reason (--approver, --reason)")
-                approval = tx.append(
-                    "approve", model, version, {"decision": "approve", "approver": approver.strip(), "reason": reason.strip(), "kind": action, "gate_seq": None, "flow_run_id": None}, actor=approver.strip()
-                )
-            else:
-                pending = [a for a in approvals if a.seq not in consumed]
-                if not pending:
-                    raise TaskvecError(f"no approval record for {model} version {version}: promotion needs `taskvec approve {model} {version} --approver NAME --reason TEXT`")
-                approval = pending[-1]
-            data = approval.data
-            gate = None
-            if data.get("gate_seq"):
-                gate = next((e for e in tx.entries(model=model, version=version) if e.seq == data["gate_seq"]), None)
-            approved_at = approval.ts
-
-            def restore_alias():
-                if previous is None:
-                    client.delete_registered_model_alias(model, alias)
-                else:
-                    client.set_registered_model_alias(model, alias, previous)
-
-            undo.push("alias", restore_alias)
-            client.set_registered_model_alias(model, alias, version)
-            _fault("after_alias")
-            tags = {
-                "approved_by": data["approver"],
-                "approved_at": approved_at,
-                "approval_reason": data["reason"],
-                "gate_results": json.dumps(gate.data.get("gates", []) if gate else {"note": f"{action}: approved by operator, no gate evaluation"}, sort_keys=True)[:99_000],
-                f"taskvec.{alias}_since": now_iso(),
-                "taskvec.audit_approval_seq": str(approval.seq),
-            }
-            _set_version_tags(client, mv, tags, undo)
-            _fault("after_tags")
-            entry = tx.append(
-                action,
-                model,
-                version,
-                {
-                    **(payload or {}),
-                    "alias": alias,
-                    "from_version": previous,
-                    "to_version": version,
-                    "approval_seq": approval.seq,
-                    "approver": data["approver"],
-                    "reason": data["reason"],
-                    "gate_seq": data.get("gate_seq"),
-                },
-                actor=actor or data["approver"],
+    with _audited(ops, action, model, version, alias=alias) as (tx, undo):
+        approvals, rejects, consumed = _decisions(tx, model, version)
+        if rejects:
+            raise TaskvecError(f"{model} version {version} was rejected (audit entry {rejects[0].seq}); a rejected version never becomes {alias}")
+        previous = alias_version(client, model, alias)
+        if previous == version:
+            raise TaskvecError(f"{model} version {version} is already the {alias}")
+        if inline_approval is not None:
+            approver, reason = inline_approval
+            if not approver or not approver.strip() or not reason or not reason.strip():
+                raise TaskvecError(f"{action} needs an approver and a reason (--approver, --reason)")
+            approval = tx.append(
+                "approve", model, version, {"decision": "approve", "approver": approver.strip(), "reason": reason.strip(), "kind": action, "gate_seq": None, "flow_run_id": None}, actor=approver.strip()
             )
-            _set_anchor(client, model, entry, undo, ops.audit.log_id)
-            _fault("before_commit")
-            tx.commit()
-            return Move(entry, model, previous, version, approval)
-        except BaseException:
-            undo.run()
-            raise
+        else:
+            pending = [a for a in approvals if a.seq not in consumed]
+            if not pending:
+                raise TaskvecError(f"no approval record for {model} version {version}: promotion needs `taskvec approve {model} {version} --approver NAME --reason TEXT`")
+            approval = pending[-1]
+        data = approval.data
+        gate = None
+        if data.get("gate_seq"):
+            gate = next((e for e in tx.entries(model=model, version=version) if e.seq == data["gate_seq"]), None)
+        approved_at = approval.ts
+        put = functools.partial(client.set_registered_model_alias, model, alias)
+        undo.put("alias", previous, version, put, functools.partial(client.delete_registered_model_alias, model, alias))
+        _fault("after_alias")
+        tags = {
+            "approved_by": data["approver"],
+            "approved_at": approved_at,
+            "approval_reason": data["reason"],
+            "gate_results": json.dumps(gate.data.get("gates", []) if gate else {"note": f"{action}: approved by operator, no gate evaluation"}, sort_keys=True)[:99_000],
+            f"taskvec.{alias}_since": now_iso(),
+            "taskvec.audit_approval_seq": str(approval.seq),
+        }
+        _set_version_tags(client, mv, tags, undo)
+        _fault("after_tags")
+        entry = tx.append(
+            action,
+            model,
+            version,
+            {
+                **(payload or {}),
+                "alias": alias,
+                "from_version": previous,
+                "to_version": version,
+                "approval_seq": approval.seq,
+                "approver": data["approver"],
+                "reason": data["reason"],
+                "gate_seq": data.get("gate_seq"),
+            },
+            actor=actor or data["approver"],
+        )
+        _set_anchor(client, model, entry, undo, ops.audit.log_id)
+    return Move(entry, model, previous, version, approval)
 
 
 def rejection(ops: Ops, model: str, version: str) -> AuditEntry | None:

@@ -1,140 +1,22 @@
-"""Append-only, hash-chained audit log of promotions, approvals, rejections and rollbacks.
-
-Storage is one SQL table, ``taskvec_audit``, reached through SQLAlchemy: a
-SQLite file for one machine, PostgreSQL (the MLflow backend's server) when
-the pipeline is shared. Every entry carries::
-
-    seq, ts, actor, action, model, version, payload (canonical JSON), prev_hash, hash
-
-where ``hash = sha256(canonical JSON of all the other fields)`` and
-``prev_hash`` is the previous entry's ``hash`` (64 zeros for the first). The
-chain is linear because every append happens inside a transaction that first
-takes a database-wide lock — ``BEGIN IMMEDIATE`` on SQLite,
-``pg_advisory_xact_lock`` on PostgreSQL — reads the head, and inserts
-``seq = head + 1``; concurrent writers (threads or processes, one machine or
-many) serialise on that lock.
-
-Append-only is enforced by triggers that abort any ``UPDATE``/``DELETE`` (and
-``TRUNCATE`` on PostgreSQL) on *both* tables — the entries and
-``taskvec_audit_meta``, which holds the log's id and accepts exactly one row —
-and *detected* by :meth:`AuditLog.verify`, which
-recomputes every hash, checks the ``seq`` run has no gap and every
-``prev_hash`` links, and compares the head against *anchors* kept outside the
-database (the ``taskvec.audit_head`` tag — ``log_id:seq:hash`` — that
-:mod:`pipeline.ops.promotion` sets on each registered model with every entry of
-that model), so cutting entries off the end is caught too.
-
-``log_id`` is ``<location>.<random>``: ``location`` is a digest of where the
-log lives (the SQLite file's absolute path, or the server URL without its
-password), the random part is drawn when the table is created. Several audit
-logs may share a registry (an anchor of another location is another
-deployment's), but an anchor of the *same* location with another random part
-means the database was deleted and recreated, or its meta row rewritten —
-:meth:`AuditLog.verify` reports it, and :mod:`pipeline.ops.integrity` refuses
-every audited write on a model anchored in another log, so a lost or replaced
-database can never launder a rejection.
-
-Free text in entries (payload strings, actor) is recorded through
-:func:`taskvec.redact.clean_text`: credentials masked, control characters
-escaped — the log never stores a password and no value can forge a row of
-``audit show``.
-
-:meth:`AuditLog.transaction` yields an open, locked transaction: callers do
-their external side effects (moving an MLflow alias, setting tags) while the
-lock is held, append the entry, and commit — or undo the side effects and
-roll back. This module imports neither MLflow nor Prefect.
-"""
+"""Where the audit log lives: SQL tables and triggers, engines, the append lock and transactions (see :mod:`pipeline.ops.audit`)."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import getpass
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskvec.errors import TaskvecError
+from pipeline.ops.audit.chain import ACTIONS, GENESIS, AuditEntry, VerifyReport, canonical_json, default_actor, entry_hash, foreign_anchor_problem, now_iso, verify_chain
 from pipeline.ops.services import normalize_db_url as normalize_url
-from taskvec.redact import clean_data, clean_text, escape_controls, redact_uri
+from taskvec.errors import TaskvecError
+from taskvec.redact import clean_data, clean_text, redact_uri
 
 TABLE = "taskvec_audit"
-GENESIS = "0" * 64
-ACTIONS = ("request", "gates_failed", "approve", "reject", "promote", "rollback", "revert")
 _PG_LOCK_KEY = 0x7A5C_0A0D  # arbitrary constant: the advisory lock every appender takes
-
-
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, no spaces): the bytes that get hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
-
-
-def entry_hash(seq: int, ts: str, actor: str, action: str, model: str, version: str | None, payload: str, prev_hash: str) -> str:
-    body = canonical_json(
-        {"seq": seq, "ts": ts, "actor": actor, "action": action, "model": model, "version": version, "payload": payload, "prev_hash": prev_hash}
-    )
-    return hashlib.sha256(body.encode()).hexdigest()
-
-
-def default_actor() -> str:
-    return os.environ.get("TASKVEC_ACTOR") or _safe_user()
-
-
-def _safe_user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return "unknown"
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    seq: int
-    ts: str
-    actor: str
-    action: str
-    model: str
-    version: str | None
-    payload: str  # canonical JSON, exactly as hashed
-    prev_hash: str
-    hash: str
-
-    @property
-    def data(self) -> dict:
-        return json.loads(self.payload)
-
-    def computed_hash(self) -> str:
-        return entry_hash(self.seq, self.ts, self.actor, self.action, self.model, self.version, self.payload, self.prev_hash)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "payload": self.data}
-
-    def anchor(self, log_id: str) -> str:
-        """What is recorded outside the database: ``log_id:seq:hash``."""
-        return f"{log_id}:{self.seq}:{self.hash}"
-
-
-@dataclass
-class VerifyReport:
-    ok: bool
-    entries: int
-    head: str | None
-    problems: list[str] = field(default_factory=list)
-    anchors_checked: int = 0
-
-    def summary(self) -> str:
-        if self.ok:
-            return f"audit log OK: {self.entries} entries, chain intact, {self.anchors_checked} anchor(s) match, head {self.head or '-'}"
-        return f"audit log BROKEN ({len(self.problems)} problem(s)): " + "; ".join(self.problems[:5])
 
 
 # ---------------------------------------------------------------------------
@@ -226,12 +108,6 @@ def location_id(url: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def split_log_id(log_id: str) -> tuple[str | None, str]:
-    """``(location, random)`` of a log id; logs made before locations were recorded have location None."""
-    loc, dot, rand = str(log_id).partition(".")
-    return (loc, rand) if dot else (None, str(log_id))
-
-
 def forget(url: str) -> None:
     """Drop this process's cached engine and schema state for ``url`` (after the database was deleted)."""
     url = normalize_url(url)
@@ -244,12 +120,21 @@ def forget(url: str) -> None:
 
 _META_GUARD = "taskvec audit meta is write-once"
 
-_SQLITE_DDL = [
-    f"CREATE TABLE IF NOT EXISTS {TABLE}_meta (log_id TEXT NOT NULL)",
-    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
-        seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+
+
+def _tables(seq_type: str) -> list[str]:
+    """The two tables and the index, the same on both databases but for the type of ``seq``."""
+    return [
+        f"CREATE TABLE IF NOT EXISTS {TABLE}_meta (log_id TEXT NOT NULL)",
+        f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+        seq {seq_type} PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
         model TEXT NOT NULL, version TEXT, payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL UNIQUE)""",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_model ON {TABLE} (model, version)",
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_model ON {TABLE} (model, version)",
+    ]
+
+
+_SQLITE_DDL = [
+    *_tables("INTEGER"),
     f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_no_update BEFORE UPDATE ON {TABLE}
         BEGIN SELECT RAISE(ABORT, 'taskvec audit log is append-only'); END""",
     f"""CREATE TRIGGER IF NOT EXISTS {TABLE}_no_delete BEFORE DELETE ON {TABLE}
@@ -264,11 +149,7 @@ _SQLITE_DDL = [
 ]
 
 _PG_DDL = [
-    f"CREATE TABLE IF NOT EXISTS {TABLE}_meta (log_id TEXT NOT NULL)",
-    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
-        seq BIGINT PRIMARY KEY, ts TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
-        model TEXT NOT NULL, version TEXT, payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL UNIQUE)""",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_model ON {TABLE} (model, version)",
+    *_tables("BIGINT"),
     f"""CREATE OR REPLACE FUNCTION {TABLE}_append_only() RETURNS trigger AS $$
         BEGIN RAISE EXCEPTION 'taskvec audit log is append-only'; END $$ LANGUAGE plpgsql""",
     f"""CREATE OR REPLACE TRIGGER {TABLE}_no_change BEFORE UPDATE OR DELETE ON {TABLE}
@@ -424,84 +305,18 @@ class AuditLog:
             return _row(r) if r else None
 
     def verify(self, anchors: dict[str, str] | None = None, *, entries: list[AuditEntry] | None = None) -> VerifyReport:
-        """Recompute the chain; ``anchors`` maps model → ``"log_id:seq:hash"`` recorded outside the database.
+        """Recompute the chain (:func:`~pipeline.ops.audit.chain.verify_chain`); ``anchors`` maps model → ``"log_id:seq:hash"`` recorded outside the database.
 
         ``entries``: the log's entries already read (e.g. inside an open :meth:`transaction`); default: read them.
         """
-        entries = self.entries() if entries is None else entries
-        problems: list[str] = []
-        prev = GENESIS
-        by_seq: dict[int, AuditEntry] = {}
-        for i, e in enumerate(entries, start=1):
-            by_seq[e.seq] = e
-            if e.seq != i:
-                problems.append(f"entry {i} is missing (next stored entry is seq {e.seq}): deletion")
-                prev = e.prev_hash  # resynchronise so one deletion is reported once
-            if e.prev_hash != prev:
-                problems.append(f"entry {e.seq}: prev_hash does not match the hash of entry {e.seq - 1}")
-            if e.computed_hash() != e.hash:
-                problems.append(f"entry {e.seq}: content does not match its hash (edited)")
-            if e.action not in ACTIONS:
-                problems.append(f"entry {e.seq}: unknown action {e.action!r}")
-            prev = e.hash
-        checked = 0
-        for model, anchor in sorted((anchors or {}).items()):
-            if not anchor:
-                continue
-            try:
-                log_id, seq_s, digest = anchor.split(":", 2)
-                seq = int(seq_s)
-            except ValueError:
-                problems.append(f"model {model}: malformed audit anchor {anchor!r}")
-                continue
-            if log_id != self.log_id:
-                problem = self.foreign_anchor_problem(model, log_id, seq, has_entries=any(x.model == model for x in entries))
-                if problem:
-                    problems.append(problem)
-                    checked += 1
-                continue  # else: anchored in another audit log (another deployment sharing the registry)
-            checked += 1
-            e = by_seq.get(seq)
-            if e is None:
-                problems.append(f"model {model}: anchored entry {seq} is missing (entries were deleted from the end)")
-            elif e.hash != digest or e.model != model:
-                problems.append(f"model {model}: anchored entry {seq} differs from the anchor (edited or replaced)")
-            else:
-                later = [x for x in entries if x.model == model and x.seq > seq]
-                if later:
-                    # an entry for this model was written without moving its anchor: out-of-band insert
-                    problems.append(f"model {model}: entry {later[0].seq} was added after the anchored head {seq} without the audited path")
-        head = f"{entries[-1].seq}:{entries[-1].hash[:16]}" if entries else None
-        return VerifyReport(ok=not problems, entries=len(entries), head=head, problems=problems, anchors_checked=checked)
-
+        return verify_chain(self.entries() if entries is None else entries, self.log_id, anchors)
 
     def foreign_anchor_problem(self, model: str, log_id: str, seq: int, *, has_entries: bool) -> str | None:
         """Why an anchor naming another log is a problem here (None: another deployment's log, fine)."""
-        mine, _ = split_log_id(self.log_id)
-        theirs, _ = split_log_id(log_id)
-        if theirs is not None and theirs == mine:
-            return (
-                f"model {model}: anchored at entry {seq} of audit log {log_id}, but the database at this location is now log {self.log_id}"
-                " (the audit database was deleted and recreated, or its meta row rewritten)"
-            )
-        if has_entries:
-            return f"model {model}: this audit log has entries for it, but its anchor names another audit log ({log_id}, entry {seq}): the anchor or the log was replaced"
-        return None
-
+        return foreign_anchor_problem(self.log_id, model, log_id, seq, has_entries=has_entries)
 
 @contextmanager
 def _nullctx():
     yield
 
 
-def format_entries(entries: list[AuditEntry], *, as_json: bool = False) -> str:
-    if as_json:
-        return json.dumps([e.as_dict() for e in entries], indent=2, sort_keys=True)
-    lines = [f"{'seq':>5}  {'time (UTC)':<26}  {'actor':<12}  {'action':<12}  {'model':<20}  {'ver':>4}  hash          details"]
-    for e in entries:
-        data = e.data
-        detail_keys = ("approver", "decision", "reason", "from_version", "to_version", "removed_vector", "passed")
-        details = escape_controls(", ".join(f"{k}={data[k]}" for k in detail_keys if k in data))
-        esc = escape_controls  # entries written before free text was cleaned may still hold control characters
-        lines.append(f"{e.seq:>5}  {esc(e.ts[:26]):<26}  {esc(e.actor)[:12]:<12}  {esc(e.action):<12}  {esc(e.model)[:20]:<20}  {esc(e.version or '-'):>4}  {e.hash[:12]}  {details}")
-    return "\n".join(lines)
