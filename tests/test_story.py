@@ -140,7 +140,7 @@ def tell_story(story: Story, *, embedded: bool) -> None:
     p = story.run(run_line(6))
     assert agnews_sha in p.stdout
     p = story.run(run_line(7))
-    story.say("    " + p.stdout.strip().splitlines()[0])
+    story.say("    " + _line(p, f"{MODEL}: version 3 = version 1 without edit {agnews_sha[:12]}"))
     client = story.client()
     v3 = client.get_model_version_by_alias(MODEL, "champion")
     assert v3.version == "3" and v3.tags["taskvec.rollback_of"] == "1" and v3.tags["taskvec.removed_vector"] == agnews_sha
