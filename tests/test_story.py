@@ -143,12 +143,12 @@ def tell_story(story: Story, *, embedded: bool) -> None:
     story.say("    " + _line(p, f"{MODEL}: version 3 = version 1 without edit {agnews_sha[:12]}"))
     client = story.client()
     v3 = client.get_model_version_by_alias(MODEL, "champion")
-    assert v3.version == "3" and v3.tags["taskvec.rollback_of"] == "1" and v3.tags["taskvec.removed_vector"] == agnews_sha
+    assert str(v3.version) == "3" and v3.tags["taskvec.rollback_of"] == "1" and v3.tags["taskvec.removed_vector"] == agnews_sha
     ledger3 = json.loads(v3.tags["taskvec.ledger"])
     assert [e["vector_sha256"] for e in ledger3["edits"]] == [ledger1["edits"][0]["vector_sha256"]]
     assert ledger3["base_model"] == ledger1["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"  # an id, not where it was resolved
     story.say(f"    champion -> version 3: edits {[e['vector'] for e in ledger3['edits']]}, rollback max |diff| {v3.tags['taskvec.rollback_max_abs_diff']}")
-    assert client.get_model_version_by_alias(MODEL, "challenger").version == "2"
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"  # (int from SQLite, str over REST)
 
     # 5. reproduce the rolled-back version bit for bit; the audit chain checks out
     p = story.run(run_line(8))
