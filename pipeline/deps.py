@@ -24,6 +24,7 @@ import argparse
 import ast
 import hashlib
 import sys
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,9 +52,15 @@ def _parents(module: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+#: CPython 3.11's ast.parse is not thread-safe ("AST constructor recursion depth mismatch" when two
+#: Prefect tasks compute their cache keys at once), so parsing is serialised
+_PARSE_LOCK = threading.Lock()
+
+
 def _imports(path: Path, module: str, root: Path) -> set[str]:
     """Project modules imported anywhere in ``path`` (``module`` is its dotted name)."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+    with _PARSE_LOCK:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):

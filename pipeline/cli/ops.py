@@ -21,12 +21,14 @@ the flow through the environment, never as a (stored) flow-run parameter.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.options import Approver, AsJson, AuditUrl, Model, Reason, TrackingUri, Version
+from pipeline.cli.options import Approver, AsJson, AuditUrl, Model, Reason, SetParam, TrackingUri, Version
+from pipeline.cli.run import _offline_env
 
 NoResume = Annotated[bool, typer.Option("--no-resume", help="Do not look for a paused promote flow run (approve: promote directly).")]
 DECISIONS = {
@@ -35,10 +37,47 @@ DECISIONS = {
 }
 
 
+def _effective(params: Path, overrides: list[str] | None) -> Path:
+    """params + ``-S`` overrides (as ``taskvec run``); the evaluator reads them through ``TASKVEC_PARAMS``."""
+    from pipeline.params import effective_params
+
+    path = Path(effective_params(params, list(overrides or []))) if overrides else params
+    os.environ["TASKVEC_PARAMS"] = str(path)
+    return path
+
+
 def _ops(tracking_uri: str | None, audit_url: str | None):
     from pipeline.ops.promotion import Ops
 
     return Ops(tracking_uri, audit_url)
+
+
+def _params_model(params: Path) -> str:
+    """params.yaml's ``mlflow.registered_model`` (the default model of ``taskvec promote``)."""
+    from pipeline.params import MlflowSection, load
+
+    return (load(params).mlflow if params.is_file() else MlflowSection()).registered_model
+
+
+def _prefect_server():
+    """:func:`pipeline.ops.services.prefect_api`, unless this process already talks to a Prefect API (a test harness)."""
+    import contextlib
+    import sys
+
+    from pipeline.ops.services import check_prefect_api, prefect_api
+
+    if "prefect" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            check_prefect_api()
+
+            class _Ready:
+                def wait(self) -> None:
+                    return None
+
+            return contextlib.nullcontext(_Ready())
+    return prefect_api()
 
 
 def _resume_paused(ops, model: str, version: str, run_input: dict) -> str | None:
@@ -50,6 +89,7 @@ def _resume_paused(ops, model: str, version: str, run_input: dict) -> str | None
         return None
     run_id = reqs[-1].data["flow_run_id"]
     try:
+        _offline_env()  # Prefect's ephemeral server (the project's database) gets a patient start-up on a busy CPU
         from prefect.client.orchestration import get_client
         from prefect.flow_runs import resume_flow_run
 
@@ -116,25 +156,28 @@ def register(app: typer.Typer) -> None:
         params: Annotated[Path, typer.Option("--params", help="params.yaml with the promotion gates.")] = Path("params.yaml"),
         evaluator: Annotated[Optional[str], typer.Option("--evaluator", help="module:function evaluating a model folder -> {task: accuracy}.")] = None,
         no_wait: Annotated[bool, typer.Option("--no-wait", help="Gate and record, then exit; approve later with `taskvec approve`.")] = False,
+        set_param: SetParam = None,
         tracking_uri: TrackingUri = None,
         audit_url: AuditUrl = None,
     ) -> None:
         """Run the promote flow: evaluate challenger vs champion, gate, wait for approval, move champion."""
         from pipeline.ops import promotion as P
-        from pipeline.ops.services import check_prefect_api
 
         # bad input is one line and exit 2 before a flow run starts: unknown model/version, rejected version, bad evaluator, dead store
+        _offline_env()
+        params = _effective(params, set_param)
         spec = P.load_spec(params)
         P.load_evaluator(evaluator or spec.evaluator)
-        from flows.promote import _model_name
-
         ops = _ops(tracking_uri, audit_url)
-        P.check_promotable(ops, _model_name(model, str(params)), version)
-        check_prefect_api()
-        from flows.promote import by_environment, promote_flow
+        P.check_promotable(ops, model or _params_model(params), version)
+        # the flow runs on taskvec's own Prefect server (as `taskvec run`; the project's Prefect database, so
+        # `taskvec approve` in another shell finds a paused run), started before Prefect is imported
+        with _prefect_server() as api:
+            from flows.promote import by_environment, promote_flow
 
-        tracking_uri, audit_url = by_environment(tracking_uri, audit_url)  # a credential is never a stored flow parameter
-        res = promote_flow(model=model, version=version, params_file=str(params), tracking_uri=tracking_uri, audit_url=audit_url, evaluator=evaluator, wait_for_approval=not no_wait)
+            tracking_uri, audit_url = by_environment(tracking_uri, audit_url)  # a credential is never a stored flow parameter
+            api.wait()
+            res = promote_flow(model=model, version=version, params_file=str(params), tracking_uri=tracking_uri, audit_url=audit_url, evaluator=evaluator, wait_for_approval=not no_wait)
         typer.echo(json.dumps(res, indent=2, default=str))
 
     @app.command("champion-revert")
@@ -163,12 +206,16 @@ def register(app: typer.Typer) -> None:
         evaluator: Annotated[Optional[str], typer.Option("--evaluator", help="module:function scoring the rolled-back model -> {task: accuracy} (default: params.yaml promotion.evaluator).")] = None,
         params: Annotated[Optional[Path], typer.Option("--params", help="params.yaml naming the promotion evaluator (default: $TASKVEC_PARAMS, else ./params.yaml).")] = None,
         weights: Annotated[Optional[str], typer.Option("--weights", help="thin (ledger + stored vectors, materialised on load) or full (whole weights); default: params.yaml register.weights, else thin.")] = None,
+        set_param: SetParam = None,
         as_json: AsJson = False,
         tracking_uri: TrackingUri = None,
         audit_url: AuditUrl = None,
     ) -> None:
         """Rebuild base + the remaining edits, check it against θ − λτ, evaluate and register it, move champion if needed."""
         from pipeline.ops.rollback import rollback
+
+        if set_param:
+            params = _effective(params or Path(os.environ.get("TASKVEC_PARAMS", "params.yaml")), set_param)
 
         res = rollback(_ops(tracking_uri, audit_url), model, remove, version=version, vectors=vector, approver=approver, reason=reason, move_champion=not no_move, evaluator=evaluator, params_file=params, weights=weights)
         if as_json:

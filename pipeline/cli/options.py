@@ -15,3 +15,4 @@ TrackingUri = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLfl
 AuditUrl = Annotated[Optional[str], typer.Option("--audit-url", help="Audit log database URL (default: TASKVEC_AUDIT_URL, else beside the tracking store).")]
 Approver = Annotated[str, typer.Option("--approver", help="Who decides (recorded in the audit log and the version's tags).")]
 Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log and the version's tags).")]
+SetParam = Annotated[Optional[list[str]], typer.Option("--set-param", "-S", metavar="KEY.PATH=VALUE", help="Override a params value for this command (repeatable), as `taskvec run -S`: e.g. -S eval.max_rows.validation=64.")]

@@ -91,7 +91,7 @@ def materialise(base: str | os.PathLike, edits: list[dict], resolve: Callable[[s
         for i, (items, opts) in enumerate(parts):
             options = MergeOptions(method=opts.get("method", "sum"), density=opts.get("density", 1.0), drop=opts.get("drop", 0.0), seed=opts.get("seed", 0))
             step = out if i == len(parts) - 1 else Path(scratch) / f"step{i}"
-            ledger = apply(current, [(resolve(e["vector_sha256"]), float(e["lambda"])) for e in items], step, options=options)
+            ledger = apply(base if i == 0 else current, [(resolve(e["vector_sha256"]), float(e["lambda"])) for e in items], step, options=options)
             current = step
     if base_hash is not None and ledger.get("base_hash") != base_hash:
         raise TaskvecError(f"base {base} has content hash {str(ledger.get('base_hash'))[:12]}, the ledger records {base_hash[:12]}")
