@@ -91,7 +91,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AdaMergingResult:
-    tasks: list[str]
+    tasks: list[str]  # the tasks whose unlabelled texts gave the entropy
+    vectors: list[str]  # the coefficient columns, one per task vector
     groups: list[str]
     coefficients: torch.Tensor  # groups × tasks, detached, float32, CPU
     history: list[float]  # summed entropy of each step's training batches, before its update
@@ -101,14 +102,15 @@ class AdaMergingResult:
     spec: dict = field(default_factory=dict)
 
     def table(self) -> dict[str, dict[str, float]]:
-        """``{task: {group: λ}}``."""
-        return {t: {g: float(self.coefficients[i, j]) for i, g in enumerate(self.groups)} for j, t in enumerate(self.tasks)}
+        """``{vector: {group: λ}}``."""
+        return {v: {g: float(self.coefficients[i, j]) for i, g in enumerate(self.groups)} for j, v in enumerate(self.vectors)}
 
     def to_dict(self) -> dict:
         return {
             "strategy": "adamerging",
             "coefficients": self.table(),
             "groups": self.groups,
+            "entropy_tasks": self.tasks,
             "entropy_history": [round(h, 6) for h in self.history],
             "initial_entropy": self.initial_entropy,
             "final_entropy": self.final_entropy,
@@ -138,9 +140,13 @@ def adamerge(
     spec: AdaMergingSpec,
     *,
     place: Callable[[Batch], Mapping[str, torch.Tensor]] | None = None,
+    labels: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> AdaMergingResult:
     """Train the coefficients by entropy minimisation; ``encoder`` is left exactly as it was.
+
+    The coefficient columns are the vectors (``labels``, default: the tasks when
+    there are as many vectors as tasks, else ``0, 1, …``).
 
     ``models[task]`` wraps ``encoder`` (its parameters named ``encoder.<name>``,
     as :class:`~taskvec.heads.EncoderClassifier`); ``taus[t]`` is vector ``t``
@@ -148,6 +154,9 @@ def adamerge(
     unlabelled batches of that task (any ``labels`` key is dropped).
     """
     tasks = list(models)
+    vectors = list(labels) if labels is not None else (tasks if len(tasks) == len(taus) else [str(i) for i in range(len(taus))])
+    if len(vectors) != len(taus):
+        raise TaskvecError(f"AdaMerging got {len(vectors)} labels for {len(taus)} vectors")
     if not tasks or any(t not in batches or not batches[t] for t in tasks):
         raise TaskvecError("AdaMerging needs unlabelled batches for every task")
     state = dict(encoder.named_parameters())
@@ -205,7 +214,7 @@ def adamerge(
             p.requires_grad_(flags[n])
         for t, m in models.items():
             m.train(modes[t])
-    return AdaMergingResult(tasks, groups, coefficients.detach().float().cpu(), history, initial, final, time.perf_counter() - started, spec.model_dump())
+    return AdaMergingResult(tasks, vectors, groups, coefficients.detach().float().cpu(), history, initial, final, time.perf_counter() - started, spec.model_dump())
 
 
 def coefficient_tensor(table: Mapping[str, Mapping[str, float]], tasks: Sequence[str], groups: Sequence[str]) -> torch.Tensor:
@@ -232,14 +241,19 @@ def adamerge_suite(
     spec: AdaMergingSpec,
     *,
     split: str = "validation",
+    labels: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> AdaMergingResult:
-    """AdaMerging on a :class:`taskvec.suite.Suite`: its encoder, each task's frozen head, its ``split``'s texts (no labels)."""
-    if len(taus) != len(tasks):
-        raise TaskvecError(f"AdaMerging pairs vectors with tasks: got {len(taus)} vectors for {len(tasks)} tasks")
+    """AdaMerging on a :class:`taskvec.suite.Suite`: its encoder, each task's frozen head, its ``split``'s texts (no labels).
+
+    ``tasks`` give the entropy; ``taus`` (labelled by ``labels``) are merged. Without
+    ``labels`` vector ``i`` is named after task ``i`` and the counts must match.
+    """
+    if labels is None and len(taus) != len(tasks):
+        raise TaskvecError(f"AdaMerging pairs vectors with tasks: got {len(taus)} vectors for {len(tasks)} tasks (or pass labels)")
     if split not in suite.sets:
         raise TaskvecError(f"split {split!r} was not loaded (loaded: {', '.join(suite.splits)})")
     sets = suite.sets[split]
     batches = {t: sets[t].batches for t in tasks}
     models = {t: suite.models[t] for t in tasks}
-    return adamerge(models, suite.encoder, taus, batches, spec, place=suite.policy.batch, log=log)
+    return adamerge(models, suite.encoder, taus, batches, spec, place=suite.policy.batch, labels=labels, log=log)

@@ -113,6 +113,18 @@ def coordinate_search(
     return CoordinateResult(x, fx, path, exhausted)
 
 
+def suite_evaluator(suite, taus: Sequence[Mapping], split: str, tasks: Sequence[str]) -> Callable[[Point], dict[str, float]]:
+    """``λ tuple -> accuracies`` of θ_base + Σ_t λ_t·τ_t on a :class:`taskvec.suite.Suite` (weights restored after each)."""
+    from taskvec.search_run import compose
+
+    def evaluate(point: Point) -> dict[str, float]:
+        with suite.editor(compose(list(zip(taus, point, strict=True)))) as editor:
+            editor.apply(1.0)
+            return suite.accuracies(split, tasks)
+
+    return evaluate
+
+
 def per_task_search(
     evaluate: Callable[[Point], Mapping[str, float]],
     n: int,

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from taskvec import methods
-from taskvec.config import MergeMethod, Params, SearchSpec, TrainSpec, _Strict, check_merge_options, load_params, merge_option
+from taskvec.config import AdaMergingSpec, MergeMethod, Params, SearchSpec, TrainSpec, _Strict, check_merge_options, load_params, merge_option
 
 
 class GradientAscentSpec(_Strict):
@@ -50,6 +50,11 @@ class AdditionSpec(_Strict):
             MethodSpec(name="dare_ties", method="dare_ties", drop=0.5),
         ]
     )
+    # learned coefficients (benchmarks/paper/learned.py): per_task (one λ per vector), adamerging (per layer and task)
+    learned: list[Literal["per_task", "adamerging"]] = Field(default_factory=list)
+    per_task_max_evals: int = Field(default=24, ge=2)
+    adamerging: AdaMergingSpec = Field(default_factory=AdaMergingSpec)
+    adamerging_init_from_sum: bool = True
 
 
 class AnalogySpec(_Strict):
@@ -94,6 +99,9 @@ def quick_params(params: ExperimentParams) -> ExperimentParams:
     p.eval.max_rows.validation = q.validation_rows
     p.eval.max_rows.test = q.test_rows
     p.search = SearchSpec.model_validate(p.search.model_dump() | {"max_evals": q.max_evals})
+    if p.bench.addition is not None:
+        p.bench.addition.per_task_max_evals = min(p.bench.addition.per_task_max_evals, 2 * q.max_evals)
+        p.bench.addition.adamerging.steps = min(p.bench.addition.adamerging.steps, q.ga_steps)
     if p.bench.negation is not None:
         ga = p.bench.negation.gradient_ascent
         ga.steps = q.ga_steps
