@@ -62,6 +62,10 @@ class AnalogySpec(_Strict):
     source: str = "amazon"
     target_lm: str = "yelp_lm"
     source_lm: str = "amazon_lm"
+    # how the domain difference τ_target_lm − τ_source_lm is built (benchmarks/paper/domain.py)
+    domain_objective: Literal["mlm", "simcse"] = "mlm"
+    lm_tensors: Literal["all", "layers"] = "all"
+    lm_norm: Literal["none", "source"] = "source"
 
 
 class QuickSpec(_Strict):
