@@ -132,6 +132,7 @@ def per_task_search(
     spec: SearchSpec,
     *,
     labels: Sequence[str] | None = None,
+    start: float | None = None,
 ) -> SearchResult:
     """Search one λ per vector (``n`` vectors) in at most ``spec.max_evals`` evaluations.
 
@@ -141,7 +142,8 @@ def per_task_search(
     bounds and steps: from twice the lattice spacing down to a quarter of it.
     The result's ``best_lambda`` is the mean λ; ``details["lambdas"]`` the
     per-vector λ (keyed by ``labels`` when given), ``details["phases"]`` the
-    evaluations spent on each phase.
+    evaluations spent on each phase. With ``start`` (e.g. a global λ already
+    searched) the diagonal phase is skipped and every λ_t starts there.
     """
     if n < 1:
         raise TaskvecError("per-task search needs at least one vector")
@@ -151,18 +153,20 @@ def per_task_search(
     cached = PointCache(evaluate, spec.max_evals)
     diagonal_budget = max(1, spec.max_evals // 2)
     diagonal_spec = spec.model_copy(update={"strategy": "golden", "max_evals": diagonal_budget})
-    try:
-        diagonal = search_lambda(lambda lam: cached((lam,) * n), objective, diagonal_spec)
-        start: Point = (diagonal.best_lambda,) * n
-    except NoFeasibleLambda:
-        start = (objective.fallback if objective.fallback is not None else spec.lambda_min,) * n
+    if start is not None:
+        origin: Point = (float(start),) * n
+    else:
+        try:
+            origin = (search_lambda(lambda lam: cached((lam,) * n), objective, diagonal_spec).best_lambda,) * n
+        except NoFeasibleLambda:
+            origin = (objective.fallback if objective.fallback is not None else spec.lambda_min,) * n
     after_diagonal = len(cached.cache)
     spacing = (spec.lambda_max - spec.lambda_min) / (spec.grid_points - 1)
 
     def key(point: Point) -> float:
         return objective.key(cached(point))
 
-    found = coordinate_search(key, start, step=2 * spacing, min_step=spacing / 4, lower=spec.lambda_min, upper=spec.lambda_max)
+    found = coordinate_search(key, origin, step=2 * spacing, min_step=spacing / 4, lower=spec.lambda_min, upper=spec.lambda_max)
     feasible = [p for p, m in cached.cache.items() if objective.feasible(m)]
     if not feasible:
         raise NoFeasibleLambda(f"no feasible per-task λ: every evaluated point breaks the {objective.name} constraint")
@@ -183,7 +187,7 @@ def per_task_search(
         budget_exhausted=found.budget_exhausted,
         details={
             "lambdas": dict(zip(names, best, strict=True)),
-            "start": dict(zip(names, start, strict=True)),
+            "start": dict(zip(names, origin, strict=True)),
             "phases": {"diagonal": after_diagonal, "coordinate": len(cached.cache) - after_diagonal},
             "max_evals": spec.max_evals,
             "objective_details": objective.describe,

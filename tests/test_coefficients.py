@@ -84,6 +84,15 @@ def test_per_task_search_reaches_distinct_per_task_optima_within_budget():
     assert not res.budget_exhausted
 
 
+def test_per_task_search_from_a_given_start_spends_everything_on_coordinates():
+    names, evaluate = quadratic((0.4, 1.2))
+    objective = addition_objective(names, {n: 1.0 for n in names})
+    res = per_task_search(evaluate, 2, objective, SPEC, labels=names, start=0.8)
+    assert res.details["start"] == {"t0": 0.8, "t1": 0.8}
+    assert res.details["phases"]["diagonal"] == 0
+    assert res.details["lambdas"] == {"t0": 0.4, "t1": 1.2}
+
+
 def test_per_task_search_beats_the_global_lambda_exactly_by_the_known_margin():
     names, evaluate = quadratic((0.2, 1.8))
     objective = addition_objective(names, {n: 1.0 for n in names})

@@ -1,11 +1,11 @@
 """Addition with learned coefficients: one λ per task (``per_task``) and layer-wise AdaMerging (``adamerging``).
 
 Hooked into :func:`benchmarks.paper.addition.run_addition` by the ``learned``
-list of the addition spec. Per-task λ: its own diagonal (global) golden search
-then coordinate search, ``per_task_max_evals`` evaluations in all, maximising
-mean normalised **validation** accuracy. AdaMerging: every coefficient starts
-at the task-arithmetic sum's searched λ (``adamerging_init_from_sum``, when
-that method ran) and is trained on the prediction entropy of the unlabelled
+list of the addition spec. With ``adamerging_init_from_sum`` (and the
+task-arithmetic sum in the methods) both start from its searched λ. Per-task
+λ: compass search from there (else: its own diagonal golden search first),
+``per_task_max_evals`` evaluations in all, maximising mean normalised
+**validation** accuracy. AdaMerging: every coefficient starts there and is trained on the prediction entropy of the unlabelled
 validation texts. Both are scored once on test.
 """
 
@@ -42,12 +42,13 @@ def run_learned(
         if name == "per_task":
             spec = params.search.model_copy(update={"max_evals": add.per_task_max_evals})
             objective = addition_objective(tasks, ft_val)
-            res = per_task_search(suite_evaluator(suite, taus, "validation", tasks), len(taus), objective, spec, labels=list(tasks))
+            origin = start if add.adamerging_init_from_sum else None
+            res = per_task_search(suite_evaluator(suite, taus, "validation", tasks), len(taus), objective, spec, labels=list(tasks), start=origin)
             lambdas = res.details["lambdas"]
             test = suite_evaluator(suite, taus, "test", tasks)(tuple(lambdas[t] for t in tasks))
             out_rows["per-task λ"] = {"lambda": res.best_lambda, "lambdas": lambdas, "validation": res.best_metrics, "test": test}
             records["per_task"] = res.to_dict()
-            log(f"[learned] per-task λ {lambdas} (val score {res.best_score:.4f}, {len(res.evaluations)} evals, {time.perf_counter() - started:.0f}s)")
+            log(f"[learned] per-task λ {lambdas} (val score {res.best_score:.4f}, test {test}, {len(res.evaluations)} evals, {time.perf_counter() - started:.0f}s)")
         else:
             spec = add.adamerging.model_copy(update={"init": start}) if start is not None and add.adamerging_init_from_sum else add.adamerging
             res = adamerge_suite(suite, taus, tasks, spec, split="validation", log=log)

@@ -54,7 +54,7 @@ class AdditionSpec(_Strict):
     learned: list[Literal["per_task", "adamerging"]] = Field(default_factory=list)
     per_task_max_evals: int = Field(default=24, ge=2)
     adamerging: AdaMergingSpec = Field(default_factory=AdaMergingSpec)
-    adamerging_init_from_sum: bool = True
+    adamerging_init_from_sum: bool = True  # per_task and adamerging start from task arithmetic's searched λ
 
 
 class AnalogySpec(_Strict):
