@@ -239,6 +239,8 @@ class PipelineParams(_RegisterField):
                 raise ValueError(f"task {name!r} is used by the edit plan or finetune.tasks but not declared under tasks")
         if not has_plan:
             return self
+        if plan.recipe and self.search.strategy in ("per_task", "adamerging"):
+            raise ValueError(f"search.strategy {self.search.strategy} scales each vector; edit.recipe merges them first: use grid or golden with a recipe")
         missing = [t for t in plan.vector_tasks() if t not in self.finetune.tasks]
         if missing:
             raise ValueError(f"edit uses the vector of {missing[0]!r}; add it to finetune.tasks")

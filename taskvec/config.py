@@ -174,21 +174,43 @@ class EvalSpec(_Strict):
     seed: int = 0
 
 
+class AdaMergingSpec(_Strict):
+    """Layer-wise AdaMerging (Yang et al., ICLR 2024): coefficients trained on unlabelled validation text.
+
+    ``init``: every coefficient's start (the paper's 0.3); ``steps`` Adam steps
+    of ``lr`` on batches of ``batch_size`` texts per task; ``granularity``:
+    one coefficient per task and ``layer`` (each transformer block, plus one
+    for the embeddings and the rest) or per ``task`` only.
+    """
+
+    init: float = 0.3
+    steps: PositiveInt = 40
+    lr: float = Field(default=0.01, gt=0)
+    batch_size: PositiveInt = 16
+    granularity: Literal["layer", "task"] = "layer"
+    seed: int = 0
+
+
 class SearchSpec(_Strict):
     """λ search over ``grid_points`` evenly spaced λ in [lambda_min, lambda_max].
 
     ``grid`` evaluates every point (the paper's 21 on [0, 1]); ``golden``
     searches the same lattice in at most ``max_evals`` evaluations. Negation
     keeps λ whose control accuracy is ≥ ``control_threshold`` × the base's.
+    ``per_task`` searches one λ per vector in at most ``max_evals`` evaluations
+    (:mod:`taskvec.coefficients`); ``adamerging`` learns per-layer, per-task
+    coefficients by entropy minimisation (:mod:`taskvec.adamerging`, options
+    in ``adamerging``).
     """
 
-    strategy: Literal["golden", "grid"] = "golden"
+    strategy: Literal["golden", "grid", "per_task", "adamerging"] = "golden"
     grid_points: int = Field(default=21, ge=2)
     max_evals: PositiveInt = 8
     lambda_min: float = 0.0
     lambda_max: float = 1.0
     split: Literal["validation", "test"] = "validation"
     control_threshold: float = Field(default=0.95, gt=0, le=1)
+    adamerging: AdaMergingSpec = Field(default_factory=lambda: AdaMergingSpec())
 
     @model_validator(mode="after")
     def _check_range(self) -> SearchSpec:

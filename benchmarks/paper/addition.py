@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.paper.learned import run_learned
 from benchmarks.paper.spec import ExperimentParams
 from benchmarks.paper.suite import search
 from benchmarks.paper.vectors import global_norm, merge_vectors
@@ -35,6 +36,10 @@ def run_addition(suite: Suite, taus: Mapping[str, dict], params: ExperimentParam
         res = search(suite, params, merged, "addition", tasks, reference=ft_val, curve_dir=out / "curves" / f"addition-{m.name}", label=f"addition {m.name}", log=log)
         rows[m.name] = {"lambda": res.best_lambda, "method": m.model_dump(), "validation": res.best_metrics, "test": suite.at(merged, res.best_lambda, "test", tasks)}
         searches[m.name] = res.to_dict()
+    if add.learned:
+        learned_rows, learned_searches = run_learned(suite, [taus[t] for t in tasks], tasks, ft_val, params, rows, log)
+        rows |= learned_rows
+        searches |= learned_searches
     for row in rows.values():
         row["normalized_test"] = {t: row["test"][t] / ft_test[t] for t in tasks}
         row["mean_test"] = float(np.mean([row["test"][t] for t in tasks]))

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from taskvec.config import MergeMethod, MergeSpec, Params, SearchSpec, TrainSpec, _Strict, load_params
+from taskvec.config import AdaMergingSpec, MergeMethod, MergeSpec, Params, SearchSpec, TrainSpec, _Strict, load_params
 
 
 class GradientAscentSpec(_Strict):
@@ -42,6 +42,11 @@ class AdditionSpec(_Strict):
             MethodSpec(name="dare_ties", method="dare_ties", drop=0.5),
         ]
     )
+    # learned coefficients (benchmarks/paper/learned.py): per_task (one λ per vector), adamerging (per layer and task)
+    learned: list[Literal["per_task", "adamerging"]] = Field(default_factory=list)
+    per_task_max_evals: int = Field(default=24, ge=2)
+    adamerging: AdaMergingSpec = Field(default_factory=AdaMergingSpec)
+    adamerging_init_from_sum: bool = True  # per_task and adamerging start from task arithmetic's searched λ
 
 
 class AnalogySpec(_Strict):
@@ -51,6 +56,10 @@ class AnalogySpec(_Strict):
     source: str = "amazon"
     target_lm: str = "yelp_lm"
     source_lm: str = "amazon_lm"
+    # how the domain difference τ_target_lm − τ_source_lm is built (benchmarks/paper/domain.py)
+    domain_objective: Literal["mlm", "simcse"] = "mlm"
+    lm_tensors: Literal["all", "layers"] = "all"
+    lm_norm: Literal["none", "source"] = "source"
 
     def tasks(self) -> list[str]:
         """The four tasks fine-tuned for the analogy."""
@@ -92,6 +101,9 @@ def quick_params(params: ExperimentParams) -> ExperimentParams:
     p.eval.max_rows.validation = q.validation_rows
     p.eval.max_rows.test = q.test_rows
     p.search = SearchSpec.model_validate(p.search.model_dump() | {"max_evals": q.max_evals})
+    if p.bench.addition is not None:
+        p.bench.addition.per_task_max_evals = min(p.bench.addition.per_task_max_evals, 2 * q.max_evals)
+        p.bench.addition.adamerging.steps = min(p.bench.addition.adamerging.steps, q.ga_steps)
     if p.bench.negation is not None:
         ga = p.bench.negation.gradient_ascent
         ga.steps = q.ga_steps

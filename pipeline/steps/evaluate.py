@@ -58,17 +58,9 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     best = json.loads(best_file.read_text())
     record = json.loads(record_file.read_text())
     lam = float(best["lambda"])
-    vectors, options = [], p.edit.merge_options()
-    if record.get("recipe"):  # a recipe's merge is not λ-linear: apply the composed vector the search scaled
-        composed = P.edit_dir(p) / VECTOR
-        if not composed.is_file():
-            raise TaskvecError(f"composed vector not found: {composed} (run the compose step first)")
-        vectors.append((str(composed), lam))
-    for item in [] if record.get("recipe") else record["inputs"]:
-        path = P.vector_path(p, item["task"])
-        if not path.is_file():
-            raise TaskvecError(f"task vector of {item['task']} not found: {path}")
-        vectors.append((str(path), round(lam * float(item["sign"]), 10)))
+    from pipeline.steps.search_coeffs import edit_vectors
+
+    vectors = edit_vectors(p, best, record)
     tasks = p.edit.eval_tasks()
     split = "test"
     suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32)

@@ -68,6 +68,10 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     vectors = list(dict.fromkeys(p.root / i["path"] if (p.root / i["path"]).is_file() else P.vector_path(p, i["task"]) for i in composition["inputs"])) if thin or p.register.log_vectors else []
     if composition.get("recipe") and (thin or p.register.log_vectors):  # the ledger applies the composed vector itself
         vectors.append(p.root / composition["vector"])
+    if thin or p.register.log_vectors:  # AdaMerging's per-layer-scaled vectors are what the ledger lists
+        from pipeline.steps.search_coeffs import scaled_vector_paths
+
+        vectors += scaled_vector_paths(p)
     tracker = tracking.Tracker(p)
     own_parent = parent_run_id is None
     parent = parent_run_id or tracker.start("edit (dvc repro)" if not flow_run_id else "edit", tags={"taskvec.runner": "dvc" if not flow_run_id else "prefect", "prefect.flow_run_id": str(flow_run_id or "none")})

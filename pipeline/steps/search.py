@@ -113,9 +113,16 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         editor.apply(lam)
         return suite.accuracies()
 
+    out = P.search_dir(p)
+    extra, scaled = {}, {}
     with suite.editor(tau) as editor:
         try:
-            found = search_lambda(evaluate, objective, p.search)
+            if p.search.strategy in ("per_task", "adamerging"):  # learned coefficients: pipeline/steps/search_coeffs.py
+                from pipeline.steps.search_coeffs import learned_search
+
+                found, extra, scaled = learned_search(p, suite, objective, out)
+            else:
+                found = search_lambda(evaluate, objective, p.search)
         except NoFeasibleLambda:
             raise TaskvecError(
                 f"no λ in [{p.search.lambda_min}, {p.search.lambda_max}] keeps every control task above "
@@ -133,8 +140,12 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         "vector_sha256": _sha(vector),
         "data": lineage(p, suite.lineage(split)),
     }
-    out = P.search_dir(p)
+    result |= extra
     with atomic_dir(out) as tmp:
+        if scaled:
+            from pipeline.steps.search_coeffs import write_scaled
+
+            result["vectors"] = write_scaled(p, tmp, out, scaled)
         write_curve(tmp, found, tasks=tasks, score_column="objective", task_prefix="acc/")
         (tmp / BEST).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     seconds = round(time.perf_counter() - started, 2)  # for MLflow metrics only: best.json holds no wall time

@@ -1,0 +1,49 @@
+"""The paper benchmark's learned-coefficient rows (addition) and analogy domain options, on tiny data."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from benchmarks.paper.experiments import run_benchmark
+from tests.test_experiments import bench_params  # noqa: F401 - fixture
+from tests.conftest_tasks import tiny_model  # noqa: F401 - fixture
+
+
+def test_learned_rows_and_simcse_analogy(bench_params, tmp_path):  # noqa: F811
+    p = bench_params
+    p.bench.negation = None
+    p.bench.addition.methods = [m for m in p.bench.addition.methods if m.name == "task_arithmetic"]
+    p.bench.addition.learned = ["per_task", "adamerging"]
+    p.bench.addition.per_task_max_evals = 6
+    p.bench.addition.adamerging = p.bench.addition.adamerging.model_copy(update={"steps": 2, "batch_size": 8})
+    p.bench.analogy.domain_objective = "simcse"
+    p.bench.analogy.lm_tensors = "layers"
+    p.bench.analogy.lm_norm = "source"
+    out = tmp_path / "out"
+    lines = []
+    results = run_benchmark("inline", out, params=p, log=lines.append)
+    rows = results["addition"]["rows"]
+    per_task = rows["per-task λ"]
+    assert set(per_task["lambdas"]) == {"senti", "other"}
+    assert all(0.0 <= v <= 2.0 for v in per_task["lambdas"].values())
+    assert per_task["lambda"] == pytest.approx(sum(per_task["lambdas"].values()) / 2)
+    assert len(results["addition"]["searches"]["per_task"]["evaluations"]) <= 6
+    ada = rows["AdaMerging (layer-wise)"]
+    assert set(ada["coefficients"]) == {"senti", "other"}
+    record = results["addition"]["searches"]["adamerging"]
+    # every coefficient starts at the task-arithmetic λ
+    assert record["adamerging"]["init"] == rows["task_arithmetic"]["lambda"]
+    for row in (per_task, ada):
+        assert 0.0 <= row["mean_normalized_test"] <= 2.0
+    assert "per-task λ" in (out / "results.md").read_text()
+    an = results["analogy"]
+    dom = an["domain"]
+    assert dom["domain_objective"] == "simcse" and dom["lm_tensors"] == "layers"
+    assert dom["scale"] * dom["norm"]["difference"] == pytest.approx(dom["norm"]["source"], rel=1e-9)
+    assert any("raw MLM vectors" in name for name in an["rows"]) and any("simcse, layers tensors" in name for name in an["rows"])
+    assert any(line.startswith("[simcse]") for line in lines)
+    lines.clear()
+    again = run_benchmark("inline", out, params=p, log=lines.append)
+    assert not any(line.startswith("[simcse]") for line in lines)  # cached
+    assert again["analogy"]["domain"] == dom
