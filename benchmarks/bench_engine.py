@@ -46,7 +46,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.models import build_models
+if __package__ in (None, ""):  # run as a script (make bench): the repository root holds the benchmarks package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.models import build_models, compare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
@@ -176,35 +179,11 @@ def _taskvec_cmd() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "taskvec.cli"]
 
 
-def max_abs_diff(a: Path, b: Path) -> float:
-    """max |a − b| over all tensors of two model folders (streamed)."""
-    from safetensors import safe_open
-
-    def files(d: Path) -> dict[str, Path]:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as h:
-                out.update({k: f for k in h.keys()})
-        return out
-
-    fa, fb = files(a), files(b)
-    if set(fa) != set(fb):
-        raise SystemExit(f"tensor names differ between {a} and {b}: {sorted(set(fa) ^ set(fb))[:5]}")
-    worst = 0.0
-    for name in sorted(fa):
-        with safe_open(fa[name], framework="pt") as ha, safe_open(fb[name], framework="pt") as hb:
-            ta, tb = ha.get_tensor(name), hb.get_tensor(name)
-            if ta.shape != tb.shape or ta.dtype != tb.dtype:
-                raise SystemExit(f"{name}: {ta.shape}/{ta.dtype} vs {tb.shape}/{tb.dtype}")
-            worst = max(worst, float((ta.double() - tb.double()).abs().max()))
-    return worst
-
-
 # ---------------------------------------------------------------------------
 # One case
 
 
-def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, check: bool) -> dict:
+def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, check: bool, paths: bool = True) -> dict:
     case_root = root / f"{dtype}-{size_gb:g}gb"
     model = build_models(case_root, size_gb, dtype)
     dirs = model.pop("dirs")
@@ -251,10 +230,10 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
             s = run_child(cmd, env, cleanup.get(key, []))
             samples[key].append(s)
             print(f"  [{i + 1}/{repeats}] {key:<14} {s['wall_s']:7.2f} s  {s['maxrss'] / MIB:8,.0f} MiB", flush=True)
-    diff = max_abs_diff(out_tv, out_mk) if check else None
+    diff = compare(out_tv, out_mk)["max_abs_diff"] if check else None
     for p in (out_tv, out_mk, runs / "floor.out"):
         _remove(p)
-    for key, cmd in others.items():
+    for key, cmd in others.items() if paths else ():
         warm(inputs if key != "combine ties" else [v1, v2])
         s = run_child(cmd, env, cleanup.get(key, []))
         samples[key].append(s)
@@ -297,7 +276,12 @@ def _mib(n: float) -> str:
     return f"{n / MIB:,.0f}"
 
 
+def _case(r: dict) -> str:
+    return f"| {r['model']['bytes_per_model'] / 1e9:.2f} GB | {r['dtype']} |"
+
+
 def render(results: list[dict], meta: dict) -> str:
+    results = sorted(results, key=lambda r: (r["model"]["bytes_per_model"] * {"float32": 1}.get(r["dtype"], 2), r["dtype"]))
     lines = [
         f"# taskvec engine benchmark{' (quick)' if meta['quick'] else ''}",
         "",
@@ -313,7 +297,7 @@ def render(results: list[dict], meta: dict) -> str:
         m, model = r["median"], r["model"]
         diff = "—" if r["max_abs_diff_vs_mergekit"] is None else f"{r['max_abs_diff_vs_mergekit']:.3g}"
         lines.append(
-            f"| {model['bytes_per_model'] / 1e9:.2f} GB | {r['dtype']} | {model['largest_tensor']['bytes'] / MIB:,.1f} MiB | {m['floor']['wall_s']:.2f} s | "
+            f"{_case(r)} {model['largest_tensor']['bytes'] / MIB:,.1f} MiB | {m['floor']['wall_s']:.2f} s | "
             f"{m['taskvec merge']['wall_s']:.2f} s | {m['mergekit']['wall_s']:.2f} s | {r['ratios']['floor']:.2f}× | {r['ratios']['mergekit']:.2f}× | "
             f"{_mib(r['above_baseline']['taskvec merge'])} MiB | {_mib(r['bound'])} MiB | {_mib(m['mergekit']['maxrss'])} MiB | {diff} | "
             f"{'**disk-bound**' if r['disk_bound'] else 'warm'} |"
@@ -328,9 +312,11 @@ def render(results: list[dict], meta: dict) -> str:
     for r in results:
         m, above = r["median"], r["above_baseline"]
         keys = ("extract", "apply", "combine ties", "merge ties", "merge dare")
+        if not all(k in m for k in keys):
+            continue
         worst = max(above.values())
         lines.append(
-            f"| {r['model']['bytes_per_model'] / 1e9:.2f} GB | {r['dtype']} | "
+            f"{_case(r)} "
             + " | ".join(f"{m[k]['wall_s']:.2f} s / {_mib(above[k])} MiB" for k in keys)
             + f" | {_mib(worst)} MiB | {'yes' if worst <= r['bound'] else 'NO'} |"
         )
@@ -347,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the models and outputs")
     ap.add_argument("--no-check", action="store_true", help="skip the taskvec-vs-mergekit comparison")
     ap.add_argument("--quick", action="store_true", help="one 0.1 GB float32 case, one repeat")
+    ap.add_argument("--paths-max-gb", type=float, default=None, help="run the other paths (extract, apply, TIES, DARE) only for cases up to this size")
+    ap.add_argument("--append", action="store_true", help="add these cases to the results already in benchmarks/out/engine.json")
     args = ap.parse_args(argv)
     sizes = [0.1] if args.quick else (args.sizes if args.sizes is not None else [0.3, 1, 3, 6])
     half = [] if args.quick else (args.half if args.half is not None else [1])
-    cases = [(s, "float32") for s in sizes] + [(s, d) for s in half for d in ("bfloat16", "float16")]
+    cases = sorted([(s, "float32") for s in sizes] + [(s, d) for s in half for d in ("bfloat16", "float16")], key=lambda c: c[0])
 
     OUT.mkdir(parents=True, exist_ok=True)
     import safetensors
@@ -366,10 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     meta = {"quick": args.quick, "host": f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem_available() / 1e9:.0f} GB memory available, {platform.system()} {platform.release()}", "versions": versions}
     stem = "engine-quick" if args.quick else "engine"
-    results = []
+    results = json.loads((OUT / f"{stem}.json").read_text())["results"] if args.append and (OUT / f"{stem}.json").is_file() else []
     for size, dtype in cases:
         t0 = time.perf_counter()
-        results.append(run_case(size, dtype, 1 if size >= 3 else args.repeats, args.root, args.keep, not args.no_check))
+        paths = args.paths_max_gb is None or size <= args.paths_max_gb
+        results.append(run_case(size, dtype, 1 if size >= 3 else args.repeats, args.root, args.keep, not args.no_check, paths))
         print(f"  case done in {time.perf_counter() - t0:.0f} s", flush=True)
         table = render(results, meta)
         (OUT / f"{stem}.md").write_text(table)

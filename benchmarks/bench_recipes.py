@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_engine import BENCH_VENV, OUT, _taskvec_cmd, ensure_mergekit
-from benchmarks.models import build_models
+from benchmarks.models import build_models, compare
 
 
 def recipes(d: dict[str, Path]) -> dict[str, str]:
@@ -54,36 +54,6 @@ def recipes(d: dict[str, Path]) -> dict[str, str]:
         "dare_linear": head + "merge_method: dare_linear\nparameters: {density: 0.5}\nmodels:\n" + models(["weight: 0.5", "weight: 0.5"]),
         "dare_ties": head + "merge_method: dare_ties\nparameters: {density: 0.5}\nmodels:\n" + models(["weight: 1.0", "weight: 1.0"]),
     }
-
-
-def compare(a: Path, b: Path) -> dict:
-    """max |a − b|, count of tensors whose bits differ, and of differing entries."""
-    import torch
-    from safetensors import safe_open
-
-    def tensors(d: Path) -> dict[str, Path]:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as h:
-                out.update({k: f for k in h.keys()})
-        return out
-
-    fa, fb = tensors(a), tensors(b)
-    if set(fa) != set(fb):
-        raise SystemExit(f"tensor names differ: {sorted(set(fa) ^ set(fb))[:5]}")
-    worst, bad_tensors, bad_entries, total = 0.0, 0, 0, 0
-    for name in sorted(fa):
-        with safe_open(fa[name], framework="pt") as ha, safe_open(fb[name], framework="pt") as hb:
-            ta, tb = ha.get_tensor(name), hb.get_tensor(name)
-        if ta.dtype != tb.dtype or ta.shape != tb.shape:
-            raise SystemExit(f"{name}: {ta.dtype}{list(ta.shape)} vs {tb.dtype}{list(tb.shape)}")
-        diff = ta.view(torch.int32) != tb.view(torch.int32) if ta.dtype == torch.float32 else ta != tb
-        n = int(diff.sum())
-        bad_entries += n
-        bad_tensors += n > 0
-        total += ta.numel()
-        worst = max(worst, float((ta.double() - tb.double()).abs().max()))
-    return {"max_abs_diff": worst, "tensors": len(fa), "tensors_differing": bad_tensors, "entries_differing": bad_entries, "entries": total}
 
 
 def kept_fraction(merged: Path, base: Path) -> float:

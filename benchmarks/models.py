@@ -130,3 +130,33 @@ def build_models(root: Path, size_gb: float, dtype: str = "float32", finetunes: 
     stamp.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"  built in {time.perf_counter() - t0:.1f} s", flush=True)
     return {"dirs": dirs, **meta}
+
+
+def compare(a: Path, b: Path) -> dict:
+    """max |a − b|, count of tensors whose bits differ, and of differing entries."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(d: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    fa, fb = tensors(a), tensors(b)
+    if set(fa) != set(fb):
+        raise SystemExit(f"tensor names differ: {sorted(set(fa) ^ set(fb))[:5]}")
+    worst, bad_tensors, bad_entries, total = 0.0, 0, 0, 0
+    for name in sorted(fa):
+        with safe_open(fa[name], framework="pt") as ha, safe_open(fb[name], framework="pt") as hb:
+            ta, tb = ha.get_tensor(name), hb.get_tensor(name)
+        if ta.dtype != tb.dtype or ta.shape != tb.shape:
+            raise SystemExit(f"{name}: {ta.dtype}{list(ta.shape)} vs {tb.dtype}{list(tb.shape)}")
+        diff = ta.view(torch.int32) != tb.view(torch.int32) if ta.dtype == torch.float32 else ta != tb
+        n = int(diff.sum())
+        bad_entries += n
+        bad_tensors += n > 0
+        total += ta.numel()
+        worst = max(worst, float((ta.double() - tb.double()).abs().max()))
+    return {"max_abs_diff": worst, "tensors": len(fa), "tensors_differing": bad_tensors, "entries_differing": bad_entries, "entries": total}
