@@ -1,9 +1,9 @@
 """Bit parity of ``taskvec merge --config recipe.yml`` with mergekit 0.1.5.
 
-1. Builds (or reuses) a small synthetic Llama (``--size-gb``, default 0.05 ≈
-   58 MB float32, two layers) and fine-tuned copies with bench_engine's
-   builder, plus a third fine-tuned copy (noise seed 3) so three-way sums are
-   covered.
+1. Builds (or reuses, under ``benchmarks/out/recipe-models``) a small
+   synthetic Llama (``--size-gb``, default 0.05 GB float32) and three
+   fine-tuned copies (noise seeds 1–3, so three-way sums are covered) with
+   :func:`benchmarks.models.build_models`.
 2. Reuses bench_engine's ``.bench-venv`` (CPU torch, same version as ours, and
    ``mergekit==0.1.5``), creating it if missing.
 3. For each recipe below, runs ``mergekit-yaml recipe.yml OUT`` (one thread,
@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_engine import BENCH_VENV, OUT, _gen, _SafetensorsOut, _taskvec_cmd, build_models, ensure_mergekit, llama_config, llama_specs
+from benchmarks.bench_engine import BENCH_VENV, OUT, _taskvec_cmd, ensure_mergekit
+from benchmarks.models import build_models, compare
 
 
 def recipes(d: dict[str, Path]) -> dict[str, str]:
@@ -53,57 +54,6 @@ def recipes(d: dict[str, Path]) -> dict[str, str]:
         "dare_linear": head + "merge_method: dare_linear\nparameters: {density: 0.5}\nmodels:\n" + models(["weight: 0.5", "weight: 0.5"]),
         "dare_ties": head + "merge_method: dare_ties\nparameters: {density: 0.5}\nmodels:\n" + models(["weight: 1.0", "weight: 1.0"]),
     }
-
-
-def build_third(size_gb: float, dirs: dict[str, Path]) -> Path:
-    """ft3 = base + N(0, 1e-3) (seed 3), written next to bench_engine's models."""
-    import torch
-    from safetensors import safe_open
-
-    ft3 = dirs["base"].parent / "ft3"
-    if (ft3 / "model.safetensors").is_file() and (ft3 / "model.safetensors").stat().st_mtime >= (dirs["base"] / "model.safetensors").stat().st_mtime:
-        return ft3
-    shutil.rmtree(ft3, ignore_errors=True)
-    ft3.mkdir()
-    cfg = llama_config(size_gb)
-    cfg.save_pretrained(ft3)
-    specs = llama_specs(cfg)
-    w = _SafetensorsOut(ft3 / "model.safetensors", specs)
-    with safe_open(dirs["base"] / "model.safetensors", framework="pt") as h:
-        for name, shape in specs:
-            w.write(torch.randn(shape, generator=_gen(3, name)).mul_(1e-3).add_(h.get_tensor(name)))
-    w.close()
-    return ft3
-
-
-def compare(a: Path, b: Path) -> dict:
-    """max |a − b|, count of tensors whose bits differ, and of differing entries."""
-    import torch
-    from safetensors import safe_open
-
-    def tensors(d: Path) -> dict[str, Path]:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as h:
-                out.update({k: f for k in h.keys()})
-        return out
-
-    fa, fb = tensors(a), tensors(b)
-    if set(fa) != set(fb):
-        raise SystemExit(f"tensor names differ: {sorted(set(fa) ^ set(fb))[:5]}")
-    worst, bad_tensors, bad_entries, total = 0.0, 0, 0, 0
-    for name in sorted(fa):
-        with safe_open(fa[name], framework="pt") as ha, safe_open(fb[name], framework="pt") as hb:
-            ta, tb = ha.get_tensor(name), hb.get_tensor(name)
-        if ta.dtype != tb.dtype or ta.shape != tb.shape:
-            raise SystemExit(f"{name}: {ta.dtype}{list(ta.shape)} vs {tb.dtype}{list(tb.shape)}")
-        diff = ta.view(torch.int32) != tb.view(torch.int32) if ta.dtype == torch.float32 else ta != tb
-        n = int(diff.sum())
-        bad_entries += n
-        bad_tensors += n > 0
-        total += ta.numel()
-        worst = max(worst, float((ta.double() - tb.double()).abs().max()))
-    return {"max_abs_diff": worst, "tensors": len(fa), "tensors_differing": bad_tensors, "entries_differing": bad_entries, "entries": total}
 
 
 def kept_fraction(merged: Path, base: Path) -> float:
@@ -139,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     OUT.mkdir(parents=True, exist_ok=True)
-    model = build_models(args.size_gb)
+    model = build_models(OUT / "recipe-models", args.size_gb, finetunes=(1, 2, 3))
     dirs = dict(model["dirs"])
-    dirs["ft3"] = build_third(args.size_gb, dirs)
     versions = ensure_mergekit()
     runs = OUT / "recipes"
     runs.mkdir(exist_ok=True)

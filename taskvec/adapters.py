@@ -164,42 +164,34 @@ def base_name(module: str, names: Sequence[str] | set[str]) -> str | None:
     return None
 
 
-def extract_adapter(
-    base: str | os.PathLike,
-    adapter_dir: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    dtype: torch.dtype = torch.float32,
-    allow_pickle: bool = False,
-    progress: bool = False,
-    low_rank: bool = False,
-    force: bool = False,
-):
-    """τ of a LoRA adapter over ``base``, written like :func:`taskvec.engine.extract`'s vectors.
+class AdapterSide:
+    """A LoRA adapter as the fine-tuned side of :func:`taskvec.engine.extract`.
 
-    With ``low_rank`` the file keeps the factors (``NAME::lora_A``, ``NAME::lora_B``
-    and the scaling in the header's storage record) instead of dense τ: it is
-    adapter-sized, and :class:`taskvec.vector.VectorFile` densifies each tensor
-    on read with the same arithmetic, so apply/combine give the same bits.
+    τ of each adapted base tensor is :func:`delta` (computed once per tensor,
+    served in chunks); every other selected tensor gets τ = 0. ``low_rank``
+    output keeps the factors instead (:meth:`write_lowrank`).
     """
-    from taskvec.engine import VectorResult, _check_result, _float_names, _progress, select_names
-    from taskvec.io import ContentHasher, Scratch, TensorSource, _tensor_bytes, check_output, file_sha256, resolve_model
-    from taskvec.vector import VectorHeader, VectorWriter
 
-    cfg, factors = lora_deltas(adapter_dir, allow_pickle=allow_pickle)
-    bdir = resolve_model(base)
-    out = check_output(out, [bdir, adapter_dir], kind="file", force=force)
-    # identity: the adapter's content (config and weights), never where it lives
-    adapter_hash = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in sorted(Path(adapter_dir).iterdir()) if f.is_file() and f.name.startswith("adapter_")).encode()).hexdigest()
-    with TensorSource(bdir, allow_pickle=allow_pickle) as b:
+    def __init__(self, adapter_dir: str | os.PathLike, allow_pickle: bool):
+        from taskvec.io import file_sha256
+
+        self.dir = Path(adapter_dir)
+        self.inputs = [self.dir]
+        self.cfg, self.factors = lora_deltas(adapter_dir, allow_pickle=allow_pickle)
+        # identity: the adapter's content (config and weights), never where it lives
+        files = sorted(f for f in self.dir.iterdir() if f.is_file() and f.name.startswith("adapter_"))
+        self.hash = hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode()).hexdigest()
+        self.targets: dict[str, tuple] = {}
+        self._current: tuple[str, torch.Tensor] | None = None
+
+    def select(self, b, base: str, include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+        from taskvec.engine import _float_names, select_names
+
         floats = _float_names(b)
         selected = select_names(floats, include, exclude)
         if not selected:
             raise TaskvecError("empty task vector: no floating tensors left after --include/--exclude")
-        targets: dict[str, tuple] = {}
-        for module, f in factors.items():
+        for module, f in self.factors.items():
             name = base_name(module, set(floats))
             if name is None:
                 raise HomologyError(f"adapter module {module!r} has no '<module>.weight' tensor in the base {base}")
@@ -210,62 +202,51 @@ def extract_adapter(
                 raise HomologyError(f"adapter module {module!r} gives a {list(got)} update but {name!r} is {list(shape)} in the base")
             if name not in selected:
                 raise TaskvecError(f"tensor {name!r} is adapted by the LoRA adapter but left out by --include/--exclude")
-            targets[name] = f
-        header = VectorHeader(
-            base_model=str(base),
-            base_hash="0" * 64,
-            dtype=dtype,
-            recipe={
-                "op": "extract",
-                "finetuned_hash": adapter_hash,
-                "adapter": {k: cfg.get(k) for k in ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")} | {"modules": sorted(targets)},
-                "include": list(include),
-                "exclude": list(exclude),
-            },
-        )
-        if low_rank:
-            return _write_lowrank(b, out, header, selected, targets)
-        selected_set = set(selected)
-        hasher = ContentHasher()
-        total = sum(b.info(n).nbytes for n in b.names())
-        with VectorWriter(out, {n: b.info(n).shape for n in selected}, header) as w, _progress(total, "extract", progress) as bar:
-            scratch = Scratch()
-            for name in sorted(b.names()):
-                t = b.read(name, scratch, "base")
-                info = b.info(name)
-                hasher.update(name, info.dtype, info.shape, _tensor_bytes(t))
-                if name in selected_set:
-                    if name in targets:
-                        tau = delta(*targets[name])
-                        _check_result(tau, name, [], "task-vector")
-                    else:
-                        tau = torch.zeros(tuple(info.shape), dtype=torch.float32)
-                    w.write(name, tau)
-                bar.update(info.nbytes)
-            base_hash = hasher.hexdigest()
-            w.set_base_hash(base_hash)
-        b.remember_content_hash(base_hash)
-        return VectorResult(Path(out), w.sha256, w.param_count, len(selected), base_hash)
+            self.targets[name] = f
+        return selected
 
+    def recipe(self) -> dict:
+        keys = ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+        return {"finetuned_hash": self.hash, "adapter": {k: self.cfg.get(k) for k in keys} | {"modules": sorted(self.targets)}}
 
-def _write_lowrank(b, out, header, selected: Sequence[str], targets: dict[str, tuple]):
-    from taskvec.engine import VectorResult
-    from taskvec.io import StreamingWriter, TensorSpec, atomic_path, file_sha256
+    def tau_into(self, name: str, start: int, stop: int, base32: torch.Tensor, out: torch.Tensor, scratch) -> None:
+        if name not in self.targets:
+            out.zero_()
+            return
+        if self._current is None or self._current[0] != name:
+            self._current = None
+            self._current = (name, delta(*self.targets[name]).reshape(-1))
+        out.copy_(self._current[1][start:stop])
 
-    base_hash = b.content_hash()
-    header.base_hash = base_hash
-    header.storage = {
-        "kind": "lowrank",
-        "shapes": {n: list(b.info(n).shape) for n in selected},
-        "factors": {n: {"scaling": f[2], "transpose": f[3]} for n, f in sorted(targets.items())},
-    }
-    data = []
-    for name, (a, bb, _, _) in sorted(targets.items()):
-        data += [(f"{name}::lora_A", a.to(header.dtype)), (f"{name}::lora_B", bb.to(header.dtype))]
-    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in data]
-    param_count = sum(math.prod(b.info(n).shape) for n in selected)
-    with atomic_path(out) as tmp:
-        with StreamingWriter(tmp, specs, header.metadata(list(selected), param_count)) as w:
-            for name, t in data:
-                w.write(name, t)
-    return VectorResult(Path(out), file_sha256(out), param_count, len(selected), base_hash)
+    def causes(self, name: str):
+        return []
+
+    def advise(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self._current = None
+
+    def write_lowrank(self, b, out, header, selected: Sequence[str]):
+        """The vector as factors (``NAME::lora_A``, ``NAME::lora_B``), adapter-sized."""
+        from taskvec.engine import VectorResult
+        from taskvec.io import StreamingWriter, TensorSpec, atomic_path
+
+        targets = self.targets
+        base_hash = b.content_hash()
+        header.base_hash = base_hash
+        header.storage = {
+            "kind": "lowrank",
+            "shapes": {n: list(b.info(n).shape) for n in selected},
+            "factors": {n: {"scaling": f[2], "transpose": f[3]} for n, f in sorted(targets.items())},
+        }
+        data = []
+        for name, (a, bb, _, _) in sorted(targets.items()):
+            data += [(f"{name}::lora_A", a.to(header.dtype)), (f"{name}::lora_B", bb.to(header.dtype))]
+        specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in data]
+        param_count = sum(math.prod(b.info(n).shape) for n in selected)
+        with atomic_path(out) as tmp:
+            with StreamingWriter(tmp, specs, header.metadata(list(selected), param_count), hash_file=True) as w:
+                for name, t in data:
+                    w.write(name, t)
+        return VectorResult(Path(out), w.sha256, param_count, len(selected), base_hash)

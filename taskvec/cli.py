@@ -99,13 +99,7 @@ def extract(
     """Extract τ = θ_finetuned − θ_base (or τ = scaling·B·A of a PEFT LoRA adapter folder) into a task-vector file."""
     from taskvec.engine import extract as run
 
-    if low_rank:
-        from taskvec.adapters import extract_adapter, is_adapter_dir
-
-        if not is_adapter_dir(finetuned):
-            raise TaskvecError(f"--low-rank needs a PEFT LoRA adapter folder (with adapter_config.json), not {finetuned}")
-        run = functools.partial(extract_adapter, low_rank=True)
-    res = run(base, finetuned, out, include=include or (), exclude=exclude or (), dtype=_dtype(dtype), allow_pickle=allow_pickle, progress=not quiet, force=force)
+    res = run(base, finetuned, out, include=include or (), exclude=exclude or (), dtype=_dtype(dtype), allow_pickle=allow_pickle, progress=not quiet, force=force, low_rank=low_rank)
     typer.echo(f"wrote {res.path}  sha256 {res.sha256}  {res.tensors} tensors, {res.param_count:,} parameters")
 
 

@@ -1,66 +1,54 @@
 """The streaming engine: extract, combine, apply, merge and compress task vectors.
 
-Every operation walks the checkpoints tensor by tensor (sorted by name): read
-one tensor from each input, do the algebra of :mod:`taskvec.algebra` in
-float32, write the result, drop it. Homology (names, shapes, dtypes, base
-hash) is checked from the headers before any arithmetic, and every output is
-written to a temporary path and renamed into place only when complete.
+Every operation walks the checkpoints tensor by tensor (sorted by name) and
+each tensor in flat chunks (:mod:`taskvec.streaming`): read one chunk from
+each input, do the algebra of :mod:`taskvec.algebra` in float32 into the
+buffer that is then written, round once to the output dtype. Homology (names,
+shapes, dtypes, base hash) is checked from the headers before any arithmetic,
+and every output is written to a temporary path and renamed into place only
+when complete.
 
-An applied model folder carries ``taskvec.json``, its *edit ledger*: the base
-model and its content hash, then the ordered list of edits (vector sha256, λ,
-method), and the content hash of the weights produced. A vector taken from a
-base may be applied to a model edited from that same base (the ledger links
-them), which is how an edit is rolled back: apply the same vector with −λ.
-
-Outputs never destroy inputs or foreign data (:func:`taskvec.io.check_output`):
-an output that is, contains or lies inside an input is refused; an existing
-output must be a previous taskvec output (or the caller passes ``force``).
+An applied model folder carries ``taskvec.json``, its edit ledger
+(:mod:`taskvec.ledger`). Outputs never destroy inputs or foreign data
+(:func:`taskvec.io.check_output`): an output that is, contains or lies inside
+an input is refused; an existing output must be a previous taskvec output (or
+the caller passes ``force``).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
-import json
-import math
 import os
 import re
-import shutil
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from taskvec import algebra, methods
+from taskvec.compress import compress
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.io import (
     DEFAULT_SHARD_BYTES,
-    PICKLE_INDEX,
-    PICKLE_WEIGHTS,
-    SAFE_INDEX,
     ContentHasher,
     Scratch,
-    ShardedWriter,
     TensorSource,
-    TensorSpec,
     _tensor_bytes,
-    atomic_dir,
     check_output,
-    is_taskvec_folder,
+    dtype_code,
     resolve_model,
-    user_path,
-    torch_dtype,
 )
-from taskvec.vector import VectorFile, VectorHeader, VectorWriter, check_vectors_homologous, write_sparse_vector
+from taskvec.io.dtypes import chunk_ranges
+from taskvec.ledger import LEDGER_FILE, copy_model_files, descent, read_ledger, root_hash
+from taskvec.methods.streamed import ChunkedMerge
+from taskvec.streaming import ModelStream, Memo, WriteBehind, add_into, check_result, progress_bar, scratch_f32, single_threaded, stream_tensor, whole_tensor, write_model
+from taskvec.vector import VectorFile, VectorHeader, VectorWriter, check_vectors_homologous
 
-LEDGER_FILE = "taskvec.json"
-
-
-# ---------------------------------------------------------------------------
-# Helpers
+__all__ = [
+    "LEDGER_FILE", "MergeOptions", "VectorResult", "apply", "combine", "compress", "copy_model_files", "extract",
+    "merge", "parse_size", "read_ledger", "root_hash", "select_names", "single_threaded",
+]
 
 
 def select_names(names: Sequence[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
@@ -88,84 +76,20 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * base**power)
 
 
-def single_threaded(fn):
-    """Run a streaming operation with one intra-op thread.
-
-    The element-wise work is memory-bound: extra OpenMP threads add spin and
-    barrier waits, and on a busy machine they double wall and CPU time.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    return wrapper
-
-
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t``: one reduction pass, no tensor-sized temporaries.
-
-    A NaN or Inf always makes the sum non-finite; only a sum that overflows
-    needs the exact element-wise check.
-    """
-    if t.numel() == 0:
-        return True
-    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
-
-
-def _check_finite(t: torch.Tensor, what: str, name: str) -> None:
-    if not _all_finite(t):
-        raise TaskvecError(f"{what} has NaN or Inf values in tensor {name!r}")
-
-
-def _check_result(t: torch.Tensor, name: str, inputs: Sequence[tuple[str, Callable[[], torch.Tensor]]], what: str) -> None:
-    """A non-finite result names its cause: the first non-finite input, or an overflow."""
-    if _all_finite(t):
-        return
-    for label, read in inputs:
-        _check_finite(read(), label, name)
-    raise TaskvecError(f"{what} tensor {name!r} overflows float32 (are the λ too large?)")
-
-
 def _float_names(src: TensorSource) -> list[str]:
     return sorted(n for n, i in src.infos().items() if i.is_float)
 
 
-def read_ledger(model_dir: Path) -> dict | None:
-    path = Path(model_dir) / LEDGER_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise TaskvecError(f"{path}: corrupt edit ledger (not JSON)") from None
-
-
-def root_hash(src: TensorSource, model_dir: Path) -> tuple[str, str, dict | None]:
-    """(own content hash, hash of the base it descends from, valid ledger or None).
-
-    A model written by :func:`apply` descends from the base named in its
-    ledger, provided the ledger's recorded output hash matches the weights.
-    """
-    own = src.content_hash()
-    ledger = read_ledger(model_dir) if model_dir.is_dir() else None
-    if ledger and ledger.get("output_hash") == own:
-        return own, ledger["base_hash"], ledger
-    return own, own, None
-
-
-# ---------------------------------------------------------------------------
-# extract
+def _check_homologous(src: TensorSource, names: Sequence[str], other: TensorSource, where: str, fix: str = "") -> None:
+    """Every tensor of ``names`` is in ``other`` with the base's shape and dtype."""
+    for name in names:
+        if name not in other:
+            raise HomologyError(f"tensor {name!r} is in the base but not in {where}{fix}")
+        b, o = src.info(name), other.info(name)
+        if o.shape != b.shape:
+            raise HomologyError(f"tensor {name!r} has shape {list(o.shape)} in {where} but {list(b.shape)} in the base")
+        if o.dtype != b.dtype:
+            raise HomologyError(f"tensor {name!r} has dtype {o.dtype} in {where} but {b.dtype} in the base")
 
 
 @dataclass
@@ -175,6 +99,49 @@ class VectorResult:
     param_count: int
     tensors: int
     base_hash: str
+
+
+# ---------------------------------------------------------------------------
+# extract: one loop for both kinds of fine-tuned side
+
+
+class ModelSide:
+    """A fine-tuned model as the fine-tuned side of :func:`extract`: τ = θ_ft − θ_base."""
+
+    def __init__(self, finetuned, allow_pickle: bool):
+        self.dir = resolve_model(finetuned)
+        self.inputs = [self.dir]
+        self.src = TensorSource(self.dir, allow_pickle=allow_pickle)
+
+    def select(self, b: TensorSource, base: str, include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+        selected = select_names(_float_names(b), include, exclude)
+        extra = sorted(set(select_names(_float_names(self.src), include, exclude)) - set(selected))
+        if extra:
+            raise HomologyError(f"tensor {extra[0]!r} is in the fine-tuned model but not in the base (exclude it with --exclude)")
+        _check_homologous(b, selected, self.src, "the fine-tuned model", " (exclude it with --exclude)")
+        if not selected:
+            raise TaskvecError("empty task vector: no floating tensors left after --include/--exclude")
+        return selected
+
+    def recipe(self) -> dict:
+        return {"finetuned_hash": self.src.content_hash()}  # path-free: same τ, same sha256
+
+    def tau_into(self, name: str, start: int, stop: int, base32: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> None:
+        if self.src.stored_dtype(name) == torch.float32:
+            self.src.read_range_into(name, start, stop, out)
+        else:
+            out.copy_(self.src.read_range(name, start, stop, scratch, "ft"))
+        out.sub_(base32)
+
+    def causes(self, name: str):
+        return [("fine-tuned model", lambda: self.src.read(name))]
+
+    def advise(self, name: str) -> None:
+        if name in self.src:
+            self.src.advise(name)
+
+    def close(self) -> None:
+        self.src.close()
 
 
 @single_threaded
@@ -189,58 +156,79 @@ def extract(
     allow_pickle: bool = False,
     progress: bool = False,
     force: bool = False,
+    low_rank: bool = False,
 ) -> VectorResult:
     """τ = θ_ft − θ_base over the shared floating tensors selected by include/exclude.
 
-    ``finetuned`` may be a PEFT LoRA adapter folder: τ = scaling·B·A (:mod:`taskvec.adapters`).
+    ``finetuned`` may be a PEFT LoRA adapter folder: τ = scaling·B·A
+    (:class:`taskvec.adapters.AdapterSide`; ``low_rank`` keeps the factors).
     """
-    from taskvec.adapters import extract_adapter, is_adapter_dir
+    from taskvec.adapters import AdapterSide, is_adapter_dir
 
-    if is_adapter_dir(finetuned):
-        return extract_adapter(base, finetuned, out, include=include, exclude=exclude, dtype=dtype, allow_pickle=allow_pickle, progress=progress, force=force)
-    bdir, fdir = resolve_model(base), resolve_model(finetuned)
-    dest = check_output(out, [bdir, fdir], kind="file", force=force)
-    with TensorSource(bdir, allow_pickle=allow_pickle) as b, TensorSource(fdir, allow_pickle=allow_pickle) as f:
-        selected = select_names(_float_names(b), include, exclude)
-        ft_selected = select_names(_float_names(f), include, exclude)
-        extra = sorted(set(ft_selected) - set(selected))
-        if extra:
-            raise HomologyError(f"tensor {extra[0]!r} is in the fine-tuned model but not in the base (exclude it with --exclude)")
-        for name in selected:
-            bi = b.info(name)
-            if name not in f:
-                raise HomologyError(f"tensor {name!r} is in the base but not in the fine-tuned model (exclude it with --exclude)")
-            fi = f.info(name)
-            if fi.shape != bi.shape:
-                raise HomologyError(f"tensor {name!r} has shape {list(fi.shape)} in the fine-tuned model but {list(bi.shape)} in the base")
-            if fi.dtype != bi.dtype:
-                raise HomologyError(f"tensor {name!r} has dtype {fi.dtype} in the fine-tuned model but {bi.dtype} in the base")
-        if not selected:
-            raise TaskvecError("empty task vector: no floating tensors left after --include/--exclude")
-        header = VectorHeader(
-            base_model=str(base),
-            base_hash="0" * 64,
-            dtype=dtype,
-            recipe={"op": "extract", "finetuned_hash": f.content_hash(), "include": list(include), "exclude": list(exclude)},  # path-free: same τ, same sha256
-        )
-        selected_set = set(selected)
-        hasher = ContentHasher()
-        total = sum(b.info(n).nbytes for n in b.names())
-        with VectorWriter(dest, {n: b.info(n).shape for n in selected}, header) as w, _progress(total, "extract", progress) as bar:
-            scratch = Scratch()  # two buffers in flight: base and fine-tuned
-            for name in sorted(b.names()):
-                t = b.read(name, scratch, "base")
+    adapter = is_adapter_dir(finetuned)
+    if low_rank and not adapter:
+        raise TaskvecError(f"--low-rank needs a PEFT LoRA adapter folder (with adapter_config.json), not {finetuned}")
+    side = AdapterSide(finetuned, allow_pickle) if adapter else None
+    bdir = resolve_model(base)
+    side = side or ModelSide(finetuned, allow_pickle)
+    try:
+        dest = check_output(out, [bdir, *side.inputs], kind="file", force=force)
+        with TensorSource(bdir, allow_pickle=allow_pickle) as b:
+            selected = side.select(b, str(base), include, exclude)
+            recipe = {"op": "extract", **side.recipe(), "include": list(include), "exclude": list(exclude)}
+            header = VectorHeader(base_model=str(base), base_hash="0" * 64, dtype=dtype, recipe=recipe)
+            if low_rank:
+                return side.write_lowrank(b, dest, header, selected)
+            return _extract_stream(b, side, dest, header, selected, progress)
+    finally:
+        side.close()
+
+
+def _extract_stream(b: TensorSource, side, dest: Path, header: VectorHeader, selected: list[str], progress: bool) -> VectorResult:
+    """The one extract loop: base chunks in, τ chunks out; the base's content hash on the way, unless cached."""
+    known = b.cached_content_hash()
+    if known:
+        header.base_hash = known
+    hasher = None if known else ContentHasher()
+    selected_set, scratch = set(selected), Scratch()
+    names = sorted(b.names())
+    code = dtype_code(header.dtype)
+    with VectorWriter(dest, {n: b.info(n).shape for n in selected}, header, hash_file=bool(known)) as w, progress_bar(sum(b.info(n).nbytes for n in names), "extract", progress) as bar:
+        sink = WriteBehind(w.write)
+        try:
+            for i, name in enumerate(names):
+                for nxt in names[i + 1 : i + 2]:
+                    b.advise(nxt)
+                    side.advise(nxt)
                 info = b.info(name)
-                hasher.update(name, info.dtype, info.shape, _tensor_bytes(t))
-                if name in selected_set:
-                    tau = f.read_float32(name, scratch, "ft").sub_(t.to(torch.float32))
-                    _check_result(tau, name, [("base model", lambda n=name: b.read(n)), ("fine-tuned model", lambda n=name: f.read(n))], "task-vector")
-                    w.write(name, tau)
+                if hasher:
+                    hasher.begin(name, info.dtype, info.shape)
+                if name not in selected_set:
+                    for start, stop in chunk_ranges(info.numel, 4) if hasher else ():
+                        hasher.feed(_tensor_bytes(b.read_range(name, start, stop, scratch, "base")))
+                    bar.update(info.nbytes)
+                    continue
+
+                def produce(start, stop, out, name=name):
+                    raw = b.read_range(name, start, stop, scratch, "base")
+                    if hasher:
+                        hasher.feed(_tensor_bytes(raw))
+                    base32 = raw if raw.dtype == torch.float32 else scratch_f32(scratch, "base/f32", stop - start).copy_(raw)
+                    tau = out if out.dtype == torch.float32 else scratch_f32(scratch, "tau", stop - start)
+                    side.tau_into(name, start, stop, base32, tau, scratch)
+                    check_result(tau, name, [("base model", lambda: b.read(name)), *side.causes(name)], "task-vector")
+                    return tau
+
+                stream_tensor(sink, name, code, info.shape, header.dtype, produce)
                 bar.update(info.nbytes)
-            base_hash = hasher.hexdigest()
+        finally:
+            sink.close()
+        base_hash = known or hasher.hexdigest()
+        if not known:
             w.set_base_hash(base_hash)
+    if not known:
         b.remember_content_hash(base_hash)
-        return VectorResult(Path(out), w.sha256, w.param_count, len(selected), base_hash)
+    return VectorResult(Path(dest), w.sha256, w.param_count, len(selected), base_hash)
 
 
 # ---------------------------------------------------------------------------
@@ -262,9 +250,16 @@ class MergeOptions:
         """The method and the options it takes (the vector recipe / ledger entry)."""
         return {"method": self.method, **{name: getattr(self, name) for name in methods.get(self.method).option_names}}
 
+    def _seeds(self, name: str, n: int) -> list[int]:
+        return [algebra.tensor_seed(self.seed, i, name) for i in range(n)]
+
     def combine(self, name: str, taus: Sequence[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
-        seeds = [algebra.tensor_seed(self.seed, i, name) for i in range(len(taus))]
-        return algebra.merge(self.method, taus, lambdas, density=self.density, drop=self.drop, seeds=seeds)
+        """The merged tensor from whole tensors (the in-memory form)."""
+        return algebra.merge(self.method, taus, lambdas, density=self.density, drop=self.drop, seeds=self._seeds(name, len(taus)))
+
+    def chunked(self, name: str, numel: int, read, lambdas: Sequence[float]) -> ChunkedMerge:
+        """The same merge, chunk by chunk; ``read(t, start, stop)`` gives vector t's τ elements."""
+        return ChunkedMerge(self.method, lambdas, read, numel, chunk_ranges(numel, 4), density=self.density, drop=self.drop, seeds=self._seeds(name, len(lambdas)))
 
 
 def _open_vectors(vectors: Sequence[tuple[str | os.PathLike, float]]) -> list[VectorFile]:
@@ -275,6 +270,10 @@ def _open_vectors(vectors: Sequence[tuple[str | os.PathLike, float]]) -> list[Ve
     vfs = [VectorFile(p) for p, _ in vectors]
     check_vectors_homologous(vfs)
     return vfs
+
+
+def _vector_causes(vfs: Sequence[VectorFile], name: str):
+    return [(f"vector {v.path.name}", lambda v=v: v.read(name)) for v in vfs]
 
 
 @single_threaded
@@ -300,119 +299,38 @@ def combine(
             dtype=dtype,
             recipe={"op": "combine", "inputs": [{"sha256": v.sha256, "lambda": lam} for v, lam in zip(vfs, lambdas)], **options.record()},
         )
-        total = sum(4 * math.prod(ref.shape(n)) for n in ref.names) * len(vfs)
-        with VectorWriter(dest, ref.shapes(), header) as w, _progress(total, "combine", progress) as bar:
-            for name in ref.names:
-                taus = [v.read(name) for v in vfs]
-                merged = options.combine(name, taus, lambdas)
-                _check_result(merged, name, [(f"vector {v.path.name}", lambda v=v: v.read(name)) for v in vfs], "combined")
-                w.write(name, merged)
-                bar.update(4 * merged.numel() * len(vfs))
+        scratch, code = Scratch(), dtype_code(dtype)
+        with VectorWriter(dest, ref.shapes(), header) as w, progress_bar(4 * ref.param_count * len(vfs), "combine", progress) as bar:
+            sink = WriteBehind(w.write)
+            try:
+                for name in ref.names:
+                    shape = ref.shape(name)
+                    merged = options.chunked(name, _numel(shape), lambda t, s, e, name=name: vfs[t].read_range_float32(name, s, e, scratch, f"v{t}"), lambdas)
+
+                    def produce(start, stop, out, name=name, merged=merged):
+                        chunk = merged.chunk(start, stop)
+                        check_result(chunk, name, _vector_causes(vfs, name), "combined")
+                        return chunk
+
+                    stream_tensor(sink, name, code, shape, dtype, produce)
+                    bar.update(4 * _numel(shape) * len(vfs))
+            finally:
+                sink.close()
         return VectorResult(Path(out), w.sha256, w.param_count, len(ref.names), ref.base_hash)
     finally:
         for v in vfs:
             v.close()
 
 
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
 # ---------------------------------------------------------------------------
 # apply and merge: write a complete model folder
-
-
-_WEIGHT_FILE = re.compile(r"(.*\.safetensors|.*\.bin|.*\.pt|.*\.pth|.*\.ckpt|.*\.h5|.*\.msgpack|.*\.onnx|.*\.gguf|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json)$")
-_SKIP = {".git", ".cache", LEDGER_FILE, SAFE_INDEX, PICKLE_INDEX, PICKLE_WEIGHTS, "onnx", "openvino"}
-
-
-def copy_model_files(src: Path, dst: Path) -> None:
-    """Copy config, tokenizer and other non-weight files (and sub-folders) of a model folder."""
-    if not src.is_dir():
-        return
-    for item in src.iterdir():
-        if item.name in _SKIP or _WEIGHT_FILE.fullmatch(item.name) or user_path(item) != str(item):
-            continue  # weights, ledgers, and temp files of taskvec writers
-        if item.is_dir():
-            if is_taskvec_folder(item):
-                continue  # an earlier taskvec output saved inside the model folder: not part of the model
-            shutil.copytree(item, dst / item.name, ignore=shutil.ignore_patterns(*_SKIP))
-        else:
-            shutil.copy2(item, dst / item.name)
-
-
-class _BackgroundWriter:
-    """Write and hash each output tensor on worker threads while the next one is read and computed.
-
-    File writes and sha256 release the GIL, so writing, hashing and reading
-    overlap (one thread each). At most one tensor is in the workers' hands:
-    :meth:`submit` waits for the previous one, so the caller may reuse a
-    buffer two submissions later.
-    """
-
-    def __init__(self, writer: ShardedWriter, hasher: ContentHasher):
-        self._writer, self._hasher = writer, hasher
-        self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-write")
-        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-hash")
-        self._pending: list = []
-
-    def submit(self, name: str, info, t: torch.Tensor) -> None:
-        self.wait()
-        self._pending = [
-            self._write_pool.submit(self._writer.write, name, t),
-            self._hash_pool.submit(self._hasher.update, name, info.dtype, info.shape, _tensor_bytes(t)),
-        ]
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()  # re-raises a write error here
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._write_pool.shutdown(wait=True)
-            self._hash_pool.shutdown(wait=True)
-
-
-def _write_model(
-    src: TensorSource,
-    src_dir: Path,
-    out: str | os.PathLike,
-    covered: set[str],
-    compute,  # (name, scratch, out_slot) -> new float32 tensor, in scratch[out_slot] or fresh memory
-    inputs,  # name -> [(label, reader)] of the other inputs, to explain a non-finite result
-    ledger: dict,
-    *,
-    max_shard_bytes: int,
-    progress: bool,
-    desc: str,
-) -> dict:
-    names = sorted(src.names())
-    specs = [TensorSpec(n, torch_dtype(src.info(n).dtype), src.info(n).shape) for n in names]
-    scratch = Scratch()
-    total = sum(src.info(n).nbytes for n in names)
-    hasher = ContentHasher()
-    with atomic_dir(out) as tmp:
-        copy_model_files(src_dir, tmp)
-        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
-        background = _BackgroundWriter(writer, hasher)
-        try:
-            with _progress(total, desc, progress) as bar:
-                for i, spec in enumerate(specs):
-                    out_slot = f"out{i % 2}"  # the writer may still hold the other one
-                    info = src.info(spec.name)
-                    if spec.name in covered:
-                        new = compute(spec.name, scratch, out_slot)
-                        _check_result(new, spec.name, [("base model", lambda n=spec.name: src.read(n))] + inputs(spec.name), "edited")
-                        t = new.to(spec.dtype)
-                    else:
-                        t = src.read(spec.name, scratch, out_slot)
-                    background.submit(spec.name, info, t)
-                    bar.update(info.nbytes)
-        finally:
-            background.close()
-        writer.close()
-        ledger = {**ledger, "output_hash": hasher.hexdigest(), "weight_files": writer.files}
-        (tmp / LEDGER_FILE).write_text(json.dumps(ledger, indent=2, sort_keys=True) + "\n")
-    return ledger
 
 
 @single_threaded
@@ -448,41 +366,54 @@ def apply(
                     raise HomologyError(f"tensor {name!r} has shape {list(ref.shape(name))} in vector {ref.path.name} but {list(info.shape)} in the base")
                 if not info.is_float:
                     raise HomologyError(f"tensor {name!r} is {info.dtype} in the base, not floating point")
-            own, root, parent = root_hash(b, bdir)
-            if root != ref.base_hash:
-                raise HomologyError(
-                    f"base content hash {own[:12]} differs from the hash {ref.base_hash[:12]} recorded in vector {ref.path.name} "
-                    f"(taken from {ref.base_model}); apply it to the model it was extracted from"
-                )
-            edits = list(parent["edits"]) if parent else []
-            edits += [
+            known = b.cached_content_hash()
+            if known:
+                _check_root(known, bdir, ref)  # refuse before any work when the base's hash is known
+            new_edits = [
                 {"vector_sha256": v.sha256, "vector": v.path.name, "lambda": lam, **options.record()}
                 for v, lam in zip(vfs, lambdas)
             ] if options.method == "sum" else [
                 {"merge": [{"vector_sha256": v.sha256, "vector": v.path.name, "lambda": lam} for v, lam in zip(vfs, lambdas)], **options.record()}
             ]
-            ledger = {
-                "format": 1,
-                "base_model": parent["base_model"] if parent else str(base),
-                "base_hash": root,
-                "edits": edits,
-            }
 
-            def compute(name: str, scratch: Scratch, out_slot: str) -> torch.Tensor:
-                tb = b.read_float32(name, scratch, out_slot)  # the result is built in place
-                if options.method == "sum":  # θ + λ_1 τ_1 + λ_2 τ_2 …, one vector in flight
-                    for v, lam in zip(vfs, lambdas):
-                        tb.add_(v.read(name, scratch, "vector"), alpha=lam)
-                    return tb
-                return tb.add_(options.combine(name, [v.read(name) for v in vfs], lambdas))
+            def finish(streamed: str | None) -> dict:
+                root, parent = _check_root(known or streamed, bdir, ref)
+                edits = (list(parent["edits"]) if parent else []) + new_edits
+                return {"format": 1, "base_model": parent["base_model"] if parent else str(base), "base_hash": root, "edits": edits}
 
-            def inputs(name: str):
-                return [(f"vector {v.path.name}", lambda v=v: v.read(name)) for v in vfs]
+            scratch = Scratch()
+            chunked = hasattr(options, "chunked")
 
-            return _write_model(b, bdir, dest, set(ref.names), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
+            def make(name: str):
+                if options.method == "sum":  # θ + λ_1 τ_1 + λ_2 τ_2 …, in the output buffer
+                    def compute(start, stop, out, acc):
+                        for v, lam in zip(vfs, lambdas):
+                            acc.add_(v.read_range_float32(name, start, stop, scratch, "vector"), alpha=lam)
+                        return acc
+
+                    return compute
+                numel = _numel(ref.shape(name))
+                if chunked:
+                    merged = options.chunked(name, numel, lambda t, s, e: vfs[t].read_range_float32(name, s, e, scratch, f"v{t}"), lambdas)
+                    return lambda start, stop, out, acc: acc.add_(merged.chunk(start, stop))
+                whole = whole_tensor(options, name, lambda: [v.read(name) for v in vfs], lambdas)
+                return lambda start, stop, out, acc: acc.add_(whole(0, start, stop))
+
+            m = ModelStream(b, set(ref.names), make, lambda name: _vector_causes(vfs, name), hash_base=not known)
+            return write_model(m, bdir, dest, finish, max_shard_bytes=max_shard_bytes, progress=progress, desc="apply")
     finally:
         for v in vfs:
             v.close()
+
+
+def _check_root(own: str, bdir: Path, ref: VectorFile) -> tuple[str, dict | None]:
+    root, parent = descent(own, bdir)
+    if root != ref.base_hash:
+        raise HomologyError(
+            f"base content hash {own[:12]} differs from the hash {ref.base_hash[:12]} recorded in vector {ref.path.name} "
+            f"(taken from {ref.base_model}); apply it to the model it was extracted from"
+        )
+    return root, parent
 
 
 @single_threaded
@@ -518,129 +449,46 @@ def merge(
         with TensorSource(bdir, allow_pickle=allow_pickle) as b:
             covered = select_names(_float_names(b), include, exclude)
             for (path, _), s in zip(finetuned, srcs):
-                for name in covered:
-                    if name not in s:
-                        raise HomologyError(f"tensor {name!r} is in the base but not in {path}")
-                    if s.info(name).shape != b.info(name).shape:
-                        raise HomologyError(f"tensor {name!r} has shape {list(s.info(name).shape)} in {path} but {list(b.info(name).shape)} in the base")
-                    if s.info(name).dtype != b.info(name).dtype:
-                        raise HomologyError(f"tensor {name!r} has dtype {s.info(name).dtype} in {path} but {b.info(name).dtype} in the base")
+                _check_homologous(b, covered, s, str(path))
             ledger = {
                 "format": 1,
                 "base_model": str(base),
                 "base_hash": None,
                 "edits": [{"finetuned": str(p), "lambda": lam, "include": list(include), "exclude": list(exclude), **options.record()} for p, lam in finetuned],
             }
-            sum_fast = options.method == "sum"
+            scratch = Scratch()
+            chunked = hasattr(options, "chunked")
 
-            def compute(name: str, scratch: Scratch, out_slot: str) -> torch.Tensor:
-                tb = b.read_float32(name, scratch, "base")
-                if sum_fast:  # Σ λ_t (θ_t − θ), then + θ (mergekit's order), built in the output slot
-                    acc = srcs[0].read_float32(name, scratch, out_slot).sub_(tb).mul_(lambdas[0])
-                    for s, lam in zip(srcs[1:], lambdas[1:]):
-                        acc.add_(s.read_float32(name, scratch, "ft").sub_(tb), alpha=lam)
-                    return acc.add_(tb)
-                taus = [s.read_float32(name).sub_(tb) for s in srcs]
-                return torch.add(tb, options.combine(name, taus, lambdas))  # fresh: "base" is reused next
+            def make(name: str):
+                if options.method == "sum":  # Σ λ_t (θ_t − θ), then + θ (mergekit's order)
+                    def compute(start, stop, out, tb):
+                        if out.dtype == torch.float32:  # the first fine-tune is read into the buffer written
+                            acc = srcs[0].read_range_into(name, start, stop, out)
+                        else:
+                            acc = srcs[0].read_range_float32(name, start, stop, scratch, "acc")
+                        acc.sub_(tb).mul_(lambdas[0])
+                        for s, lam in zip(srcs[1:], lambdas[1:]):
+                            acc.add_(s.read_range_float32(name, start, stop, scratch, "ft").sub_(tb), alpha=lam)
+                        return acc.add_(tb)
 
-            def inputs(name: str):
+                    return compute
+                base_chunk = Memo(lambda s, e: b.read_range_float32(name, s, e, scratch, "base/memo"))
+
+                def tau(t, s, e):
+                    return srcs[t].read_range_float32(name, s, e, scratch, f"ft{t}").sub_(base_chunk(s, e))
+
+                if chunked:
+                    merged = options.chunked(name, _numel(b.info(name).shape), tau, lambdas)
+                    return lambda start, stop, out, tb: add_into(tb, merged.chunk(start, stop), out)
+                tb_full = b.read_float32(name)
+                whole = whole_tensor(options, name, lambda: [s.read_float32(name).sub_(tb_full) for s in srcs], lambdas)
+                return lambda start, stop, out, tb: add_into(tb, whole(0, start, stop), out)
+
+            def causes(name: str):
                 return [(f"fine-tuned model {p}", lambda s=s: s.read(name)) for (p, _), s in zip(finetuned, srcs)]
 
-            return _write_model(b, bdir, dest, set(covered), compute, inputs, ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="merge")
+            m = ModelStream(b, set(covered), make, causes, hash_base=False, base_in_out=False)
+            return write_model(m, bdir, dest, lambda _: ledger, max_shard_bytes=max_shard_bytes, progress=progress, desc="merge")
     finally:
         for s in srcs:
             s.close()
-
-
-# ---------------------------------------------------------------------------
-# compress: sparse and/or low-precision storage
-
-
-@single_threaded
-def compress(
-    vector: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    density: float | None = None,
-    drop: float | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    progress: bool = False,
-    force: bool = False,
-) -> dict:
-    """Store a vector sparsified (top-k by magnitude, or DARE) and/or in float16/bfloat16.
-
-    Returns the reconstruction error against the input: relative L2
-    ``‖τ − τ̂‖ / ‖τ‖``, maximum absolute error, kept fraction and sizes.
-    """
-    if density is not None and drop is not None:
-        raise TaskvecError("choose one sparsifier: --density (top-k) or --drop (DARE)")
-    if density is not None:
-        algebra.check_density(density)
-    if drop is not None:
-        algebra.check_drop(drop)
-    with VectorFile(vector) as vf:
-        dest = check_output(out, [vector], kind="file", force=force)
-        storage: dict = {"kind": "dense"}
-        if density is not None:
-            storage = {"kind": "sparse", "method": "topk", "density": density}
-        elif drop is not None:
-            storage = {"kind": "sparse", "method": "dare", "drop": drop, "seed": seed}
-        header = VectorHeader(
-            base_model=vf.base_model,
-            base_hash=vf.base_hash,
-            dtype=dtype,
-            recipe={"op": "compress", "input": vf.sha256, **{k: v for k, v in storage.items() if k != "kind"}, "dtype": str(dtype).removeprefix("torch.")},
-            storage=storage,
-        )
-        err2 = norm2 = 0.0
-        max_abs = 0.0
-        kept = 0
-        sparse_items = []
-        writer = None if storage["kind"] == "sparse" else VectorWriter(dest, vf.shapes(), header)
-        total = 4 * vf.param_count
-        with _progress(total, "compress", progress) as bar:
-            if writer:
-                writer.__enter__()
-            try:
-                for name in vf.names:
-                    tau = vf.read(name)
-                    if density is not None:
-                        approx = algebra.magnitude_prune(tau, density)
-                    elif drop is not None:
-                        approx = algebra.dare(tau, drop, algebra.tensor_seed(seed, 0, name))
-                    else:
-                        approx = tau
-                    approx = approx.to(dtype).to(torch.float32)
-                    if writer:
-                        writer.write(name, approx)
-                        kept += approx.numel()
-                    else:
-                        idx = torch.nonzero(approx.reshape(-1)).reshape(-1)
-                        sparse_items.append((name, tuple(tau.shape), idx, approx.reshape(-1)[idx]))
-                        kept += idx.numel()
-                    diff = tau - approx
-                    err2 += float(diff.double().pow(2).sum())
-                    norm2 += float(tau.double().pow(2).sum())
-                    max_abs = max(max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
-                    bar.update(4 * tau.numel())
-            except BaseException as exc:
-                if writer:
-                    writer.__exit__(type(exc), exc, None)
-                raise
-            if writer:
-                writer.__exit__(None, None, None)
-                sha = writer.sha256
-            else:
-                sha = write_sparse_vector(dest, header, sparse_items, vf.names, vf.param_count)
-        return {
-            "path": str(out),
-            "sha256": sha,
-            "storage": storage["kind"],
-            "dtype": str(dtype).removeprefix("torch."),
-            "kept_fraction": kept / max(vf.param_count, 1),
-            "relative_l2_error": math.sqrt(err2 / norm2) if norm2 else 0.0,
-            "max_abs_error": max_abs,
-            "input_bytes": vf.path.stat().st_size,
-            "output_bytes": dest.stat().st_size,
-        }

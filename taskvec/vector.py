@@ -68,6 +68,7 @@ class VectorFile:
             raise TaskvecError(f"task vector not found: {self.path}")
         regular_file_size(self.path, "task-vector file")
         self._src = TensorSource(self.path)
+        self._densified: tuple[str, torch.Tensor] | None = None
         try:
             self._validate()
         except BaseException:
@@ -200,6 +201,37 @@ class VectorFile:
         out.view(-1)[idx] = vals
         return out
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return self._src.stored_dtype(name) if not (self.sparse or self.lowrank) else torch.float32
+
+    def _dense(self, name: str) -> torch.Tensor:
+        """The whole densified tensor of a sparse or low-rank vector, kept while its chunks are read."""
+        if self._densified is None or self._densified[0] != name:
+            self._densified = None
+            self._densified = (name, self.read(name).reshape(-1))
+        return self._densified[1]
+
+    def read_range_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        if self.sparse or self.lowrank:
+            return out.copy_(self._dense(name)[start:stop])
+        return self._src.read_range_into(name, start, stop, out)
+
+    def read_range(self, name: str, start: int, stop: int, scratch: Scratch, slot: str) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened (densified) tensor, in ``scratch[slot]`` (the caller may modify them)."""
+        if self.sparse or self.lowrank:
+            n = 4 * (stop - start)
+            return self.read_range_into(name, start, stop, scratch.get(slot, n)[:n].view(torch.float32))
+        return self._src.read_range(name, start, stop, scratch, slot)
+
+    def read_range_float32(self, name: str, start: int, stop: int, scratch: Scratch, slot: str) -> torch.Tensor:
+        if self.sparse or self.lowrank:
+            return self.read_range(name, start, stop, scratch, slot)
+        return self._src.read_range_float32(name, start, stop, scratch, slot)
+
+    def advise(self, name: str) -> None:
+        if not (self.sparse or self.lowrank):
+            self._src.advise(name)
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
             yield name, self.read(name)
@@ -263,7 +295,7 @@ class VectorWriter:
     (extract learns it while streaming).
     """
 
-    def __init__(self, dest: str | os.PathLike, shapes: dict[str, tuple[int, ...]], header: VectorHeader):
+    def __init__(self, dest: str | os.PathLike, shapes: dict[str, tuple[int, ...]], header: VectorHeader, *, hash_file: bool = True):
         self.dest = Path(dest)
         self.header = header
         self.names = list(shapes)
@@ -273,15 +305,17 @@ class VectorWriter:
         self._specs = [TensorSpec(n, header.dtype, tuple(s)) for n, s in shapes.items()]
         self._atomic = None
         self._writer: StreamingWriter | None = None
+        self._hash_file = hash_file  # sha256 while writing (useless when set_base_hash will rewrite the header)
         self.sha256: str | None = None
 
     def __enter__(self) -> VectorWriter:
         self._atomic = atomic_path(self.dest)
         tmp = self._atomic.__enter__()
-        self._writer = StreamingWriter(tmp, self._specs, self.header.metadata(self.names, self.param_count), reserve=_RESERVE)
+        self._writer = StreamingWriter(tmp, self._specs, self.header.metadata(self.names, self.param_count), reserve=_RESERVE, hash_file=self._hash_file)
         return self
 
     def write(self, name: str, tau: torch.Tensor) -> None:
+        """Append τ of ``name`` (whole, or its next flat part), stored in the header's dtype."""
         self._writer.write(name, tau.to(self.header.dtype))
 
     def set_base_hash(self, digest: str) -> None:
@@ -297,7 +331,7 @@ class VectorWriter:
         finally:
             self._atomic.__exit__(exc_type, exc, tb)
         if exc_type is None:
-            self.sha256 = file_sha256(self.dest)
+            self.sha256 = self._writer.sha256 or file_sha256(self.dest)
 
 
 def _numel(shape: Iterable[int]) -> int:

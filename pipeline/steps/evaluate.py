@@ -66,7 +66,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32)
     out = P.model_dir(p)
     with atomic_dir(out) as tmp:
-        ledger = apply(p.base, vectors, tmp, options=options)
+        ledger = apply(p.base, vectors, tmp, options=p.edit.merge_options())
         for t in tasks:
             save_head(suite.heads[t], tmp / "heads" / f"{t}.safetensors")
         base_acc = suite.accuracies()

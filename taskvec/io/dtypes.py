@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
 from taskvec.errors import FormatError, TaskvecError
@@ -86,3 +87,18 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+#: Bytes of one streamed chunk (float32 elements × 4): tensors are read, computed and written in
+#: flat slices of this size, so memory does not grow with the largest tensor. ``TASKVEC_CHUNK_BYTES`` overrides.
+CHUNK_BYTES = int(os.environ.get("TASKVEC_CHUNK_BYTES", str(4 << 20)))
+
+
+def chunk_ranges(numel: int, itemsize: int = 4, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` element ranges covering ``numel`` elements in chunks of about ``chunk_bytes``."""
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // max(itemsize, 4))
+    return [(s, min(s + step, numel)) for s in range(0, numel, step)]

@@ -17,7 +17,14 @@ class ContentHasher:
         self._h = hashlib.sha256()
 
     def update(self, name: str, dtype: str, shape: tuple[int, ...], data: memoryview | bytes) -> None:
+        self.begin(name, dtype, shape)
+        self.feed(data)
+
+    def begin(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        """Start a tensor; its bytes follow through :meth:`feed`, in order, in any number of parts."""
         self._h.update(f"{name}\0{dtype}\0{list(shape)}\0".encode())
+
+    def feed(self, data: memoryview | bytes) -> None:
         self._h.update(data)
 
     def hexdigest(self) -> str:
@@ -93,7 +100,7 @@ def _stat_key(kind: str, files) -> str | None:
     return f"{kind}{hashlib.sha256(os.fsencode(chr(10).join(parts))).hexdigest()}:{newest}"
 
 
-def _cached(key: str | None, compute) -> str:
+def _cached(key: str | None, compute, *, store: bool = True) -> str | None:
     """``compute()``, memoised in the hash cache under ``key`` (no caching when key is None).
 
     A hit is believed only if it was stored at least :data:`RACY_NS` after
@@ -104,6 +111,6 @@ def _cached(key: str | None, compute) -> str:
         if hit["at"] - newest >= RACY_NS:
             return hit["sha"]
     digest = compute()
-    if key is not None:
+    if key is not None and store:
         _hash_cache_put(key, digest)
     return digest

@@ -12,7 +12,7 @@ from pathlib import Path
 from taskvec.lazy import torch
 
 from taskvec.errors import FormatError, TaskvecError
-from taskvec.io.dtypes import _DTYPES, FLOAT_CODES, _tensor_bytes, dtype_code, element_size
+from taskvec.io.dtypes import _DTYPES, FLOAT_CODES, _tensor_bytes, chunk_ranges, dtype_code, element_size
 from taskvec.io.hashing import ContentHasher, _cached, _hash_cache_put, _stat_key
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -148,20 +148,23 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return infos, dict(metadata)
 
 
+def _pread_into(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` with positional reads (no seek; the GIL is released)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            raise FormatError(f"{info.file}: truncated while reading {info.name!r}")
+        got += n
+
+
 def _read_exact(f, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor with positional reads into ``out`` (a uint8 buffer) or fresh memory."""
     dtype = _DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
     buf = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out[: info.nbytes]
-    view = memoryview(buf.numpy())
-    f.seek(info.start)
-    got = 0
-    while got < info.nbytes:
-        n = f.readinto(view[got:])
-        if not n:
-            raise FormatError(f"{info.file}: truncated while reading {info.name!r}")
-        got += n
+    _pread_into(f.fileno(), memoryview(buf.numpy()), info.start, info)
     return buf.view(dtype).reshape(info.shape)
 
 
@@ -349,14 +352,53 @@ class TensorSource:
         if self._pickled is not None:
             return self._pickled[name].clone()  # callers may modify what they read
         info = self._infos[name]
-        f = self._handles.get(info.file)
-        if f is None:
-            f = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        return _read_exact(f, info, None if scratch is None else scratch.get(slot, info.nbytes))
+        return _read_exact(self._handle(info.file), info, None if scratch is None else scratch.get(slot, info.nbytes))
 
     def read_float32(self, name: str, scratch: Scratch | None = None, slot: str = "") -> torch.Tensor:
         t = self.read(name, scratch, slot)
         return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+    def _handle(self, file: Path):
+        f = self._handles.get(file)
+        if f is None:
+            f = self._handles[file] = open(file, "rb", buffering=0)
+        return f
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._infos[name].dtype]
+
+    def read_range(self, name: str, start: int, stop: int, scratch: Scratch, slot: str) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, stored dtype, as a view into ``scratch[slot]``."""
+        dtype = self.stored_dtype(name)
+        n = (stop - start) * dtype.itemsize
+        return self.read_range_into(name, start, stop, scratch.get(slot, n)[:n].view(dtype))
+
+    def read_range_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Read elements ``[start, stop)`` straight into ``out`` (flat, the stored dtype): no copy."""
+        info = self._infos[name]
+        if stop > start:
+            if self._pickled is not None:
+                out.copy_(self._pickled[name].reshape(-1)[start:stop])
+            else:
+                size = out.element_size()
+                _pread_into(self._handle(info.file).fileno(), memoryview(out.view(torch.uint8).numpy()), info.start + start * size, info)
+        return out
+
+    def read_range_float32(self, name: str, start: int, stop: int, scratch: Scratch, slot: str) -> torch.Tensor:
+        """:meth:`read_range` converted to float32 (in ``scratch[slot + "/f32"]`` when the stored dtype differs)."""
+        t = self.read_range(name, start, stop, scratch, slot)
+        if t.dtype == torch.float32:
+            return t
+        return scratch.get(slot + "/f32", 4 * t.numel())[: 4 * t.numel()].view(torch.float32).copy_(t)
+
+    def advise(self, name: str) -> None:
+        """Ask the kernel to start reading ``name`` ahead of use (a hint; ignored where unsupported)."""
+        info = self._infos[name]
+        if self._pickled is None and info.nbytes and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._handle(info.file).fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -379,6 +421,11 @@ class TensorSource:
         """
         return _cached(self._cache_key() if use_cache else None, self._hash_tensors)
 
+    def cached_content_hash(self) -> str | None:
+        """The content hash if the hash cache holds a trusted entry for these files, else None (nothing is read)."""
+        key = self._cache_key()
+        return None if key is None else _cached(key, lambda: None, store=False)
+
     def remember_content_hash(self, digest: str) -> None:
         """Cache a content hash computed elsewhere while streaming these same files."""
         key = self._cache_key()
@@ -387,8 +434,12 @@ class TensorSource:
 
     def _hash_tensors(self) -> str:
         h = ContentHasher()
+        scratch = Scratch()
         for name in sorted(self._infos):
-            h.update(name, self._infos[name].dtype, self._infos[name].shape, _tensor_bytes(self.read(name)))
+            info = self._infos[name]
+            h.begin(name, info.dtype, info.shape)
+            for start, stop in chunk_ranges(info.numel, element_size(info.dtype)):
+                h.feed(_tensor_bytes(self.read_range(name, start, stop, scratch, "hash")))
         return h.hexdigest()
 
     def _cache_key(self) -> str | None:

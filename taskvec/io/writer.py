@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -33,14 +34,18 @@ class StreamingWriter:
     """Write one safetensors file whose tensors arrive one at a time, in order.
 
     The header (names, dtypes, shapes, offsets, metadata) is written first,
-    then :meth:`write` appends each tensor's bytes; :meth:`close` checks that
-    every declared tensor arrived.
+    then :meth:`write` appends each tensor's bytes — the whole tensor, or its
+    flattened elements in consecutive parts; :meth:`close` checks that every
+    declared tensor arrived. With ``hash_file`` the file's sha256 is computed
+    from the bytes as they are written (:attr:`sha256`, None if the header was
+    rewritten since).
     """
 
-    def __init__(self, path: str | os.PathLike, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None, *, reserve: int = 0):
+    def __init__(self, path: str | os.PathLike, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None, *, reserve: int = 0, hash_file: bool = False):
         self.path = Path(path)
         self.specs = list(specs)
         self._next = 0
+        self._done = 0  # bytes of specs[_next] written so far
         self._metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._tensors: dict[str, object] = {}
         offset = 0
@@ -54,9 +59,18 @@ class StreamingWriter:
         raw = self._header()
         raw += b" " * (-(len(raw) + reserve) % 8 + reserve)
         self._header_len = len(raw)
+        self._sha = hashlib.sha256() if hash_file else None
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        self._put(struct.pack("<Q", len(raw)) + raw)
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        if self._sha is not None:
+            self._sha.update(data)
+
+    @property
+    def sha256(self) -> str | None:
+        return None if self._sha is None else self._sha.hexdigest()
 
     def _header(self) -> bytes:
         header: dict[str, object] = {}
@@ -75,15 +89,26 @@ class StreamingWriter:
         self._f.seek(8)
         self._f.write(raw + b" " * (self._header_len - len(raw)))
         self._f.seek(pos)
+        self._sha = None  # the streamed hash no longer describes the file
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (the declared tensor ``name``, or the next flat part of it)."""
         if self._next >= len(self.specs):
             raise RuntimeError(f"unexpected tensor {name!r}")
         spec = self.specs[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        whole = self._done == 0 and tuple(tensor.shape) == spec.shape
+        data = _tensor_bytes(tensor)
+        if name != spec.name or tensor.dtype != spec.dtype or not (whole or (tensor.dim() == 1 and self._done + len(data) <= spec.nbytes)):
             raise RuntimeError(f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match declared {spec}")
-        self._f.write(_tensor_bytes(tensor))
-        self._next += 1
+        self._put(data)
+        self._done += len(data)
+        if self._done == spec.nbytes:
+            self._next += 1
+            self._done = 0
+
+    @property
+    def at_tensor_start(self) -> bool:
+        return self._done == 0
 
     def close(self) -> None:
         if self._f.closed:
@@ -142,6 +167,12 @@ class ShardedWriter:
         self.weight_map = {spec.name: self.files[i] for i, g in enumerate(groups) for spec in g}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (whole, or the next flat part of it) to its shard."""
+        if self._writer is not None and not self._writer.at_tensor_start:
+            self._writer.write(name, tensor)
+            if self._writer.at_tensor_start:
+                self._left -= 1
+            return
         while self._left == 0:
             if self._writer is not None:
                 self._writer.close()
@@ -150,7 +181,8 @@ class ShardedWriter:
             self._writer = StreamingWriter(self.folder / self.files[self._shard], group, self._metadata)
             self._left = len(group)
         self._writer.write(name, tensor)
-        self._left -= 1
+        if self._writer.at_tensor_start:
+            self._left -= 1
 
     def close(self) -> None:
         if self._writer is not None:
