@@ -177,7 +177,7 @@ def test_taskvec_finetune_and_search_accept_the_shipped_params(tmp_path, capsys,
 
     def fake_search(base, vectors, objective, tasks, params, **kw):
         seen.append(("search", tuple(tasks), type(params), params.search.strategy))
-        return SimpleNamespace(best_lambda=0.5, best_score=0.9, evaluations=[1], seconds=0.0)
+        return SimpleNamespace(best_lambda=0.5, best_score=0.9, evaluations=[1], seconds=0.0, note=None)
 
     monkeypatch.setattr(taskvec.train, "finetune", fake_finetune)
     monkeypatch.setattr(taskvec.search_run, "run_search", fake_search)

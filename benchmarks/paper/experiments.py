@@ -10,8 +10,10 @@ plus a ``bench`` section):
    same per-tensor or global norm as ``τ_target``) vs gradient ascent on the
    target (−cross-entropy, AdamW; learning rate and step count chosen among
    validation probes). λ and the ascent checkpoint minimise the target's
-   validation accuracy subject to the control (``agnews``) keeping ≥ 0.95 ×
-   its base validation accuracy (the paper's criterion).
+   validation accuracy subject to the control (``agnews``) losing at most
+   ``search.max_control_drop`` points — the upper confidence bound of its
+   paired validation drop, on ``search.control_rows`` rows
+   (:class:`taskvec.search.ControlConstraint`, the λ search's one mechanism).
 2. **Addition** — the vectors of ``sst2, agnews, sms_spam, offensive``
    merged by task arithmetic (sum), TIES (top-k density), DARE (drop p,
    rescale) and DARE-TIES; each merge is built with unit weights and a single
@@ -23,6 +25,13 @@ plus a ``bench`` section):
 
 Selection uses validation rows only; test rows are scored once per final
 model and never compared to choose anything.
+
+Statistics: the whole run is repeated for every seed of ``bench.seeds``
+(:func:`~benchmarks.paper.spec.seed_params`: fine-tuning seed, row sampling
+of capped splits, random vectors, DARE masks); each seed's results go to
+``<out>/seed-<s>/`` and the summary — the mean over seeds with a 95 %
+Student-t interval (:mod:`~benchmarks.paper.stats`) — to ``paper.json``
+(schema: ``benchmarks/results/paper.schema.json``) and ``results.md``.
 
 Recipe (the paper's, for text encoders): each task vector covers the encoder
 only; every task is scored with its own *frozen* zero-shot head built from the
@@ -39,7 +48,7 @@ ascent trains that encoder on the same device.
 Modules: :mod:`~benchmarks.paper.spec` (config), :mod:`~benchmarks.paper.vectors`
 (cached fine-tunes and vectors), :mod:`~benchmarks.paper.suite` (evaluation and
 λ search), :mod:`~benchmarks.paper.negation`, :mod:`~benchmarks.paper.addition`,
-:mod:`~benchmarks.paper.analogy`, :mod:`~benchmarks.paper.report`.
+:mod:`~benchmarks.paper.analogy`, :mod:`~benchmarks.paper.stats`, :mod:`~benchmarks.paper.report`.
 """
 
 from __future__ import annotations

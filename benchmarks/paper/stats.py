@@ -193,6 +193,6 @@ def goals(paper: Mapping, *, max_control_drop: float) -> dict:
                 "significant": bool(half is not None and adv[best] - half > 0),
             }
     an = paper.get("analogy")
-    if an and an.get("recovered_fraction") is not None:
+    if an and _is_number(an.get("recovered_fraction")):  # undefined (a list with None) when a seed's supervised gain is 0
         out["analogy"] = {"goal": "the analogy recovers ≥ 50% of the supervised gain", "recovered_fraction": an["recovered_fraction"], "recovered_fraction_ci95": an.get("recovered_fraction_ci95"), "met": bool(an["recovered_fraction"] >= 0.5)}
     return out
