@@ -124,6 +124,10 @@ def run_benchmark(
         "device": next(iter(runs.values()))["meta"]["device"],
     }
     paper["goals"] = goals(paper, max_control_drop=params.search.max_control_drop)
+    missing = [name for name in ("negation", "addition", "analogy") if name not in paper]
+    paper["complete"] = len(runs) >= 3 and not missing and not quick
+    if not paper["complete"]:
+        paper["note"] = f"partial result: {len(runs)} seed(s){', without ' + ', '.join(missing) if missing else ''}{', --quick budget' if quick else ''}; budget below"
     means = mean_tree([{k: v for k, v in r.items() if k != "meta"} for r in runs.values()])
     means["meta"] = next(iter(runs.values()))["meta"] | {"seconds": paper["seconds"], "seeds": list(params.bench.seeds)}
     text = json.dumps(paper, indent=2, default=float) + "\n"
