@@ -36,7 +36,7 @@ bench: setup
 	$(PY) benchmarks/bench_overhead.py
 
 paper: setup
-	$(VENV)/bin/taskvec benchmark
+	$(VENV)/bin/taskvec benchmark --paper-json benchmarks/results/paper.json $(addprefix -S ,$(S))
 
 repro: setup
 	$(VENV)/bin/dvc repro

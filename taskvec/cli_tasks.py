@@ -12,6 +12,7 @@ modules (torch, transformers, datasets) are imported inside the commands so
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -100,12 +101,13 @@ def search(
     ctx: typer.Context,
     base: Annotated[str, typer.Argument(help="Base model folder or hub id the vectors were taken from.")],
     vector: Annotated[list[str], typer.Option("--vector", "-v", help="Task vector as PATH[:WEIGHT] (repeatable); τ = Σ weight·τᵢ.")],
-    objective: Annotated[str, typer.Option("--objective", help="addition: θ+λτ, maximise mean normalised accuracy. negation: θ−λτ, minimise target accuracy keeping controls ≥ 95% of base.")],
+    objective: Annotated[str, typer.Option("--objective", help="addition: θ+λτ, maximise mean normalised accuracy. negation: θ−λτ, minimise target accuracy; controls lose ≤ max-control-drop points.")],
     task: Annotated[list[str], typer.Option("--task", "-t", help="Task(s) scored: the added tasks (addition, paired with --vector in order) or the targets (negation).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: curve.csv, curve.png, search.json.")],
-    control: Annotated[Optional[list[str]], typer.Option("--control", "-c", help="Control task(s) for negation (repeatable).")] = None,
+    control: Annotated[Optional[list[str]], typer.Option("--control", "-c", help="Control task(s) (repeatable; required for negation): each may lose at most --max-control-drop points.")] = None,
     strategy: Annotated[Optional[str], typer.Option("--strategy", help="golden (≤ 8 evaluations) | grid (the paper's 21 points). Default: params search.strategy.")] = None,
     reference: Annotated[Optional[list[str]], typer.Option("--reference", help="Fine-tuned accuracy as TASK=ACC (addition); default: measured by applying each vector alone.")] = None,
+    max_control_drop: Annotated[Optional[float], typer.Option("--max-control-drop", min=0, help="Accuracy points a control may lose against the base (upper confidence bound on validation). Default: params search.max_control_drop.")] = None,
     params: ParamsOpt = Path("params.yaml"),
     quiet: QuietOpt = False,
     set_param: SetOpt = None,
@@ -117,6 +119,10 @@ def search(
     if strategy not in (None, "golden", "grid"):
         raise TaskvecError(f"--strategy must be golden or grid, got {strategy!r}")
     settings = _load_params(ctx, params, set_param)
+    if max_control_drop is not None:
+        if not math.isfinite(max_control_drop):
+            raise TaskvecError(f"--max-control-drop must be a finite number of points, got {max_control_drop}")
+        settings.search.max_control_drop = max_control_drop
     vectors = [(TaskVector.load(path).tensors, weight) for path, weight in map(parse_vector_arg, vector)]
     result = run_search(
         base,
@@ -130,6 +136,8 @@ def search(
         progress=not quiet,
     )
     write_outputs(result, out)
+    if result.note:
+        typer.echo(f"control constraint: {result.note}")
     typer.echo(
         f"best λ {result.best_lambda:.4g}  {objective} score {result.best_score:.4f}  "
         f"{len(result.evaluations)} evaluations in {result.seconds:.1f}s  wrote {out}"

@@ -195,12 +195,21 @@ class SearchSpec(_Strict):
     """λ search over ``grid_points`` evenly spaced λ in [lambda_min, lambda_max].
 
     ``grid`` evaluates every point (the paper's 21 on [0, 1]); ``golden``
-    searches the same lattice in at most ``max_evals`` evaluations. Negation
-    keeps λ whose control accuracy is ≥ ``control_threshold`` × the base's.
+    searches the same lattice in at most ``max_evals`` evaluations.
+
+    Control tasks (negation's, an edit plan's ``control``) may lose at most
+    ``max_control_drop`` accuracy points against the base: the one-sided
+    ``control_confidence`` upper bound of the drop (paired standard error over
+    the same rows) must stay within it (:class:`taskvec.search.ControlConstraint`).
+    Controls are scored on up to ``control_rows`` rows of the search split
+    (``null``: all), more than ``eval.max_rows`` gives the targets, so the
+    bound is tight enough to allow an edit.
+
     ``per_task`` searches one λ per vector in at most ``max_evals`` evaluations
     (:mod:`taskvec.coefficients`); ``adamerging`` learns per-layer, per-task
     coefficients by entropy minimisation (:mod:`taskvec.adamerging`, options
-    in ``adamerging``).
+    in ``adamerging``). Both check controls on the point estimate (no paired
+    standard error).
     """
 
     strategy: Literal["golden", "grid", "per_task", "adamerging"] = "golden"
@@ -209,7 +218,9 @@ class SearchSpec(_Strict):
     lambda_min: float = 0.0
     lambda_max: float = 1.0
     split: Literal["validation", "test"] = "validation"
-    control_threshold: float = Field(default=0.95, gt=0, le=1)
+    max_control_drop: float = Field(default=1.0, ge=0)
+    control_confidence: float = Field(default=0.95, ge=0.5, lt=1)
+    control_rows: PositiveInt | None = 2000
     adamerging: AdaMergingSpec = Field(default_factory=lambda: AdaMergingSpec())
 
     @model_validator(mode="after")

@@ -9,9 +9,7 @@ Objectives (the paper's, §3/§4 of Ilharco et al.):
 
 * ``addition`` maximises the mean *normalised* accuracy over the tasks,
   accuracy / that task's fine-tuned accuracy;
-* ``negation`` minimises the mean target accuracy subject to every control
-  task keeping ≥ ``threshold`` (0.95) × its base accuracy; infeasible λ are
-  excluded (they rank below every feasible λ).
+* ``negation`` minimises the mean target accuracy.
 
 Strategies, over the lattice ``linspace(lambda_min, lambda_max, grid_points)``
 (the paper's 21 points on [0, 1]):
@@ -23,12 +21,21 @@ Strategies, over the lattice ``linspace(lambda_min, lambda_max, grid_points)``
   needs at most 7 evaluations (8 with negation's base evaluation). It never
   exceeds ``max_evals``. Ties prefer the smaller λ (the smaller edit).
 
-Control constraint: ``max_control_drop`` (accuracy points) lets each control
-task lose at most that much against its base accuracy, for negation (on top
-of ``threshold``) and for addition with control tasks. ``details["constraint"]``
-says whether the constraint was binding (the unconstrained best λ breaks it);
-when no searched λ is feasible the search picks λ = 0, the base (one extra
-evaluation if 0 is off the lattice), and says so instead of failing.
+Control constraint — the one mechanism that protects control tasks
+(:class:`ControlConstraint`, :func:`control_constraint`): a control may lose at
+most ``max_control_drop`` accuracy *points* against the base, and the search
+enforces it with its uncertainty. λ is feasible iff, for every control, the
+one-sided upper confidence bound of its drop,
+``100·(base − acc) + z·100·se`` with ``z`` the ``confidence`` quantile of the
+normal (1.645 for 95 %), is ≤ ``max_control_drop``. ``se`` is the *paired*
+standard error of the drop measured on the same rows as the base
+(:func:`paired_drop_se`: the rows a λ flips, right → wrong and wrong → right),
+reported by the evaluator under :func:`drop_se_key` (``"<control>/drop_se"``);
+an evaluator that reports none gets the point estimate (se = 0). λ = 0 (the
+base: no drop, no uncertainty) is always feasible: when no other λ is, the
+search picks it and says so (``details["constraint"]``:
+``feasible_found: false`` and a ``note``); when the constraint cuts off the
+unconstrained best λ it says that too (``binding``).
 
 Evaluations are cached by λ. The evaluation callable is injectable
 (``λ -> {task: accuracy}``), so tests search known synthetic curves.
@@ -40,6 +47,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -57,9 +65,9 @@ class Objective:
 
     ``value`` is the natural quantity (mean normalised accuracy, or mean target
     accuracy); ``maximize`` says which way is better; ``feasible`` applies the
-    control constraint. ``fallback`` is a λ known to be feasible (λ = 0, the
-    base, under a ``max_control_drop`` constraint) that the search picks,
-    saying so, when no evaluated λ is feasible.
+    control constraint (``constraint``, when there is one). ``fallback`` is a
+    λ known to be feasible (λ = 0, the base, under a control constraint) that
+    the search picks, saying so, when no evaluated λ is feasible.
     """
 
     name: str
@@ -68,6 +76,7 @@ class Objective:
     feasible: Callable[[Mapping[str, float]], bool] = lambda metrics: True
     describe: dict = field(default_factory=dict)
     fallback: float | None = None
+    constraint: ControlConstraint | None = None
 
     def raw_key(self, metrics: Mapping[str, float]) -> float:
         """Higher is better, ignoring the constraint."""
@@ -79,32 +88,72 @@ class Objective:
         return self.raw_key(metrics) if self.feasible(metrics) else -math.inf
 
 
-TOLERANCE = 1e-12  # accuracies compared with a floor: ignore float rounding of ``base - drop``
+TOLERANCE = 1e-9  # points: ignore float rounding when a bound equals max_control_drop
+SE_SUFFIX = "/drop_se"
 
 
-def control_floors(
-    controls: Sequence[str], base: Mapping[str, float], *, threshold: float | None = None, max_control_drop: float | None = None
-) -> dict[str, float]:
-    """The lowest accuracy each control may reach: ``threshold × base`` and ``base − max_control_drop/100``, the stricter.
+def drop_se_key(control: str) -> str:
+    """The metrics key under which an evaluator reports a control's paired standard error of its drop."""
+    return control + SE_SUFFIX
 
-    ``max_control_drop`` is in accuracy *points* (percentage points: 2 = two points, 0.80 → 0.78).
+
+def paired_drop_se(base_correct: Sequence[bool], correct: Sequence[bool]) -> float:
+    """Standard error of the accuracy drop ``mean(base_correct) − mean(correct)`` over the same rows.
+
+    The per-row differences ``d_i = base_i − now_i`` ∈ {−1, 0, 1}; se = sd(d) / √n
+    (sample sd, ddof = 1): only the rows a λ flips contribute, so a paired
+    comparison is far tighter than two independent binomial errors.
     """
-    if max_control_drop is not None and max_control_drop < 0:
+    base = np.asarray(base_correct, dtype=float)
+    now = np.asarray(correct, dtype=float)
+    if base.shape != now.shape or base.ndim != 1:
+        raise TaskvecError(f"paired rows differ: {base.shape} vs {now.shape}")
+    n = len(base)
+    if n < 2:
+        return 0.0
+    return float(np.std(base - now, ddof=1) / math.sqrt(n))
+
+
+@dataclass(frozen=True)
+class ControlConstraint:
+    """Every control may lose at most ``max_drop`` points against ``base``, at one-sided ``confidence``."""
+
+    base: Mapping[str, float]
+    max_drop: float
+    confidence: float = 0.95
+
+    @property
+    def z(self) -> float:
+        return NormalDist().inv_cdf(self.confidence)
+
+    def drop(self, metrics: Mapping[str, float], control: str) -> float:
+        """The point estimate of the drop, in points."""
+        return 100 * (self.base[control] - metrics[control])
+
+    def bound(self, metrics: Mapping[str, float], control: str) -> float:
+        """The upper confidence bound of the drop, in points (se from the evaluator, else 0)."""
+        return self.drop(metrics, control) + self.z * 100 * float(metrics.get(drop_se_key(control), 0.0))
+
+    def bounds(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {c: self.bound(metrics, c) for c in self.base}
+
+    def ok(self, metrics: Mapping[str, float]) -> bool:
+        return all(b <= self.max_drop + TOLERANCE for b in self.bounds(metrics).values())
+
+    def describe(self) -> dict:
+        return {"controls": list(self.base), "base": dict(self.base), "max_control_drop": self.max_drop, "confidence": self.confidence, "z": round(self.z, 6)}
+
+
+def control_constraint(controls: Sequence[str], base: Mapping[str, float], max_control_drop: float, *, confidence: float = 0.95) -> ControlConstraint:
+    """A :class:`ControlConstraint` for ``controls`` (their base accuracies from ``base``); one-line errors."""
+    if max_control_drop is None or max_control_drop < 0:
         raise TaskvecError(f"max_control_drop must be ≥ 0 points, got {max_control_drop}")
+    if not 0.5 <= confidence < 1:
+        raise TaskvecError(f"control confidence must be in [0.5, 1), got {confidence}")
     missing = [c for c in controls if c not in base]
     if missing:
         raise TaskvecError(f"no base accuracy for control task {missing[0]}")
-    floors = {}
-    for c in controls:
-        candidates = [threshold * base[c]] if threshold is not None else []
-        if max_control_drop is not None:
-            candidates.append(base[c] - max_control_drop / 100)
-        floors[c] = max(candidates) if candidates else -math.inf
-    return floors
-
-
-def _within(floors: Mapping[str, float]) -> Callable[[Mapping[str, float]], bool]:
-    return lambda m: all(m[c] >= floor - TOLERANCE for c, floor in floors.items())
+    return ControlConstraint({c: float(base[c]) for c in controls}, float(max_control_drop), confidence)
 
 
 def addition_objective(
@@ -114,57 +163,49 @@ def addition_objective(
     controls: Sequence[str] = (),
     base: Mapping[str, float] | None = None,
     max_control_drop: float | None = None,
+    confidence: float = 0.95,
 ) -> Objective:
     """Mean over ``tasks`` of accuracy / ``reference[task]`` (the task's fine-tuned accuracy).
 
     With ``controls`` (and their ``base`` accuracies), λ is feasible iff every
-    control loses at most ``max_control_drop`` points; λ = 0 is the fallback.
+    control's drop bound is ≤ ``max_control_drop`` points; λ = 0 is the fallback.
     """
     missing = [task for task in tasks if not reference.get(task)]
     if missing:
         raise TaskvecError(f"addition needs a positive fine-tuned reference accuracy for task {missing[0]}")
     tasks = list(tasks)
     describe: dict = {"tasks": tasks, "reference": dict(reference)}
+    value = lambda m: float(np.mean([m[t] / reference[t] for t in tasks]))  # noqa: E731
     if not controls:
-        return Objective("addition", lambda m: float(np.mean([m[t] / reference[t] for t in tasks])), maximize=True, describe=describe)
+        return Objective("addition", value, maximize=True, describe=describe)
     if base is None or max_control_drop is None:
         raise TaskvecError("addition with control tasks needs their base accuracies and max_control_drop")
-    floors = control_floors(controls, base, max_control_drop=max_control_drop)
-    describe |= {"controls": list(controls), "base": dict(base), "control_floor": floors, "max_control_drop": max_control_drop}
-    return Objective(
-        "addition",
-        lambda m: float(np.mean([m[t] / reference[t] for t in tasks])),
-        maximize=True,
-        feasible=_within(floors),
-        describe=describe,
-        fallback=0.0,
-    )
+    constraint = control_constraint(controls, base, max_control_drop, confidence=confidence)
+    return Objective("addition", value, maximize=True, feasible=constraint.ok, describe=describe | {"constraint": constraint.describe()}, fallback=0.0, constraint=constraint)
 
 
 def negation_objective(
     targets: Sequence[str],
     controls: Sequence[str],
     base: Mapping[str, float],
-    threshold: float = 0.95,
     *,
-    max_control_drop: float | None = None,
+    max_control_drop: float = 1.0,
+    confidence: float = 0.95,
 ) -> Objective:
-    """Mean target accuracy (minimised), feasible iff each control ≥ ``threshold`` × its base accuracy
-    and, with ``max_control_drop``, loses at most that many points (then λ = 0 is the fallback)."""
+    """Mean target accuracy (minimised), feasible iff every control's drop bound is ≤ ``max_control_drop`` points
+    (λ = 0 is the fallback)."""
     if not targets or not controls:
         raise TaskvecError("negation needs at least one target task and one control task")
     targets = list(targets)
-    floors = control_floors(controls, base, threshold=threshold, max_control_drop=max_control_drop)
-    describe = {"targets": targets, "controls": list(controls), "base": dict(base), "control_floor": floors, "threshold": threshold}
-    if max_control_drop is not None:
-        describe["max_control_drop"] = max_control_drop
+    constraint = control_constraint(controls, base, max_control_drop, confidence=confidence)
     return Objective(
         "negation",
         lambda m: float(np.mean([m[t] for t in targets])),
         maximize=False,
-        feasible=_within(floors),
-        describe=describe,
-        fallback=0.0 if max_control_drop is not None else None,
+        feasible=constraint.ok,
+        describe={"targets": targets, "constraint": constraint.describe()},
+        fallback=0.0,
+        constraint=constraint,
     )
 
 
@@ -202,6 +243,11 @@ class SearchResult:
     seconds: float
     budget_exhausted: bool = False
     details: dict = field(default_factory=dict)
+
+    @property
+    def note(self) -> str | None:
+        """The control constraint's one-line verdict when it mattered (no feasible edit, or binding), else None."""
+        return self.details.get("constraint", {}).get("note")
 
     def to_dict(self) -> dict:
         return {
@@ -284,19 +330,10 @@ def search_lambda(evaluate: Evaluate, objective: Objective, spec: SearchSpec, *,
     if best is None and objective.fallback is not None:
         cached(objective.fallback)  # the known-feasible edit (λ = 0: the base); may add one evaluation
         best = _best(cached.cache, objective)
-        if best is not None:
-            details["constraint"] = {
-                "feasible_found": False,
-                "note": f"no searched λ keeps every control within its floor; picked the fallback λ = {best:g}",
-            }
     if best is None:
         raise NoFeasibleLambda(f"no feasible λ: every evaluated λ breaks the {objective.name} constraint")
-    unconstrained = min(cached.cache, key=lambda lam: (-objective.raw_key(cached.cache[lam]), lam))
-    if "control_floor" in objective.describe and "constraint" not in details:
-        binding = not objective.feasible(cached.cache[unconstrained])
-        details["constraint"] = {"feasible_found": True, "binding": binding, "unconstrained_best_lambda": unconstrained}
-        if binding:
-            details["constraint"]["note"] = f"the control constraint is binding: λ = {unconstrained:g} scores better but breaks it; picked λ = {best:g}"
+    if objective.constraint is not None:
+        details["constraint"] = _constraint_report(cached.cache, objective, best)
     evaluations = [
         {
             "lambda": lam,
@@ -317,6 +354,33 @@ def search_lambda(evaluate: Evaluate, objective: Objective, spec: SearchSpec, *,
         budget_exhausted=not complete,
         details=details,
     )
+
+
+def _constraint_report(cache: Mapping[float, Mapping[str, float]], objective: Objective, best: float) -> dict:
+    """Whether any edit (λ ≠ 0) keeps every control, whether the constraint cut off the unconstrained best, and a note."""
+    constraint = objective.constraint
+    assert constraint is not None
+    unconstrained = min(cache, key=lambda lam: (-objective.raw_key(cache[lam]), lam))
+    feasible_found = any(lam != 0 and objective.feasible(m) for lam, m in cache.items())
+    binding = not objective.feasible(cache[unconstrained])
+    report = {
+        "feasible_found": feasible_found,
+        "binding": binding,
+        "unconstrained_best_lambda": unconstrained,
+        "max_control_drop": constraint.max_drop,
+        "confidence": constraint.confidence,
+        "drop_at_best": {c: round(constraint.drop(cache[best], c), 6) for c in constraint.base},
+        "drop_bound_at_best": {c: round(b, 6) for c, b in constraint.bounds(cache[best]).items()},
+    }
+    level = f"{constraint.confidence:.0%} upper bound"
+    if not feasible_found:
+        report["note"] = (
+            f"no searched λ ≠ 0 keeps every control within {constraint.max_drop:g} points ({level} of the drop); "
+            f"picked λ = {best:g}{' (the base: no edit)' if best == 0 else ''}"
+        )
+    elif binding:
+        report["note"] = f"the control constraint is binding: λ = {unconstrained:g} scores better but a control may lose more than {constraint.max_drop:g} points ({level}); picked λ = {best:g}"
+    return report
 
 
 def _best(cache: Mapping[float, Mapping[str, float]], objective: Objective) -> float | None:

@@ -15,13 +15,15 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from taskvec.config import Params, SearchSpec
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.io import atomic_dir
-from taskvec.search import CachedEvaluator, SearchResult, addition_objective, negation_objective, search_lambda
+from taskvec.evaluate import predict
+from taskvec.search import CachedEvaluator, SearchResult, addition_objective, drop_se_key, negation_objective, paired_drop_se, search_lambda
 from taskvec.heads import device_of
 from taskvec.suite import Suite, write_curve
 
@@ -41,6 +43,44 @@ def compose(vectors: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict
     return total
 
 
+class SuiteMetrics:
+    """The metrics a λ search scores on ``suite``'s ``split``: each task's accuracy and, for each control,
+    the paired standard error of its drop against the rows' base predictions (:func:`taskvec.search.paired_drop_se`).
+
+    Construct it while the suite holds the *base* weights: it records which
+    control rows the base gets right. :attr:`base` holds the base accuracies.
+    """
+
+    def __init__(self, suite: Suite, split: str | None, tasks: Sequence[str], controls: Sequence[str] = ()):
+        self.suite, self.split = suite, suite._split(split)
+        self.controls = list(dict.fromkeys(controls))
+        self.tasks = [t for t in dict.fromkeys(tasks) if t not in self.controls]
+        self._base_correct = {c: self._correct(c) for c in self.controls}
+        self.base = {**suite.accuracies(self.split, self.tasks), **{c: float(v.mean()) for c, v in self._base_correct.items()}}
+
+    def at_base(self) -> dict[str, float]:
+        """The metrics of the base weights (λ = 0): no drop, no uncertainty."""
+        return {**self.base, **{drop_se_key(c): 0.0 for c in self.controls}}
+
+    def _correct(self, control: str) -> np.ndarray:
+        evalset = self.suite.sets[self.split][control]
+        return predict(self.suite.models[control], evalset, place=self.suite.policy.batch) == evalset.labels
+
+    def __call__(self) -> dict[str, float]:
+        """The metrics of the encoder as it is now."""
+        out = self.suite.accuracies(self.split, self.tasks) if self.tasks else {}
+        for c in self.controls:
+            correct = self._correct(c)
+            out[c] = float(correct.mean())
+            out[drop_se_key(c)] = paired_drop_se(self._base_correct[c], correct)
+        return out
+
+
+def control_rows(spec: SearchSpec, controls: Sequence[str], split: str | None = None) -> dict[str, dict[str, int | None]]:
+    """``Suite.load(task_rows=...)`` giving the controls ``search.control_rows`` rows of the search split."""
+    return {split or spec.split: {c: spec.control_rows for c in controls}}
+
+
 def search_suite(
     suite: Suite,
     tau: Mapping[str, torch.Tensor],
@@ -58,22 +98,27 @@ def search_suite(
     """Search λ for ``θ + λ·sign·τ`` on ``suite`` (its ``split``), scoring ``tasks`` and ``controls``.
 
     ``addition`` needs ``reference`` (each task's fine-tuned accuracy);
-    ``negation``'s control floors come from the base (λ = 0) evaluation.
+    controls (required for ``negation``, optional for ``addition``) are held
+    to ``spec.max_control_drop`` points against the base, with their paired
+    uncertainty (:class:`SuiteMetrics`); the suite must hold the base weights.
     """
-    scored = list(dict.fromkeys([*tasks, *controls]))
     total = spec.grid_points if (strategy or spec.strategy) == "grid" else spec.max_evals
     signed = {k: sign * v for k, v in tau.items()}
+    measure = SuiteMetrics(suite, split, tasks, controls)
     with suite.editor(signed) as editor, tqdm(total=total, desc="λ search", unit="eval", disable=not progress) as bar:
 
         def evaluate(lam: float) -> dict[str, float]:
             editor.apply(lam)
-            return suite.accuracies(split, scored)
+            return measure()
 
         cached = CachedEvaluator(evaluate, bar)
+        if controls:
+            cached.cache[0.0] = measure.at_base()  # measured above on the base weights (= θ + 0·τ)
+        limits = {"max_control_drop": spec.max_control_drop, "confidence": spec.control_confidence}
         if objective == "addition":
-            goal = addition_objective(tasks, reference or {})
+            goal = addition_objective(tasks, reference or {}, controls=controls, base=measure.base, **limits) if controls else addition_objective(tasks, reference or {})
         else:
-            goal = negation_objective(tasks, controls, cached(0.0), spec.control_threshold)
+            goal = negation_objective(tasks, controls, measure.base, **limits)
         return search_lambda(cached, goal, spec, strategy=strategy)
 
 
@@ -104,7 +149,7 @@ def run_search(
         if kind != "classification":
             raise TaskvecError(f"task {name} is an {kind} task; the search scores classification tasks only")
     spec = params.search
-    suite = Suite.load(base, [*tasks, *controls], params, splits=(spec.split,))
+    suite = Suite.load(base, [*tasks, *controls], params, splits=(spec.split,), task_rows=control_rows(spec, controls))
     tau = compose(vectors)
     if objective == "addition" and reference is None:
         reference = {task: suite.at(tensors, weight, tasks=[task])[task] for task, (tensors, weight) in zip(tasks, vectors, strict=True)}

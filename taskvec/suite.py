@@ -24,8 +24,10 @@ step, the promotion evaluator and the paper benchmark:
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -38,16 +40,51 @@ from taskvec.data import load_split
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.evaluate import EvalSet, score
 from taskvec.heads import EncoderClassifier, Head, build_head, load_encoder, load_head
+from taskvec.search import SE_SUFFIX
 
 # ---------------------------------------------------------------------------
 # Device policy
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # cuBLAS' deterministic workspace setting (CUBLAS_WORKSPACE_CONFIG)
+
+
 class DevicePolicy:
-    """Where models and every tensor fed to them live: CUDA when available, else CPU."""
+    """Where models and every tensor fed to them live: CUDA when available, else CPU.
+
+    :meth:`determinism` is the deterministic mode every caller uses:
+    ``torch.use_deterministic_algorithms(True)`` and, on CUDA, cuBLAS's
+    workspace setting (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, set before cuBLAS
+    is first used, unless the environment already sets it) and no cuDNN
+    autotuning. Fine-tuning holds it for the Trainer's run; the process's
+    CUDA policy (:func:`device`) turns it on for good, so evaluation, the λ
+    search and gradient ascent are deterministic on the GPU too.
+    """
 
     def __init__(self, device: str | torch.device | None = None):
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _enter_determinism(self) -> tuple[bool, bool, bool]:
+        previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+        if self.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        return previous
+
+    @contextlib.contextmanager
+    def determinism(self) -> Iterator[None]:
+        """Deterministic mode for the block; the previous mode is restored afterwards (the cuBLAS setting stays)."""
+        enabled, warn_only, benchmark = self._enter_determinism()
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+            torch.backends.cudnn.benchmark = benchmark
+
+    def enable_determinism(self) -> None:
+        """Deterministic mode for the rest of the process (what :func:`device` does for a CUDA policy)."""
+        self._enter_determinism()
 
     def place(self, module: nn.Module) -> nn.Module:
         """Move ``module`` (parameters and buffers) to the policy's device."""
@@ -69,10 +106,15 @@ _POLICY: DevicePolicy | None = None
 
 
 def device() -> DevicePolicy:
-    """The process's device policy (created on first use); every :class:`Suite` takes it from here."""
+    """The process's device policy (created on first use); every :class:`Suite`, fine-tune and search takes it from here.
+
+    A CUDA policy switches the process to deterministic mode when it is created.
+    """
     global _POLICY
     if _POLICY is None:
         _POLICY = DevicePolicy()
+        if _POLICY.device.type == "cuda":
+            _POLICY.enable_determinism()
     return _POLICY
 
 
@@ -209,6 +251,7 @@ class Suite:
         *,
         splits: Sequence[str] = ("validation",),
         max_rows: Mapping[str, int | None] | None = None,
+        task_rows: Mapping[str, Mapping[str, int | None]] | None = None,
         dtype: torch.dtype | None = None,
         heads: Literal["build", "resolve"] = "build",
         head_paths: Mapping[str, str | Path] | None = None,
@@ -217,6 +260,8 @@ class Suite:
         """Validate the tasks, load every (task, split) with its row cap, then ``model`` once, then the heads.
 
         ``max_rows[split]`` (when not None) overrides ``params.eval.max_rows.<split>``;
+        ``task_rows[split][task]`` overrides both for one task (``None``: every row),
+        e.g. more validation rows for the control tasks of a λ search;
         ``dtype=None`` keeps the checkpoint's dtype; ``heads``: see the module docstring.
         """
         policy = device()
@@ -228,7 +273,11 @@ class Suite:
         data = {}
         for split in dict.fromkeys(splits):
             cap = explicit.get(split) if explicit.get(split) is not None else params.eval.max_rows.get(split)
-            data[split] = {name: load_split(spec, params.data_root(), split, max_rows=cap, seed=params.eval.seed) for name, spec in specs.items()}
+            per_task = (task_rows or {}).get(split, {})
+            data[split] = {
+                name: load_split(spec, params.data_root(), split, max_rows=per_task[name] if name in per_task else cap, seed=params.eval.seed)
+                for name, spec in specs.items()
+            }
         encoder, tokenizer, path = load_encoder(model, dtype=dtype)
         policy.place(encoder)
         length = params.eval.max_length
@@ -324,7 +373,9 @@ def write_curve(
 
     folder = Path(folder)
     rows = sorted(result.evaluations, key=lambda e: e["lambda"])
-    tasks = list(tasks) if tasks is not None else sorted({task for row in rows for task in row["metrics"]})
+    if tasks is None:  # every accuracy scored (a control's drop standard error is not an accuracy: search.json keeps it)
+        tasks = sorted({task for row in rows for task in row["metrics"] if not task.endswith(SE_SUFFIX)})
+    tasks = list(tasks)
     csv_path, png_path = folder / "curve.csv", folder / "curve.png"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)

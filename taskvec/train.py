@@ -15,9 +15,11 @@ so ``taskvec extract BASE FINETUNED`` diffs the two folders directly:
   BERT's pooler) keep the base values, so their task-vector entries are zero.
 
 Training is seeded (``transformers.set_seed``; data order, masking and head
-init follow ``TrainSpec.seed``) and, on CPU, runs with
-``torch.use_deterministic_algorithms(True)``, so a rerun on the same machine
-gives the same weights. A GPU is used when present. The training rows are the
+init follow ``TrainSpec.seed``) and runs on the harness's device policy
+(:func:`taskvec.suite.device`: CUDA when available, else CPU; the Trainer is
+told which) inside its deterministic mode
+(``torch.use_deterministic_algorithms(True)``, plus cuBLAS's workspace
+setting on CUDA), so a rerun on the same machine gives the same weights. The training rows are the
 first ``steps * batch_size`` rows of a seeded shuffle of the train split (each
 row seen at most once unless the split is smaller), batched by similar length
 (Trainer's ``group_by_length`` sampler) to cut padding on CPU.
@@ -33,13 +35,11 @@ wall time and library versions.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import platform
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,8 @@ from taskvec.data import Split, load_split, resolve_source
 from taskvec.errors import TaskvecError
 from taskvec.heads import EncoderClassifier, build_head, load_encoder, save_head, state_hash
 from taskvec.io import atomic_dir, check_output, resolve_model
+from taskvec import suite as _suite
+from taskvec.suite import DevicePolicy
 
 MANIFEST = "finetune.json"
 
@@ -72,18 +74,6 @@ class FinetuneResult:
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def deterministic(enabled: bool) -> Iterator[None]:
-    """Turn on ``torch.use_deterministic_algorithms`` for the block, then restore the previous mode."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(enabled or previous, warn_only=warn_only)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
 def training_rows(split: Split, train: TrainSpec) -> datasets.Dataset:
@@ -101,7 +91,7 @@ def _tokenize(rows: datasets.Dataset, tokenizer, max_length: int) -> datasets.Da
     )
 
 
-def _arguments(train: TrainSpec, workdir: Path, progress: bool) -> TrainingArguments:
+def _arguments(train: TrainSpec, workdir: Path, progress: bool, policy: DevicePolicy) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(workdir),
         max_steps=train.steps,
@@ -120,16 +110,18 @@ def _arguments(train: TrainSpec, workdir: Path, progress: bool) -> TrainingArgum
         report_to="none",
         disable_tqdm=not progress,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=policy.device.type == "cuda",
+        use_cpu=policy.device.type == "cpu",
     )
 
 
 def _run_trainer(model, rows, tokenizer, collator, train: TrainSpec, workdir: Path, progress: bool) -> list[tuple[int, float]]:
-    args = _arguments(train, workdir / "trainer", progress)
+    policy = _suite.device()  # looked up per call: tests substitute the policy
+    args = _arguments(train, workdir / "trainer", progress, policy)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=tokenizer)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
-    with deterministic(args.device.type == "cpu"):
+    with policy.determinism():
         trainer.train()
     shutil.rmtree(workdir / "trainer", ignore_errors=True)
     return [(int(log["step"]), float(log["loss"])) for log in trainer.state.log_history if "loss" in log]
@@ -187,7 +179,7 @@ def finetune_task(
             "train": train.model_dump(exclude=None if train.method == "lora" else {"method", "lora_r", "lora_alpha", "lora_targets"}),
             "data": _portable_origin(split.lineage(), data_dir, data_label) | {"rows_trained": min(len(split.dataset), train.steps * train.batch_size)},
             "losses": losses,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "device": _suite.device().device.type,
             "torch_threads": torch.get_num_threads(),
             "versions": {
                 "python": platform.python_version(),

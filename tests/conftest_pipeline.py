@@ -72,7 +72,7 @@ def write_project(root: Path, *, steps: int = 4) -> Path:
         "train": {"steps": steps, "batch_size": 8, "max_length": 16, "lr": 1e-3, "seed": 0},
         "extract": {"include": [], "exclude": []},
         "edit": {"learn": ["senti", "topic"], "control": ["spam"], "method": "sum"},
-        "search": {"strategy": "golden", "grid_points": 5, "max_evals": 4, "lambda_min": 0.0, "lambda_max": 1.0, "control_threshold": 0.05},
+        "search": {"strategy": "golden", "grid_points": 5, "max_evals": 4, "lambda_min": 0.0, "lambda_max": 1.0, "max_control_drop": 100.0},
         "eval": {"batch_size": 16, "max_length": 16, "max_rows": {"validation": 24, "test": 24}},
         "register": {"alias": "challenger", "log_vectors": True},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "artifact_root": "mlartifacts", "experiment": "taskvec-test", "registered_model": "tiny-edit"},

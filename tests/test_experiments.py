@@ -9,26 +9,34 @@ in well under a minute and must write the table, the JSON and the plots.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
+import numpy as np
 import pytest
 import torch
+import yaml
+from scipy import stats
 
 from taskvec.config import parse_params
 from benchmarks.paper.experiments import run_benchmark
 from benchmarks.paper.spec import ExperimentParams, MethodSpec
 from benchmarks.paper.vectors import merge_vectors, random_like
+from pipeline.cli import main as cli_main
+from taskvec.search import ControlConstraint
 from tests.conftest_tasks import LABELS, sentiment_rows, tiny_model, write_csv, write_mirror  # noqa: F401 - fixtures
 
+REPO = Path(__file__).resolve().parents[1]
 
-@pytest.fixture
-def bench_params(tmp_path, tiny_model):
+
+def bench_data(tmp_path, tiny_model) -> dict:
     root = tmp_path / "data"
     for i, name in enumerate(("senti", "other", "ctrl", "dom", "src")):
         write_mirror(root / name, sizes=(48, 16, 16), seed=10 * i)
     for i, name in enumerate(("dom_lm", "src_lm")):
         write_csv(root / name / "train.csv", [(t, "") for t, _ in sentiment_rows(32, seed=100 + i)])
     cls = {"labels": LABELS, "descriptions": ["bad", "good"]}
-    data = {
+    return {
         "base": str(tiny_model),
         "data_dir": str(root),
         "tasks": {
@@ -38,40 +46,84 @@ def bench_params(tmp_path, tiny_model):
         },
         "train": {"steps": 3, "batch_size": 8, "max_length": 16, "lr": 1e-3, "warmup_ratio": 0.0},
         "eval": {"batch_size": 16, "max_length": 16},
-        "search": {"grid_points": 5, "max_evals": 4, "lambda_max": 2.0},
+        "search": {"grid_points": 5, "max_evals": 4, "lambda_max": 2.0, "max_control_drop": 1.0},
         "bench": {
+            "seeds": [0, 1, 2],
             "negation": {"targets": ["senti"], "control": "ctrl", "gradient_ascent": {"lrs": [1e-3], "steps": 2, "checkpoints": [1, 2], "batch_size": 8}},
             "addition": {"tasks": ["senti", "other"]},
             "analogy": {"target": "dom", "source": "src", "target_lm": "dom_lm", "source_lm": "src_lm"},
         },
     }
-    return parse_params(data, model=ExperimentParams)
+
+
+@pytest.fixture
+def bench_params(tmp_path, tiny_model):
+    return parse_params(bench_data(tmp_path, tiny_model), model=ExperimentParams)
+
+
+def test_benchmark_command_writes_a_paper_json_that_validates_against_the_schema(tmp_path, tiny_model, capsys):
+    """A tiny-budget `taskvec benchmark` (3 seeds): paper.json validates, holds means over seeds with 95% t-intervals."""
+    config = tmp_path / "experiments.yaml"
+    config.write_text(yaml.safe_dump(bench_data(tmp_path, tiny_model)))
+    out, committed = tmp_path / "out", tmp_path / "results" / "paper.json"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["benchmark", "--config", str(config), "--out", str(out), "--paper-json", str(committed), "-S", "eval.max_rows.test=12"])
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    paper = json.loads(committed.read_text())
+    assert committed.read_text() == (out / "paper.json").read_text()
+    schema = json.loads((REPO / "benchmarks" / "results" / "paper.schema.json").read_text())
+    jsonschema.validate(paper, schema)
+    assert paper["seeds"] == [0, 1, 2] and paper["split"] == "test" and "Student-t" in paper["interval"]
+    assert paper["complete"] is True and "note" not in paper
+    assert paper["budget"]["rows"]["test"] == 12 and paper["budget"]["overrides"] == ["eval.max_rows.test=12"]
+    # every number is the mean of the three seed runs, and its _ci95 is the t-interval half-width over them
+    seeds = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1, 2)]
+    per_seed = [r["negation"]["senti"]["rows"]["negated task vector (−λτ)"]["test"]["senti"] for r in seeds]
+    neg = paper["negation"][0]
+    assert neg["target"] == "senti" and neg["chance"] == 0.5
+    assert neg["negated"]["target"] == pytest.approx(np.mean(per_seed))
+    assert neg["negated"]["target_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / np.sqrt(3))
+    assert set(paper["addition"]["methods"]) == {"sum", "ties", "dare", "dare_ties"}
+    assert paper["analogy"]["base"] == pytest.approx(np.mean([r["analogy"]["rows"]["base (zero-shot)"]["test"]["dom"] for r in seeds]))
+    assert {"negation/senti", "addition/sum", "addition/best_variant"} <= set(paper["goals"])
+    # the analogy's recovered fraction is judged only where every seed defines it (a supervised gain ≠ 0)
+    assert ("analogy" in paper["goals"]) == isinstance(paper["analogy"]["recovered_fraction"], float)
+    md = (out / "results.md").read_text()
+    assert " ± " in md and "## Goals" in md
+    # the summary can be rebuilt from the seed runs without running anything
+    (out / "paper.json").unlink()
+    with pytest.raises(SystemExit):
+        cli_main(["benchmark", "--config", str(config), "--out", str(out), "--aggregate", "-S", "eval.max_rows.test=12"])
+    again = json.loads((out / "paper.json").read_text())
+    assert again["negation"] == paper["negation"] and again["addition"] == paper["addition"]
 
 
 def test_benchmark_writes_table_json_and_plots(bench_params, tmp_path):
+    bench_params.bench.seeds = [0]
     out = tmp_path / "out"
     lines = []
-    results = run_benchmark("inline", out, params=bench_params, log=lines.append)
-    for name in ("results.md", "results.json", "negation.png", "addition.png", "analogy.png"):
+    results = run_benchmark("inline", out, params=bench_params, log=lines.append)["seeds"][0]
+    for name in ("results.md", "results.json", "paper.json", "negation.png", "addition.png", "analogy.png"):
         assert (out / name).is_file(), name
-    assert (out / "curves" / "addition-ties" / "curve.png").is_file()
-    saved = json.loads((out / "results.json").read_text())
+    assert (out / "seed-0" / "curves" / "addition-ties" / "curve.png").is_file()
+    saved = json.loads((out / "seed-0" / "results.json").read_text())
     assert set(saved) == {"negation", "addition", "analogy", "meta"}
     neg = results["negation"]["senti"]["rows"]
     assert set(neg) == {"base", "fine-tuned (+τ)", "negated task vector (−λτ)", "random vector, same norm (−λr)", "gradient ascent"}
-    # the chosen edits respect the control constraint on validation
-    floor = results["negation"]["senti"]["control_floor_validation"]
-    assert neg["negated task vector (−λτ)"]["validation"]["ctrl"] >= floor
-    assert neg["gradient ascent"]["validation"]["ctrl"] >= floor
+    # the chosen edits keep the control within max_control_drop (1 point) on validation, uncertainty included
+    constraint = ControlConstraint({"ctrl": neg["base"]["validation"]["ctrl"]}, 1.0)
+    search = results["negation"]["senti"]["searches"]["task_vector"]
+    assert constraint.ok(search["best_metrics"]) and "feasible_found" in search["constraint"]
+    assert constraint.ok(neg["gradient ascent"]["validation"])
     add = results["addition"]["rows"]
-    assert {"task_arithmetic", "ties", "dare", "dare_ties"} <= set(add)
+    assert {"sum", "ties", "dare", "dare_ties"} <= set(add)
     assert all(0.0 <= row["lambda"] <= 2.0 for name, row in add.items() if name in ("ties", "dare"))
     assert add["individual fine-tunes"]["mean_normalized_test"] == pytest.approx(1.0)
     md = (out / "results.md").read_text()
     assert "## 1. Negation" in md and "## 2. Addition" in md and "## 3. Analogy" in md
     # a re-run reuses the cached fine-tunes and vectors and gives the same table
     lines.clear()
-    again = run_benchmark("inline", out, params=bench_params, log=lines.append)
+    again = run_benchmark("inline", out, params=bench_params, log=lines.append)["seeds"][0]
     assert not any(line.startswith("[finetune]") for line in lines)
     assert again["addition"]["rows"]["ties"]["test"] == add["ties"]["test"]
 

@@ -107,14 +107,16 @@ def test_edit_objective_mixes_learn_forget_and_control(tmp_path):
 
     data = _base(tmp_path)
     data["edit"] = {"learn": ["senti"], "forget": ["topic"], "control": ["spam"]}
-    data["search"]["control_threshold"] = 0.95
+    data["search"]["max_control_drop"] = 2.0
     p = P.load(_write(tmp_path, data))
     obj = edit_objective(p, base={"senti": 0.5, "topic": 0.8, "spam": 0.8}, ft={"senti": 0.9})
     acc = {"senti": 0.72, "topic": 0.6, "spam": 0.78}
     assert obj.value(acc) == pytest.approx(0.72 / 0.9 - 0.6 / 0.8)
-    assert obj.feasible(acc)  # 0.78 >= 0.95 * 0.8
-    assert not obj.feasible({"senti": 0.9, "topic": 0.6, "spam": 0.75})  # 0.75 < 0.76
-    assert obj.key({"senti": 0.9, "topic": 0.6, "spam": 0.75}) == float("-inf")
+    assert obj.feasible(acc)  # exactly 2 points lost, no uncertainty reported
+    assert not obj.feasible(acc | {"spam/drop_se": 0.001})  # 2 + 1.645 × 0.1 points > 2
+    assert obj.feasible({"senti": 0.9, "topic": 0.6, "spam": 0.79, "spam/drop_se": 0.005})  # 1 + 0.82 ≤ 2
+    assert obj.key({"senti": 0.9, "topic": 0.6, "spam": 0.775}) == float("-inf")
+    assert obj.fallback == 0.0 and obj.constraint.max_drop == 2.0
 
 
 def test_dvc_lock_hashes(tmp_path):
@@ -175,7 +177,7 @@ def test_taskvec_finetune_and_search_accept_the_shipped_params(tmp_path, capsys,
 
     def fake_search(base, vectors, objective, tasks, params, **kw):
         seen.append(("search", tuple(tasks), type(params), params.search.strategy))
-        return SimpleNamespace(best_lambda=0.5, best_score=0.9, evaluations=[1], seconds=0.0)
+        return SimpleNamespace(best_lambda=0.5, best_score=0.9, evaluations=[1], seconds=0.0, note=None)
 
     monkeypatch.setattr(taskvec.train, "finetune", fake_finetune)
     monkeypatch.setattr(taskvec.search_run, "run_search", fake_search)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from taskvec.config import SearchSpec
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.heads import load_encoder
-from taskvec.search import CachedEvaluator, addition_objective, lattice, negation_objective, search_lambda
+from taskvec.search import CachedEvaluator, Objective, addition_objective, drop_se_key, lattice, negation_objective, paired_drop_se, search_lambda
 from taskvec.search_run import compose, run_search, write_outputs
 from taskvec.suite import WeightEditor
 from tests.conftest_tasks import data_dir, params, tiny_model  # noqa: F401 - fixtures
@@ -55,19 +56,19 @@ def negation_curve(lam: float) -> dict[str, float]:
 @pytest.mark.parametrize("spec", [SPEC, GRID])
 def test_negation_respects_the_control_constraint(spec):
     evaluate = CachedEvaluator(negation_curve)
-    objective = negation_objective(["toxic"], ["control"], evaluate(0.0), 0.95)
+    objective = negation_objective(["toxic"], ["control"], evaluate(0.0), max_control_drop=4)
     result = search_lambda(evaluate, objective, spec)
-    # control ≥ 0.76 ⇔ λ ≤ 0.58, so the largest feasible lattice point is 0.55.
+    # control loses ≤ 4 points ⇔ 0.5(λ − 0.5) ≤ 0.04 ⇔ λ ≤ 0.58, so the largest feasible lattice point is 0.55.
     assert result.best_lambda == pytest.approx(0.55)
-    assert result.best_metrics["control"] >= 0.95 * 0.8
+    assert result.best_metrics["control"] >= 0.8 - 0.04
     assert result.best_score == pytest.approx(0.9 - 0.6 * 0.55)
     assert len(result.evaluations) <= (8 if spec is SPEC else 21)
     infeasible = [e for e in result.evaluations if not e["feasible"]]
     assert infeasible and all(e["lambda"] > 0.55 for e in infeasible)
 
 
-def test_no_feasible_lambda_is_refused():
-    objective = negation_objective(["toxic"], ["control"], {"control": 2.0}, 0.95)
+def test_an_objective_without_a_feasible_fallback_is_refused():
+    objective = Objective("negation", lambda m: m["toxic"], maximize=False, feasible=lambda m: False)
     with pytest.raises(TaskvecError, match="no feasible λ"):
         search_lambda(negation_curve, objective, SPEC)
 
@@ -165,33 +166,65 @@ def test_run_search_refusals(tiny_model, params):
         run_search(tiny_model, [({}, 1.0)], "negation", ["senti_lm"], params, controls=["senti"])
 
 
-# --- max_control_drop: a control task may lose at most that many accuracy points -----------------
+# --- max_control_drop: a control task may lose at most that many points, judged with its uncertainty ----
 
 
 @pytest.mark.parametrize("spec", [SPEC, GRID])
 def test_negation_max_control_drop_picks_the_best_feasible_lambda_and_says_the_constraint_binds(spec):
     evaluate = CachedEvaluator(negation_curve)
-    # 2 points: control ≥ 0.78 (stricter than 0.95 × 0.8 = 0.76) ⇔ 0.8 − 0.5(λ − 0.5) ≥ 0.78 ⇔ λ ≤ 0.54.
-    objective = negation_objective(["toxic"], ["control"], evaluate(0.0), 0.95, max_control_drop=2)
-    assert objective.describe["control_floor"]["control"] == pytest.approx(0.78)
+    # 2 points: 0.5(λ − 0.5) ≤ 0.02 ⇔ λ ≤ 0.54.
+    objective = negation_objective(["toxic"], ["control"], evaluate(0.0), max_control_drop=2)
     result = search_lambda(evaluate, objective, spec)
     assert result.best_lambda == pytest.approx(0.5)
-    assert result.best_metrics["control"] >= 0.8 - 0.02
     constraint = result.details["constraint"]
     assert constraint["binding"] and constraint["feasible_found"] and constraint["unconstrained_best_lambda"] > 0.54
-    assert "binding" in constraint["note"] and "λ = 0.5" in constraint["note"]
+    assert "binding" in result.note and "picked λ = 0.5" in result.note
+    assert constraint["drop_at_best"] == {"control": 0.0} and constraint["max_control_drop"] == 2
     assert all(e["feasible"] == (e["lambda"] <= 0.54) for e in result.evaluations)
+
+
+def se_curve(lam: float) -> dict[str, float]:
+    """The control loses λ points (0.8 → 0.79 at λ = 1) with a paired standard error of 0.3·λ points."""
+    return {"t": 0.9 - 0.5 * lam, "c": 0.8 - 0.01 * lam, drop_se_key("c"): 0.003 * lam}
+
+
+def test_the_bound_adds_z_times_the_paired_standard_error():
+    z = NormalDist().inv_cdf(0.95)
+    objective = negation_objective(["t"], ["c"], {"t": 0.9, "c": 0.8}, max_control_drop=1)
+    # bound(λ) = λ + z·0.3·λ = 1.4935·λ points ≤ 1 ⇔ λ ≤ 0.6696: 0.65 is the last lattice point
+    assert objective.constraint.bound(se_curve(0.65), "c") == pytest.approx(0.65 * (1 + 0.3 * z))
+    result = search_lambda(se_curve, objective, GRID)
+    assert result.best_lambda == pytest.approx(0.65)
+    report = result.details["constraint"]
+    assert report["binding"] and report["unconstrained_best_lambda"] == 1.0
+    assert report["drop_at_best"]["c"] == pytest.approx(0.65) and report["drop_bound_at_best"]["c"] == pytest.approx(0.65 * (1 + 0.3 * z))
+    # the point estimate alone (no standard error reported) would allow every λ: the uncertainty is what binds
+    point = search_lambda(lambda lam: {k: v for k, v in se_curve(lam).items() if "/" not in k}, objective, GRID)
+    assert point.best_lambda == 1.0 and not point.details["constraint"]["binding"] and point.note is None
+    # a lower confidence level loosens the bound: z(0.5) = 0, so λ = 1 (exactly 1 point) is feasible
+    loose = search_lambda(se_curve, negation_objective(["t"], ["c"], {"t": 0.9, "c": 0.8}, max_control_drop=1, confidence=0.5), GRID)
+    assert loose.best_lambda == 1.0
+
+
+def test_paired_drop_se_is_the_standard_error_of_the_per_row_differences():
+    base = [1, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    now = [1, 1, 0, 1, 0, 1, 0, 0, 1, 1]  # one row lost, one gained: no drop, but uncertainty
+    assert paired_drop_se(base, now) == pytest.approx(math.sqrt(2 / 9) / math.sqrt(10))
+    assert paired_drop_se(base, base) == 0.0 and paired_drop_se([1], [0]) == 0.0
+    with pytest.raises(TaskvecError, match="paired rows differ"):
+        paired_drop_se([1, 0], [1])
 
 
 def test_max_control_drop_is_inclusive_and_a_loose_one_does_not_bind():
     curve = lambda lam: {"t": 0.9 - 0.5 * lam, "c": 0.8 - 0.1 * lam}  # noqa: E731 - control loses 2 points at λ = 0.2
-    tight = search_lambda(curve, negation_objective(["t"], ["c"], curve(0.0), 0.0, max_control_drop=2), GRID)
+    tight = search_lambda(curve, negation_objective(["t"], ["c"], curve(0.0), max_control_drop=2), GRID)
     assert tight.best_lambda == pytest.approx(0.2)  # exactly 2 points lost is allowed
-    loose = search_lambda(curve, negation_objective(["t"], ["c"], curve(0.0), 0.0, max_control_drop=50), GRID)
-    assert loose.best_lambda == 1.0 and loose.details["constraint"] == {"feasible_found": True, "binding": False, "unconstrained_best_lambda": 1.0}
+    loose = search_lambda(curve, negation_objective(["t"], ["c"], curve(0.0), max_control_drop=50), GRID)
+    report = loose.details["constraint"]
+    assert loose.best_lambda == 1.0 and report["feasible_found"] and not report["binding"] and loose.note is None
 
 
-def test_when_no_searched_lambda_is_feasible_the_fallback_is_lambda_zero():
+def test_when_no_edit_is_feasible_the_search_says_so_and_picks_lambda_zero():
     calls = []
 
     def curve(lam):
@@ -199,13 +232,12 @@ def test_when_no_searched_lambda_is_feasible_the_fallback_is_lambda_zero():
         return {"t": 0.9 - 0.5 * lam, "c": 0.8 - 0.5 * lam}  # every λ > 0.02 loses more than one point
 
     spec = SearchSpec(lambda_min=0.2, lambda_max=1.0, grid_points=5)
-    result = search_lambda(curve, negation_objective(["t"], ["c"], {"t": 0.9, "c": 0.8}, 0.95, max_control_drop=1), spec)
+    result = search_lambda(curve, negation_objective(["t"], ["c"], {"t": 0.9, "c": 0.8}, max_control_drop=1), spec)
     assert result.best_lambda == 0.0 and result.best_metrics == {"t": 0.9, "c": 0.8}
     assert calls[-1] == 0.0 and 0.0 not in lattice(spec)  # evaluated once more, after the search
-    assert result.details["constraint"]["feasible_found"] is False and "fallback λ = 0" in result.details["constraint"]["note"]
-    # Without max_control_drop there is no known-feasible fallback: refused as before.
-    with pytest.raises(TaskvecError, match="no feasible λ"):
-        search_lambda(curve, negation_objective(["t"], ["c"], {"t": 0.9, "c": 2.0}, 0.95), spec)
+    assert result.details["constraint"]["feasible_found"] is False
+    assert result.note == "no searched λ ≠ 0 keeps every control within 1 points (95% upper bound of the drop); picked λ = 0 (the base: no edit)"
+    assert result.to_dict()["constraint"]["feasible_found"] is False  # what search.json / best.json carry
 
 
 @pytest.mark.parametrize("spec", [SPEC, GRID])
@@ -221,5 +253,44 @@ def test_addition_with_a_control_task(spec):
         addition_objective(["a"], {"a": 0.9}, controls=["c"])
     with pytest.raises(TaskvecError, match="must be ≥ 0 points"):
         negation_objective(["t"], ["c"], {"c": 0.8}, max_control_drop=-1)
+    with pytest.raises(TaskvecError, match="confidence must be in"):
+        negation_objective(["t"], ["c"], {"c": 0.8}, confidence=1.0)
     with pytest.raises(TaskvecError, match="no base accuracy for control task c"):
         addition_objective(["a"], {"a": 0.9}, controls=["c"], base={}, max_control_drop=1)
+
+
+def test_search_command_applies_max_control_drop_with_the_paired_bound(tiny_model, data_dir, tmp_path, capsys):
+    """`taskvec search --max-control-drop`: every evaluation's feasibility is the bound rule recomputed from search.json,
+    on the control's own row cap (search.control_rows)."""
+    import yaml
+
+    from pipeline.cli import main as cli_main
+    from tests.conftest_tasks import LABELS, write_mirror
+
+    write_mirror(data_dir / "ctrl", sizes=(16, 40, 8), seed=50)
+    cls = {"labels": LABELS, "descriptions": ["bad", "good"]}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({
+        "base": str(tiny_model), "data_dir": str(data_dir),
+        "tasks": {"senti": {"source": "senti", **cls}, "ctrl": {"source": "ctrl", **cls}},
+        "eval": {"batch_size": 8, "max_length": 16, "max_rows": {"validation": 8}},
+    }))
+    from taskvec import engine
+    from tests.conftest import perturb
+
+    engine.extract(tiny_model, perturb(tiny_model, tmp_path / "ft", seed=3, scale=0.5), tmp_path / "v.safetensors")
+    out = tmp_path / "forget"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["search", str(tiny_model), "--vector", str(tmp_path / "v.safetensors"), "--objective", "negation", "--task", "senti", "--control", "ctrl",
+                  "--max-control-drop", "0.5", "--strategy", "grid", "-o", str(out), "-p", str(params_file), "-S", "search.control_rows=32", "-q"])
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["constraint"]["max_control_drop"] == 0.5
+    assert saved["data"]["ctrl"]["rows_used"] == 32 and saved["data"]["senti"]["rows_used"] == 8  # controls get their own cap
+    base = saved["evaluations"][0]["metrics"]
+    z = NormalDist().inv_cdf(0.95)
+    for e in saved["evaluations"]:
+        m = e["metrics"]
+        bound = 100 * (base["ctrl"] - m["ctrl"]) + z * 100 * m["ctrl/drop_se"]
+        assert e["feasible"] == (bound <= 0.5 + 1e-9), e
+    assert saved["best_lambda"] in [e["lambda"] for e in saved["evaluations"] if e["feasible"]]

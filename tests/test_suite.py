@@ -9,8 +9,10 @@ returned, and the encoder must be one the policy placed — else the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import weakref
 
 import pytest
@@ -23,8 +25,8 @@ from taskvec.data import load_split
 from taskvec.errors import TaskvecError
 from taskvec.evaluate import EvalSet, evaluate_model, predict, score
 from taskvec.heads import EncoderClassifier, build_head, load_encoder
-from taskvec.search import addition_objective, search_lambda
-from taskvec.search_run import run_search
+from taskvec.search import addition_objective, control_constraint, search_lambda
+from taskvec.search_run import SuiteMetrics, run_search
 from taskvec.suite import DevicePolicy, Suite, write_curve
 from tests.conftest import perturb
 from tests.conftest_pipeline import pipeline_env, tiny_project  # noqa: F401 - fixtures
@@ -248,16 +250,17 @@ def test_benchmark_evaluation_and_gradient_ascent_use_the_policy(bench_params, i
     suite = open_suite(bench_params, ["senti", "ctrl"])
     assert fake.placed == [suite.encoder]
     base = {k: v.clone() for k, v in suite.encoder.state_dict().items()}
-    base_val = suite.accuracies("validation")
+    measure = SuiteMetrics(suite, "validation", ["senti"], ["ctrl"])
     spec = bench_params.bench.negation.gradient_ascent
-    ga = gradient_ascent(suite, bench_params, "senti", "ctrl", spec, base_val, 0.95, 0, log=lambda m: None)
+    ga = gradient_ascent(suite, bench_params, "senti", "ctrl", spec, measure, control_constraint(["ctrl"], measure.base, 100.0), 0, log=lambda m: None)
     assert fake.fed["labels"] == spec.steps * len(spec.lrs)  # every training batch's labels came through to()
     assert [p["step"] for p in ga["probes"]] == [0, 2, 3]
     assert all(torch.equal(v, base[k]) for k, v in suite.encoder.state_dict().items())  # reset to the base
     gen = torch.Generator().manual_seed(0)
     tau = {n: torch.randn(t.shape, generator=gen) * 0.1 for n, t in base.items() if n.startswith("encoder.layer.0")}
     res = search(suite, bench_params, tau, "negation", ["senti"], controls=["ctrl"], sign=-1.0, curve_dir=tmp_path / "curve", log=lambda m: None)
-    assert res.evaluations[0]["lambda"] == 0.0 and res.evaluations[0]["metrics"] == base_val
+    assert res.evaluations[0]["lambda"] == 0.0 and res.evaluations[0]["metrics"] == measure.at_base()
+    assert set(res.evaluations[-1]["metrics"]) == {"senti", "ctrl", "ctrl/drop_se"}
     assert json.loads((tmp_path / "curve" / "search.json").read_text())["best_lambda"] == res.best_lambda
 
 
@@ -271,3 +274,57 @@ def test_one_curve_writer_both_layouts(tmp_path):
         e = by_lambda[float(row["lambda"])]
         assert float(row["objective"]) == e["score"] and float(row["acc/a"]) == e["metrics"]["a"] and row["feasible"] == "1"
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- deterministic mode: one policy decides, fine-tuning and a CUDA process use it ---------------------
+
+
+def test_a_cuda_policy_enters_deterministic_mode_with_the_cublas_workspace(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset-below")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored (absent) at teardown
+    before = torch.are_deterministic_algorithms_enabled()
+    with DevicePolicy("cpu").determinism():  # CPU: deterministic algorithms, no cuBLAS setting
+        assert torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with DevicePolicy("cuda").determinism():  # sets the mode only: no CUDA call is made
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() == before
+    # the process's policy, created where CUDA is available, switches the process to deterministic mode
+    monkeypatch.setattr(suite_mod, "_POLICY", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        assert suite_mod.device().device.type == "cuda" and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_finetuning_runs_on_the_policy_device_inside_its_deterministic_mode(tiny_model, params, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    from taskvec.train import finetune
+
+    class Recording(DevicePolicy):
+        def __init__(self):
+            super().__init__("cpu")
+            self.entered = 0
+
+        @contextlib.contextmanager
+        def determinism(self):
+            self.entered += 1
+            with super().determinism():
+                yield
+
+    fake = Recording()
+    monkeypatch.setattr(suite_mod, "device", lambda: fake)
+    seen = []
+    real = Trainer.train
+
+    def train(self, *a, **kw):
+        seen.append((self.args.use_cpu, self.args.device.type, torch.are_deterministic_algorithms_enabled()))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    before = torch.are_deterministic_algorithms_enabled()
+    result = finetune("senti", params, tmp_path / "ft", steps=2, progress=False)
+    assert fake.entered == 1 and seen == [(True, "cpu", True)]  # the policy's device, told to the Trainer, deterministic
+    assert result.manifest["device"] == "cpu" and torch.are_deterministic_algorithms_enabled() == before

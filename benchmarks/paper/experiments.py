@@ -10,8 +10,10 @@ plus a ``bench`` section):
    same per-tensor or global norm as ``τ_target``) vs gradient ascent on the
    target (−cross-entropy, AdamW; learning rate and step count chosen among
    validation probes). λ and the ascent checkpoint minimise the target's
-   validation accuracy subject to the control (``agnews``) keeping ≥ 0.95 ×
-   its base validation accuracy (the paper's criterion).
+   validation accuracy subject to the control (``agnews``) losing at most
+   ``search.max_control_drop`` points — the upper confidence bound of its
+   paired validation drop, on ``search.control_rows`` rows
+   (:class:`taskvec.search.ControlConstraint`, the λ search's one mechanism).
 2. **Addition** — the vectors of ``sst2, agnews, sms_spam, offensive``
    merged by task arithmetic (sum), TIES (top-k density), DARE (drop p,
    rescale) and DARE-TIES; each merge is built with unit weights and a single
@@ -23,6 +25,13 @@ plus a ``bench`` section):
 
 Selection uses validation rows only; test rows are scored once per final
 model and never compared to choose anything.
+
+Statistics: the whole run is repeated for every seed of ``bench.seeds``
+(:func:`~benchmarks.paper.spec.seed_params`: fine-tuning seed, row sampling
+of capped splits, random vectors, DARE masks); each seed's results go to
+``<out>/seed-<s>/`` and the summary — the mean over seeds with a 95 %
+Student-t interval (:mod:`~benchmarks.paper.stats`) — to ``paper.json``
+(schema: ``benchmarks/results/paper.schema.json``) and ``results.md``.
 
 Recipe (the paper's, for text encoders): each task vector covers the encoder
 only; every task is scored with its own *frozen* zero-shot head built from the
@@ -39,7 +48,7 @@ ascent trains that encoder on the same device.
 Modules: :mod:`~benchmarks.paper.spec` (config), :mod:`~benchmarks.paper.vectors`
 (cached fine-tunes and vectors), :mod:`~benchmarks.paper.suite` (evaluation and
 λ search), :mod:`~benchmarks.paper.negation`, :mod:`~benchmarks.paper.addition`,
-:mod:`~benchmarks.paper.analogy`, :mod:`~benchmarks.paper.report`.
+:mod:`~benchmarks.paper.analogy`, :mod:`~benchmarks.paper.stats`, :mod:`~benchmarks.paper.report`.
 """
 
 from __future__ import annotations
@@ -55,10 +64,12 @@ from benchmarks.paper.addition import run_addition
 from benchmarks.paper.analogy import run_analogy
 from benchmarks.paper.negation import run_negation
 from benchmarks.paper.report import plot_bars, render_markdown
-from benchmarks.paper.spec import ExperimentParams, load_experiment_params, needed_tasks, quick_params
+from benchmarks.paper.spec import ExperimentParams, load_experiment_params, needed_tasks, quick_params, seed_params
+from benchmarks.paper.stats import INTERVAL, goals, mean_tree, paper_summary
 from benchmarks.paper.suite import open_suite
 from benchmarks.paper.vectors import ensure_vector, global_norm, load_tau
 from taskvec.errors import TaskvecError
+from taskvec.io import atomic_path
 
 
 def run_benchmark(
@@ -67,18 +78,89 @@ def run_benchmark(
     *,
     quick: bool = False,
     params: ExperimentParams | None = None,
+    overrides: list[str] | None = None,
+    paper_json: str | Path | None = None,
+    aggregate_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the configured experiments; write results.md / results.json / *.png into ``out``."""
+    """Run the configured experiments once per seed of ``bench.seeds`` and summarise them.
+
+    Each seed's run goes to ``out/seed-<s>/`` (results.json, λ curves); ``out``
+    gets ``paper.json`` (means over seeds with 95 % t-intervals, the issue's
+    schema), ``results.json`` (every seed's results and the summary),
+    ``results.md`` and plots of the means. ``paper_json``, when given, gets a
+    copy of ``paper.json`` (``make paper`` commits ``benchmarks/results/paper.json``).
+    ``aggregate_only`` runs nothing: it summarises the seeds' ``out/seed-<s>/results.json``
+    (e.g. after running the seeds as separate processes with ``-S bench.seeds=[s]``).
+    Returns ``{"seeds": {seed: results}, "paper": summary}``.
+    """
     started = time.perf_counter()
-    params = params or load_experiment_params(config)
+    params = params or load_experiment_params(config, overrides=overrides)
     if quick:
         params = quick_params(params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "cache"
     if params.bench.threads:
         torch.set_num_threads(params.bench.threads)
+    runs: dict[int, dict] = {}
+    for seed in params.bench.seeds:
+        if aggregate_only:
+            found = out / f"seed-{seed}" / "results.json"
+            if not found.is_file():
+                raise TaskvecError(f"no results for seed {seed}: {found} (run that seed first)")
+            runs[seed] = json.loads(found.read_text())
+            continue
+        log(f"[bench] seed {seed} ({len(runs) + 1}/{len(params.bench.seeds)})")
+        runs[seed] = run_seed(seed_params(params, seed), out / f"seed-{seed}", out / "cache", config=config, quick=quick, log=log)
+    chance = {t: 1 / len(params.task(t).labels) for t in needed_tasks(params)[1]}
+    paper = mean_tree([paper_summary(r, chance) for r in runs.values()])
+    paper |= {
+        "split": "test",
+        "seeds": list(params.bench.seeds),
+        "interval": INTERVAL,
+        "budget": budget(params, quick=quick, overrides=overrides),
+        "seconds": round(time.perf_counter() - started, 1),
+        "seconds_per_seed": {seed: r["meta"]["seconds"] for seed, r in runs.items()},
+        "device": next(iter(runs.values()))["meta"]["device"],
+    }
+    paper["goals"] = goals(paper, max_control_drop=params.search.max_control_drop)
+    missing = [name for name in ("negation", "addition", "analogy") if name not in paper]
+    paper["complete"] = len(runs) >= 3 and not missing and not quick
+    if not paper["complete"]:
+        paper["note"] = f"partial result: {len(runs)} seed(s){', without ' + ', '.join(missing) if missing else ''}{', --quick budget' if quick else ''}; budget below"
+    means = mean_tree([{k: v for k, v in r.items() if k != "meta"} for r in runs.values()])
+    means["meta"] = next(iter(runs.values()))["meta"] | {"seconds": paper["seconds"], "seeds": list(params.bench.seeds)}
+    text = json.dumps(paper, indent=2, default=float) + "\n"
+    publish = [(out / "paper.json", text), (out / "results.json", json.dumps({"paper": paper, "seeds": runs}, indent=2, default=float) + "\n")]
+    publish.append((out / "results.md", render_markdown(means, paper)))
+    if paper_json is not None:
+        publish.append((Path(paper_json), text))
+    for path, content in publish:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(content)
+    plot_bars(means, out)
+    return {"seeds": runs, "paper": paper}
+
+
+def budget(params: ExperimentParams, *, quick: bool, overrides: list[str] | None) -> dict:
+    """What one seed's run costs: fine-tuning budget, row caps, λ search and gradient-ascent budgets."""
+    neg = params.bench.negation
+    return {
+        "quick": quick,
+        "overrides": list(overrides or []),
+        "train": {k: v for k, v in params.train.model_dump().items() if k in ("steps", "batch_size", "lr", "max_length")},
+        "train_steps_override": dict(params.bench.steps),
+        "rows": {"validation": params.eval.max_rows.validation, "control_validation": params.search.control_rows, "test": params.eval.max_rows.test},
+        "search": {k: v for k, v in params.search.model_dump().items() if k != "split"},
+        "gradient_ascent": neg.gradient_ascent.model_dump() if neg else None,
+    }
+
+
+def run_seed(params: ExperimentParams, out: Path, cache: Path, *, config: str | Path = "", quick: bool = False, log: Callable[[str], None] = print) -> dict:
+    """One seed's run (``params`` from :func:`seed_params`): fine-tunes (cached), vectors, the three experiments."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.bench.seed)
     ft_tasks, scored = needed_tasks(params)
     if not scored:
@@ -107,9 +189,10 @@ def run_benchmark(
         "base": params.base,
         "config": str(config),
         "quick": quick,
+        "seed": params.bench.seed,
         "train": params.train.model_dump(),
         "train_steps_override": params.bench.steps,
-        "eval_rows": {"validation": params.eval.max_rows.validation, "test": params.eval.max_rows.test},
+        "eval_rows": {"validation": params.eval.max_rows.validation, "control_validation": params.search.control_rows, "test": params.eval.max_rows.test},
         "search": params.search.model_dump(),
         "vectors": {t: {"path": str(p), "norm": global_norm(taus[t])} for t, p in vec_paths.items()},
         "data": suite.lineage(),
@@ -119,8 +202,5 @@ def run_benchmark(
         "device": str(suite.policy.device),
         "selection": "λ, gradient-ascent lr/steps chosen on validation only; test scored once per final model",
     }
-    md = render_markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    (out / "results.md").write_text(md)
-    plot_bars(results, out)
     return results

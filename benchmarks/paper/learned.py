@@ -36,7 +36,7 @@ def run_learned(
     add = params.bench.addition
     out_rows: dict = {}
     records: dict = {}
-    start = (rows.get("task_arithmetic") or {}).get("lambda")
+    start = (rows.get("sum") or {}).get("lambda")
     for name in add.learned:
         started = time.perf_counter()
         if name == "per_task":

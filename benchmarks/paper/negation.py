@@ -12,6 +12,8 @@ from benchmarks.paper.spec import ExperimentParams, GradientAscentSpec
 from benchmarks.paper.suite import search
 from benchmarks.paper.vectors import global_norm, random_like
 from taskvec.data import load_split
+from taskvec.search import ControlConstraint, control_constraint
+from taskvec.search_run import SuiteMetrics
 from taskvec.suite import Suite
 
 
@@ -21,15 +23,16 @@ def gradient_ascent(
     target: str,
     control: str,
     spec: GradientAscentSpec,
-    base_val: Mapping[str, float],
-    threshold: float,
+    measure: SuiteMetrics,
+    constraint: ControlConstraint,
     seed: int,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Minimise −CE on the target's train split (frozen head), probing validation at checkpoints.
 
-    Picks, over (lr, checkpoint), the lowest target validation accuracy with
-    control ≥ threshold × base control (ties → the earlier probe: smaller lr, then fewer steps);
+    Picks, over (lr, checkpoint), the lowest target validation accuracy whose
+    control keeps ``constraint`` (the λ search's: drop upper bound ≤
+    max_control_drop; ties → the earlier probe: smaller lr, then fewer steps);
     step 0 (the base) is always a feasible fallback. Returns the choice, every
     probe, and the test accuracies of the chosen weights. Restores the base.
     Runs on the harness's device: every batch and its labels go through
@@ -43,8 +46,8 @@ def gradient_ascent(
     collate = DataCollatorWithPadding(suite.tokenizer)
     enc = suite.tokenizer(list(rows["text"]), truncation=True, max_length=params.train.max_length)
     labels = list(rows["label"])
-    floor = threshold * base_val[control]
-    probes = [{"lr": 0.0, "step": 0, **{k: base_val[k] for k in (target, control)}, "feasible": True}]
+    base_val = measure.base
+    probes = [{"lr": 0.0, "step": 0, **measure.at_base(), "feasible": True}]
     best = (base_val[target], 0, 0.0)
     best_state = None
     model = suite.models[target]
@@ -64,8 +67,8 @@ def gradient_ascent(
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step in spec.checkpoints:
-                acc = suite.accuracies("validation", [target, control])
-                feasible = acc[control] >= floor
+                acc = measure()
+                feasible = constraint.ok(acc)
                 probes.append({"lr": lr, "step": step, **acc, "feasible": bool(feasible)})
                 if feasible and acc[target] < best[0]:
                     best = (acc[target], step, lr)
@@ -84,11 +87,13 @@ def gradient_ascent(
 def run_negation(suite: Suite, taus: Mapping[str, dict], params: ExperimentParams, out: Path, log) -> dict:
     neg = params.bench.negation
     assert neg is not None
-    control, thr = neg.control, params.search.control_threshold
+    control, spec = neg.control, params.search
     results = {}
     for target in neg.targets:
         tasks = [target, control]
-        base_val, base_test = suite.accuracies("validation", tasks), suite.accuracies("test", tasks)
+        measure = SuiteMetrics(suite, "validation", [target], [control])
+        constraint = control_constraint([control], measure.base, spec.max_control_drop, confidence=spec.control_confidence)
+        base_val, base_test = measure.base, suite.accuracies("test", tasks)
         tau = taus[target]
         rows = {"base": {"lambda": None, "validation": base_val, "test": base_test}}
         r_ft = suite.at(tau, 1.0, "test", tasks)
@@ -98,11 +103,11 @@ def run_negation(suite: Suite, taus: Mapping[str, dict], params: ExperimentParam
         rnd = random_like(tau, params.bench.seed, neg.random_norm)
         res_r = search(suite, params, rnd, "negation", [target], controls=[control], sign=-1.0, curve_dir=out / "curves" / f"negation-{target}-random", label=f"negate random ‖τ_{target}‖", log=log)
         rows["random vector, same norm (−λr)"] = {"lambda": res_r.best_lambda, "validation": res_r.best_metrics, "test": suite.at(rnd, -res_r.best_lambda, "test", tasks)}
-        ga = gradient_ascent(suite, params, target, control, neg.gradient_ascent, base_val, thr, params.bench.seed, log)
+        ga = gradient_ascent(suite, params, target, control, neg.gradient_ascent, measure, constraint, params.bench.seed, log)
         rows["gradient ascent"] = {"lambda": None, "lr": ga["lr"], "steps": ga["steps"], "validation": ga["validation"], "test": ga["test"], "probes": ga["probes"]}
         results[target] = {
             "control": control,
-            "control_floor_validation": thr * base_val[control],
+            "constraint": constraint.describe(),
             "tau_norm": global_norm(tau),
             "rows": rows,
             "searches": {"task_vector": res.to_dict(), "random": res_r.to_dict()},

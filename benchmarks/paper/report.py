@@ -11,52 +11,69 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def _ci(d: dict, key: str, *, scale: float = 100) -> str:
+    """``mean ± half-width`` of ``d[key]`` (its ``_ci95`` sibling), in points."""
+    x = d.get(key)
+    if x is None:
+        return "–"
+    half = d.get(key + "_ci95")
+    return f"{scale * x:.1f}" + (f" ± {scale * half:.1f}" if half is not None else "")
+
+
 def _lam(row: dict) -> str:
     if row.get("steps") is not None:
-        return f"lr {row['lr']:g}, {row['steps']} steps"
-    return "–" if row.get("lambda") is None else f"{row['lambda']:g}"
+        lr = row["lr"]
+        lr = lr if isinstance(lr, list) else [lr]
+        return f"lr {', '.join(f'{v:g}' for v in lr)}, {_ci(row, 'steps', scale=1)} steps"
+    lam = row.get("lambda")
+    if lam is None:
+        return "–"
+    if isinstance(lam, list):
+        return ", ".join(f"{v:g}" for v in lam)
+    return _ci(row, "lambda", scale=1) if isinstance(lam, float) else str(lam)
 
 
-def render_markdown(results: dict) -> str:
+def render_markdown(results: dict, paper: dict | None = None) -> str:
+    """The results table: every number a mean over seeds ± its 95% t-interval (test accuracy, %)."""
     lines: list[str] = []
     meta = results["meta"]
+    seeds = meta.get("seeds", [meta.get("seed")])
     lines += [
         "# Task arithmetic on all-MiniLM-L6-v2 — paper experiments",
         "",
         f"Base `{meta['base']}`; fine-tunes: {meta['train']['steps']} steps × batch {meta['train']['batch_size']}, lr {meta['train']['lr']:g}, max_length {meta['train']['max_length']}; "
-        f"rows: validation ≤ {meta['eval_rows']['validation']}, test ≤ {meta['eval_rows']['test']} per task. "
-        f"λ on linspace({meta['search']['lambda_min']:g}, {meta['search']['lambda_max']:g}, {meta['search']['grid_points']}) by {meta['search']['strategy']} search on **validation**; all numbers below are **test** accuracy (%) unless marked. "
+        f"rows: validation ≤ {meta['eval_rows']['validation']} (control ≤ {meta['eval_rows'].get('control_validation')}), test ≤ {meta['eval_rows']['test']} per task. "
+        f"λ on linspace({meta['search']['lambda_min']:g}, {meta['search']['lambda_max']:g}, {meta['search']['grid_points']}) by {meta['search']['strategy']} search on **validation**; "
+        f"all numbers below are **test** accuracy (%), the mean over seeds {seeds} ± the half-width of a 95% Student-t interval over seeds. "
         f"Wall time {meta['seconds'] / 60:.1f} min{' (--quick smoke budget: numbers are not meaningful)' if meta['quick'] else ''}.",
         "",
     ]
     if "negation" in results:
+        drop = meta["search"].get("max_control_drop")
         lines += ["## 1. Negation (forgetting a task)", "",
-                  "λ / gradient-ascent checkpoint minimise target validation accuracy subject to control validation accuracy ≥ 95% of the base's.", ""]
+                  f"λ / gradient-ascent checkpoint minimise target validation accuracy subject to the control losing ≤ {drop:g} point "
+                  f"(the {meta['search'].get('control_confidence', 0.95):.0%} upper bound of its paired validation drop).", ""]
         for target, res in results["negation"].items():
             c = res["control"]
-            base_c = res["rows"]["base"]["test"][c]
             lines += [f"### Target `{target}`, control `{c}`", "",
-                      f"| method | λ / budget | {target} acc ↓ | {c} acc | {c} / base | {target} val | {c} val |",
-                      "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                      f"| method | λ / budget | {target} acc ↓ | {c} acc | {target} val | {c} val |",
+                      "| --- | --- | ---: | ---: | ---: | ---: |"]
             for name, row in res["rows"].items():
-                lines.append(
-                    f"| {name} | {_lam(row)} | {_pct(row['test'][target])} | {_pct(row['test'][c])} | {_pct(row['test'][c] / base_c)} | "
-                    f"{_pct(row['validation'][target])} | {_pct(row['validation'][c])} |"
-                )
+                lines.append(f"| {name} | {_lam(row)} | {_ci(row['test'], target)} | {_ci(row['test'], c)} | {_ci(row['validation'], target)} | {_ci(row['validation'], c)} |")
             lines.append("")
     if "addition" in results:
         add = results["addition"]
         tasks = add["tasks"]
         lines += ["## 2. Addition (one model for " + ", ".join(f"`{t}`" for t in tasks) + ")", "",
-                  "Absolute test accuracy (%) and, in parentheses, normalised accuracy = accuracy / the task's own fine-tuned test accuracy (%). "
+                  "Absolute test accuracy (%); normalised accuracy = accuracy / the task's own fine-tuned test accuracy. "
                   "λ maximises mean normalised **validation** accuracy.", "",
                   "| method | λ | " + " | ".join(tasks) + " | mean abs | mean norm |",
                   "| --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |"]
         for name, row in add["rows"].items():
             m = row.get("method") or {}
             extra = f" (density {m['density']:g})" if m.get("method") == "ties" else (f" (p = {m['drop']:g})" if m.get("method") in ("dare", "dare_ties") else "")
-            cells = " | ".join(f"{_pct(row['test'][t])} ({_pct(row['normalized_test'][t])})" for t in tasks)
-            lines.append(f"| {name}{extra} | {_lam(row)} | {cells} | {_pct(row['mean_test'])} | {_pct(row['mean_normalized_test'])} |")
+            cells = " | ".join(_ci(row["test"], t) for t in tasks)
+            lines.append(f"| {name}{extra} | {_lam(row)} | {cells} | {_ci(row, 'mean_test')} | {_ci(row, 'mean_normalized_test')} |")
         lines.append("")
     if "analogy" in results:
         an = results["analogy"]
@@ -65,10 +82,17 @@ def render_markdown(results: dict) -> str:
                   f"λ maximises `{t}` **validation** accuracy; no labelled `{t}` data is used by the analogy vector.", "",
                   f"| model | λ | {t} test acc | {t} val acc |", "| --- | --- | ---: | ---: |"]
         for name, row in an["rows"].items():
-            lines.append(f"| {name} | {_lam(row)} | {_pct(row['test'][t])} | {_pct(row['validation'][t])} |")
+            lines.append(f"| {name} | {_lam(row)} | {_ci(row['test'], t)} | {_ci(row['validation'], t)} |")
         lines.append("")
-    lines += ["Regenerate: `taskvec benchmark --config benchmarks/experiments.yaml --out benchmarks/out/paper` "
-              "(or `python benchmarks/paper_experiments.py`); fine-tunes and vectors are cached under `<out>/cache`.", ""]
+    if paper and paper.get("goals"):
+        lines += ["## Goals (means over seeds, test)", "", "| goal | measured | met |", "| --- | --- | --- |"]
+        for key, g in paper["goals"].items():
+            measured = ", ".join(f"{k} {_ci(g, k) if isinstance(g[k], float) else g[k]}" for k in g if k not in ("goal", "met", "significant") and not k.endswith("_ci95"))
+            verdict = g.get("met", g.get("significant"))
+            lines.append(f"| {key}: {g['goal']} | {measured} | {'yes' if verdict else 'no'} |")
+        lines.append("")
+    lines += ["Regenerate: `make paper` (`taskvec benchmark --config benchmarks/experiments.yaml --out benchmarks/out/paper --paper-json benchmarks/results/paper.json`); "
+              "fine-tunes and vectors are cached under `<out>/cache`, each seed's run is under `<out>/seed-<s>/`.", ""]
     return "\n".join(lines)
 
 

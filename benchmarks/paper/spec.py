@@ -36,7 +36,7 @@ class AdditionSpec(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["sst2", "agnews", "sms_spam", "offensive"])
     methods: list[MethodSpec] = Field(
         default_factory=lambda: [
-            MethodSpec(name="task_arithmetic", method="sum"),
+            MethodSpec(name="sum", method="sum"),
             MethodSpec(name="ties", method="ties", density=0.2),
             MethodSpec(name="dare", method="dare", drop=0.5),
             MethodSpec(name="dare_ties", method="dare_ties", drop=0.5),
@@ -75,6 +75,9 @@ class QuickSpec(_Strict):
 
 
 class BenchSpec(_Strict):
+    # every number is the mean over these seeds (fine-tuning seed, row sampling of capped splits, random vectors, DARE masks);
+    # ``seed`` is the one a single run uses (set per seed by :func:`seed_params`)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     seed: int = 0
     threads: int = Field(default=0, ge=0)  # torch intra-op threads; 0 = torch's default
     steps: dict[str, int] = Field(default_factory=dict)  # per-task override of train.steps
@@ -87,9 +90,25 @@ class BenchSpec(_Strict):
 class ExperimentParams(Params):
     bench: BenchSpec = Field(default_factory=BenchSpec)
 
+    @model_validator(mode="after")
+    def _unique_seeds(self) -> ExperimentParams:
+        if len(set(self.bench.seeds)) != len(self.bench.seeds):
+            raise ValueError(f"bench.seeds must be distinct, got {self.bench.seeds}")
+        return self
 
-def load_experiment_params(path: str | Path) -> ExperimentParams:
-    return load_params(path, model=ExperimentParams)
+
+def load_experiment_params(path: str | Path, overrides: list[str] | None = None) -> ExperimentParams:
+    """The experiment config, with ``-S key.path=value`` overrides (e.g. a smaller budget)."""
+    return load_params(path, model=ExperimentParams, overrides=overrides)
+
+
+def seed_params(params: ExperimentParams, seed: int) -> ExperimentParams:
+    """The run of one seed: the fine-tuning seed, the row sampling of capped splits and the benchmark's own seed."""
+    p = copy.deepcopy(params)
+    p.train = TrainSpec.model_validate(p.train.model_dump() | {"seed": seed})
+    p.eval.seed = seed
+    p.bench.seed = seed
+    return p
 
 
 def quick_params(params: ExperimentParams) -> ExperimentParams:

@@ -10,14 +10,17 @@ import torch
 
 from benchmarks.paper.spec import ExperimentParams
 from taskvec.search import SearchResult
-from taskvec.search_run import search_suite, write_outputs
+from taskvec.search_run import control_rows, search_suite, write_outputs
 from taskvec.suite import Suite
 
 
 def open_suite(params: ExperimentParams, tasks: Sequence[str]) -> Suite:
     """The base encoder loaded once (float32, on the harness's device), each task's frozen base head,
-    validation and test eval sets; keeps the base weights for :meth:`Suite.reset`."""
-    return Suite.load(params.base, tasks, params, splits=("validation", "test"), dtype=torch.float32, keep_base=True)
+    validation and test eval sets (the negation control: ``search.control_rows`` validation rows);
+    keeps the base weights for :meth:`Suite.reset`."""
+    controls = [params.bench.negation.control] if params.bench.negation else []
+    rows = control_rows(params.search, controls, "validation")
+    return Suite.load(params.base, tasks, params, splits=("validation", "test"), task_rows=rows, dtype=torch.float32, keep_base=True)
 
 
 def search(
@@ -40,4 +43,6 @@ def search(
     if curve_dir is not None:
         write_outputs(result, curve_dir)
     log(f"[search] {label}: λ = {result.best_lambda:g} (val score {result.best_score:.4f}, {len(result.evaluations)} evals, {time.perf_counter() - started:.0f}s)")
+    if result.note:
+        log(f"[search] {label}: control constraint: {result.note}")
     return result

@@ -7,8 +7,12 @@ split capped by ``eval.max_rows``:
   acc(θ_ft) (the fine-tuned model of that task; a target without one is
   normalised by the base's zero-shot accuracy);
 * **forget** — minus the mean accuracy relative to the base's;
-* **control** — a constraint: every control task keeps at least
-  ``search.control_threshold`` × its base accuracy, or λ is infeasible.
+* **control** — a constraint (the core's :class:`taskvec.search.ControlConstraint`):
+  every control task may lose at most ``search.max_control_drop`` points
+  against the base, judged by the ``search.control_confidence`` upper bound
+  of its drop (paired standard error over ``search.control_rows`` rows). When
+  no λ ≠ 0 meets it, λ = 0 is picked and the step says so (stderr and
+  ``best.json``: ``control.feasible_found: false``, ``control.note``).
 
 The search itself is the core's (:func:`taskvec.search.search_lambda`):
 ``search.strategy: grid`` scores the paper's grid of ``grid_points`` λ values
@@ -56,12 +60,11 @@ def load_tau(path: Path, encoder) -> dict:
 
 
 def edit_objective(p: P.PipelineParams, base: dict[str, float], ft: dict[str, float]):
-    """The plan's objective: normalised target accuracy − relative forget accuracy; controls as a constraint."""
-    from taskvec.search import Objective
+    """The plan's objective: normalised target accuracy − relative forget accuracy; controls as the core's constraint."""
+    from taskvec.search import Objective, control_constraint
 
     plan = p.edit
     targets = plan.target_tasks()
-    floors = {c: p.search.control_threshold * base[c] for c in plan.control}
 
     def value(acc) -> float:
         parts = []
@@ -71,13 +74,11 @@ def edit_objective(p: P.PipelineParams, base: dict[str, float], ft: dict[str, fl
             parts.append(-sum(acc[t] / max(base[t], 1e-9) for t in plan.forget) / len(plan.forget))
         return sum(parts)
 
-    return Objective(
-        "edit",
-        value,
-        maximize=True,
-        feasible=lambda acc: all(acc[c] >= floor for c, floor in floors.items()),
-        describe={"targets": targets, "forget": list(plan.forget), "control_floor": floors},
-    )
+    describe = {"targets": targets, "forget": list(plan.forget)}
+    if not plan.control:
+        return Objective("edit", value, maximize=True, describe=describe)
+    constraint = control_constraint(plan.control, base, p.search.max_control_drop, confidence=p.search.control_confidence)
+    return Objective("edit", value, maximize=True, feasible=constraint.ok, describe=describe | {"constraint": constraint.describe()}, fallback=0.0, constraint=constraint)
 
 
 @pinned_threads(EVAL_THREADS)
@@ -85,7 +86,8 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     import torch
 
     from taskvec.io import atomic_dir
-    from taskvec.search import NoFeasibleLambda, search_lambda
+    from taskvec.search import CachedEvaluator, NoFeasibleLambda, search_lambda
+    from taskvec.search_run import SuiteMetrics, control_rows
     from taskvec.suite import Suite, write_curve
 
     from pipeline.portable import lineage
@@ -99,9 +101,10 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     plan = p.edit
     tasks = plan.eval_tasks()
     split = p.search.split
-    suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32)
+    suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32, task_rows=control_rows(p.search, plan.control, split))
     tau = load_tau(vector, suite.encoder)
-    base_acc = suite.accuracies()
+    measure = SuiteMetrics(suite, split, tasks, plan.control)
+    base_acc = measure.base
     ft_acc: dict[str, float] = {}
     for t in plan.target_tasks():
         folder = P.finetuned_dir(p, t)
@@ -111,10 +114,13 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
 
     def evaluate(lam: float) -> dict[str, float]:
         editor.apply(lam)
-        return suite.accuracies()
+        return measure()
 
     out = P.search_dir(p)
     extra, scaled = {}, {}
+    cached = CachedEvaluator(evaluate)
+    if plan.control:
+        cached.cache[0.0] = measure.at_base()  # the base (θ + 0·τ), measured above
     with suite.editor(tau) as editor:
         try:
             if p.search.strategy in ("per_task", "adamerging"):  # learned coefficients: pipeline/steps/search_coeffs.py
@@ -122,16 +128,19 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
 
                 found, extra, scaled = learned_search(p, suite, objective, out)
             else:
-                found = search_lambda(evaluate, objective, p.search)
+                found = search_lambda(cached, objective, p.search)
         except NoFeasibleLambda:
             raise TaskvecError(
-                f"no λ in [{p.search.lambda_min}, {p.search.lambda_max}] keeps every control task above "
-                f"{p.search.control_threshold:.0%} of its base accuracy; lower search.control_threshold or widen the range"
+                f"no coefficients keep every control task within search.max_control_drop = {p.search.max_control_drop} points "
+                f"of its base accuracy; use search.strategy golden or grid (they fall back to λ = 0) or raise the limit"
             ) from None
+    if found.note:
+        print(f"search: control constraint: {found.note}", file=sys.stderr, flush=True)
     result = {
         "lambda": found.best_lambda,
         "objective": found.best_score,
         "accuracy": {t: found.best_metrics[t] for t in tasks},
+        **({"control": found.details["constraint"]} if "constraint" in found.details else {}),
         "base_accuracy": base_acc,
         "finetuned_accuracy": ft_acc,
         "evaluations": len(found.evaluations),
