@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from taskvec.config import AdaMergingSpec, MergeMethod, MergeSpec, Params, SearchSpec, TrainSpec, _Strict, load_params
 
