@@ -18,6 +18,7 @@ the caller passes ``force``).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -305,10 +306,13 @@ def combine(
             try:
                 for name in ref.names:
                     shape = ref.shape(name)
-                    merged = options.chunked(name, _numel(shape), lambda t, s, e, name=name: vfs[t].read_range_float32(name, s, e, scratch, f"v{t}"), lambdas)
+                    if hasattr(options, "chunked"):
+                        chunk_of = options.chunked(name, _numel(shape), lambda t, s, e, name=name: vfs[t].read_range_float32(name, s, e, scratch, f"v{t}"), lambdas).chunk
+                    else:  # a mergekit recipe: whole tensors, merged once
+                        chunk_of = functools.partial(whole_tensor(options, name, lambda name=name: [v.read(name) for v in vfs], lambdas), 0)
 
-                    def produce(start, stop, out, name=name, merged=merged):
-                        chunk = merged.chunk(start, stop)
+                    def produce(start, stop, out, name=name, chunk_of=chunk_of):
+                        chunk = chunk_of(start, stop)
                         check_result(chunk, name, _vector_causes(vfs, name), "combined")
                         return chunk
 

@@ -81,7 +81,7 @@ def test_run_overrides_are_validated_into_an_effective_params_file(pipeline_env)
 def test_run_refuses_a_bad_override_in_one_line_before_prefect_starts(pipeline_env):
     root = write_project(pipeline_env / "proj", steps=4)
     proc = _cli("run", "-S", "search.strategy=best", cwd=root)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: params.yaml with -S: search.strategy: Input should be 'golden' or 'grid'"], proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: params.yaml with -S: search.strategy: Input should be 'golden', 'grid', 'per_task' or 'adamerging'"], proc.stderr
     assert not (root / "outputs").exists() and not (root / ".taskvec-run-params.yaml").exists()
 
 

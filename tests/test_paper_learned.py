@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from benchmarks.paper.experiments import run_benchmark
@@ -13,7 +12,8 @@ from tests.conftest_tasks import tiny_model  # noqa: F401 - fixture
 def test_learned_rows_and_simcse_analogy(bench_params, tmp_path):  # noqa: F811
     p = bench_params
     p.bench.negation = None
-    p.bench.addition.methods = [m for m in p.bench.addition.methods if m.name == "task_arithmetic"]
+    p.bench.seeds = [0]
+    p.bench.addition.methods = [m for m in p.bench.addition.methods if m.name == "sum"]
     p.bench.addition.learned = ["per_task", "adamerging"]
     p.bench.addition.per_task_max_evals = 6
     p.bench.addition.adamerging = p.bench.addition.adamerging.model_copy(update={"steps": 2, "batch_size": 8})
@@ -22,7 +22,7 @@ def test_learned_rows_and_simcse_analogy(bench_params, tmp_path):  # noqa: F811
     p.bench.analogy.lm_norm = "source"
     out = tmp_path / "out"
     lines = []
-    results = run_benchmark("inline", out, params=p, log=lines.append)
+    results = run_benchmark("inline", out, params=p, log=lines.append)["seeds"][0]
     rows = results["addition"]["rows"]
     per_task = rows["per-task λ"]
     assert set(per_task["lambdas"]) == {"senti", "other"}
@@ -33,7 +33,7 @@ def test_learned_rows_and_simcse_analogy(bench_params, tmp_path):  # noqa: F811
     assert set(ada["coefficients"]) == {"senti", "other"}
     record = results["addition"]["searches"]["adamerging"]
     # every coefficient starts at the task-arithmetic λ
-    assert record["adamerging"]["init"] == rows["task_arithmetic"]["lambda"]
+    assert record["adamerging"]["init"] == rows["sum"]["lambda"]
     for row in (per_task, ada):
         assert 0.0 <= row["mean_normalized_test"] <= 2.0
     assert "per-task λ" in (out / "results.md").read_text()
@@ -44,6 +44,6 @@ def test_learned_rows_and_simcse_analogy(bench_params, tmp_path):  # noqa: F811
     assert any("raw MLM vectors" in name for name in an["rows"]) and any("simcse, layers tensors" in name for name in an["rows"])
     assert any(line.startswith("[simcse]") for line in lines)
     lines.clear()
-    again = run_benchmark("inline", out, params=p, log=lines.append)
+    again = run_benchmark("inline", out, params=p, log=lines.append)["seeds"][0]
     assert not any(line.startswith("[simcse]") for line in lines)  # cached
     assert again["analogy"]["domain"] == dom

@@ -34,6 +34,7 @@ INFRA_EXCEPTIONS = {
     "docker compose -f infra/compose.yaml": "needs Docker; the test machines have no container engine",
     "export MLFLOW_TRACKING_URI=http://localhost:5000": "client settings for the compose stack; tests/test_story.py runs the story with the same variables against a real mlflow server on PostgreSQL",
     "dvc remote add -d minio s3://dvc": "needs the compose stack's MinIO",
+    "dask scheduler": "needs hosts named SCHEDULER; tests/test_cluster.py starts a real `dask scheduler` and two `dask worker` processes (one with --resources GPU=1) on 127.0.0.1 and runs the main job on them",
     "prefect worker start --pool taskvec": "needs a server on :4200 and the worker runs until stopped; tests/test_deploy.py runs `taskvec deploy` and `prefect worker start --pool taskvec --run-once` against a real server",
 }
 #: synopsis commands that no README block runs -> the test file that runs them (the file must name the command)

@@ -82,15 +82,23 @@ def _all_registered_models(client) -> Iterable:
 
 
 class Ops:
-    """MLflow registry + audit log, the pair every audited operation needs."""
+    """MLflow registry + audit log, the pair every audited operation needs.
+
+    The audit log is opened on first use, so a command refused while checking
+    its input (an unknown model, a missing champion) creates no database.
+    """
 
     def __init__(self, tracking_uri: str | None = None, audit_url: str | None = None, *, client=None, audit: AuditLog | None = None):
         self.client = client or mlflow_client(tracking_uri)
-        if audit is None:
+        self._audit, self._audit_url = audit, audit_url
+
+    @property
+    def audit(self) -> AuditLog:
+        if self._audit is None:
             from pipeline.ops.audit import default_url
 
-            audit = AuditLog(audit_url or default_url(getattr(self.client, "tracking_uri", None)))
-        self.audit = audit
+            self._audit = AuditLog(self._audit_url or default_url(getattr(self.client, "tracking_uri", None)))
+        return self._audit
 
 
 def _fault(point: str) -> None:
