@@ -28,8 +28,8 @@ DATA = ROOT.parent / "shared" / "data"
 VENV = Path(sys.executable).parent.parent
 
 #: the budget of a CPU test run, through the one documented override mechanism
-RUN_BUDGET = ["train.steps=2", "train.batch_size=8", "search.max_evals=2", "eval.max_rows.validation=32", "eval.max_rows.test=32"]
-EVAL_BUDGET = ["eval.max_rows.validation=32"]
+RUN_BUDGET = ["train.steps=2", "train.batch_size=8", "search.max_evals=2", "eval.max_rows.validation=32", "eval.max_rows.test=32", "search.control_rows=32"]
+EVAL_BUDGET = ["eval.max_rows.validation=32", "search.control_rows=32"]
 #: which commands get which overrides (first two words of the README line)
 BUDGET = {
     ("taskvec", "run"): RUN_BUDGET,

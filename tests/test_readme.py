@@ -112,7 +112,7 @@ def test_every_synopsis_command_is_run_by_a_test():
 def test_budget_is_only_the_documented_override():
     from tests.conftest_readme import with_budget
 
-    assert with_budget("taskvec run") == "taskvec run -S train.steps=2 -S train.batch_size=8 -S search.max_evals=2 -S eval.max_rows.validation=32 -S eval.max_rows.test=32"
+    assert with_budget("taskvec run") == "taskvec run -S train.steps=2 -S train.batch_size=8 -S search.max_evals=2 -S eval.max_rows.validation=32 -S eval.max_rows.test=32 -S search.control_rows=32"
     assert with_budget("make run").startswith("make run S='train.steps=2 ")
     assert with_budget("taskvec reproduce taskvec-edit champion") == "taskvec reproduce taskvec-edit champion"
 
