@@ -45,7 +45,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     from taskvec.suite import Suite
 
     from pipeline.portable import lineage
-    from pipeline.steps.compose import RECORD, VECTOR
+    from pipeline.steps.compose import RECORD
     from pipeline.steps.search import BEST
 
     started = time.perf_counter()
@@ -75,7 +75,8 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         metrics = _metrics(p, base_acc, edited_acc, ft_acc, lam)
         provenance = {
             "params_sha256": P.params_hash(Path(params_file)),
-            "git": P.git_commit(p.root),
+            # no git commit here: these files are DVC-tracked, and a commit id in them would make every
+            # checkout's run rewrite dvc.lock; the registered version carries it (tags git.commit, git.dirty)
             "data": lineage(p, suite.lineage(split)),
             "composition": {"vector_sha256": record["sha256"], "inputs": [{k: i[k] for k in ("task", "sha256", "sign")} for i in record["inputs"]], "options": record["options"], **({"recipe": record["recipe"]} if record.get("recipe") else {})},
             "search": {k: best[k] for k in ("lambda", "objective", "strategy", "split", "evaluations")},
@@ -153,7 +154,6 @@ def _edit_lines(ledger: dict) -> list[str]:
 
 def model_card(p: P.PipelineParams, ledger: dict, metrics: dict, provenance: dict) -> str:
     plan = p.edit
-    git = provenance["git"]
     recipe = provenance["composition"].get("recipe")
     how = f"λ·{recipe['merge_method']}(τ) (mergekit recipe `{recipe['path']}`)" if recipe else f"{plan.method}(λ·τ)"
     data_lines = [f"| {t} | {d['split']} | `{d['sha256']}` | {d['rows_used']} / {d['rows_total']} | {d['origin']} |" for t, d in provenance["data"].items()]
@@ -194,7 +194,7 @@ Summary: {', '.join(f'{k} = {v:.4f}' for k, v in metrics['summary'].items())}
 
 ## Provenance
 
-- git commit: `{git.get('commit')}`{' (uncommitted changes)' if git.get('dirty') else ''}
+- git commit: the registered version's `git.commit` / `git.dirty` tags (kept out of this DVC-tracked card, so every checkout writes the same bytes)
 - params.yaml sha256: `{provenance['params_sha256']}`
 - datasets (evaluation split digests):
 
