@@ -125,10 +125,10 @@ def promote_flow(
             logger.warning("the tracking URI holding a credential was passed as a flow parameter (stored by Prefect); pass it through MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = uri
         uri = None
-    fut_ch = evaluate_version.submit(uri, model, version, ev)
-    fut_cp = evaluate_version.submit(uri, model, champion, ev) if champion else None
-    challenger_scores = fut_ch.result()
-    champion_scores = fut_cp.result() if fut_cp else None
+    # one after the other: two evaluations in one process share torch's threads and tqdm's class lock
+    # (a concurrent pair raced in tqdm: "type object 'tqdm' has no attribute '_lock'")
+    challenger_scores = evaluate_version.submit(uri, model, version, ev).result()
+    champion_scores = evaluate_version.submit(uri, model, champion, ev).result() if champion else None
     cmp = P.apply_gates(challenger_scores, champion_scores, spec)
     _publish(cmp, spec, model, version, champion)
     run_id = str(flow_run.get_id()) if flow_run.get_id() else None
