@@ -350,7 +350,7 @@ def publish_artifacts(p, summary: dict, ledger: dict) -> None:
         *_edit_lines(ledger),
         "",
         "## Registry",
-        (f"`{reg['model']}` version **{reg['version']}** (alias `{reg['alias']}`), run `{reg['run_id']}`, tracking `{redact(summary['tracking_uri'])}`" if reg else "not registered"),
+        (f"`{reg['model']}` version **{reg['version']}** (alias `{reg['alias']}`), run `{reg.get('run_id', '–')}`, tracking `{redact(summary['tracking_uri'])}`" if reg else "not registered"),
         "",
         "## Steps",
         "| step | state |",

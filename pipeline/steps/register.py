@@ -27,6 +27,7 @@ from pipeline import params as P
 from taskvec.errors import TaskvecError
 
 RECORD = "registered.json"
+VOLATILE = ("run_id", "parent_run_id", "model_id", "source")  # per registration: not in the DVC-tracked record
 
 
 def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str | None = None, parent_run_id: str | None = None) -> dict:
@@ -93,7 +94,9 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
     result = {"step": "register", **result, "parent_run_id": parent, "output_hash": ledger["output_hash"], "tracking_uri": uri(p, tracker.safe_uri)}
     out = P.registry_dir(p) / RECORD
     with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in result.items()}, indent=2, sort_keys=True) + "\n")
+        # the registration's MLflow ids (run, parent run, logged model) stay in MLflow and the returned result:
+        # this DVC-tracked record holds only what a fresh clone's run writes again byte for byte
+        tmp.write_text(json.dumps({k: v for k, v in result.items() if k not in VOLATILE}, indent=2, sort_keys=True) + "\n")
     result["path"] = str(out)
     return result
 
