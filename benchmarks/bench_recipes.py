@@ -58,7 +58,6 @@ def recipes(d: dict[str, Path]) -> dict[str, str]:
 
 def kept_fraction(merged: Path, base: Path) -> float:
     """Fraction of entries that moved away from the base (DARE keeps ≈ 1 − (1 − density)^models)."""
-    import torch
     from safetensors import safe_open
 
     moved = total = 0
