@@ -119,11 +119,15 @@ def edited(work: Path, name: str, edits: list[tuple[Path, float]]) -> Path:
     return out
 
 
-MODES = {  # name: (register_model's weights, vectors logged again with every version's run, as before the thin registry)
-    "main": ("full", True),
-    "full": ("full", False),
-    "thin": ("thin", False),
+MODES = {  # name: (register_model's weights, vectors logged again with every version's run, as before the thin registry, register.compress)
+    "main": ("full", True, None),
+    "full": ("full", False, None),
+    "thin": ("thin", False, None),
+    "thin-bf16": ("thin", False, {"dtype": "bfloat16", "density": None}),
+    "thin-top10": ("thin", False, {"dtype": "bfloat16", "density": 0.1}),
+    "thin-top3": ("thin", False, {"dtype": "bfloat16", "density": 0.03}),
 }
+TIMED = ("main", "full", "thin")  # load times: the exact modes (a compressed version loads like a thin one, from smaller files)
 
 
 def register_all(work: Path, mode: str, models: list[Path], vecs: list[Path]) -> dict:
@@ -137,19 +141,21 @@ def register_all(work: Path, mode: str, models: list[Path], vecs: list[Path]) ->
     uri = f"sqlite:///{store / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment("bench", artifact_location=(store / "mlartifacts").as_uri())
-    sizes, seconds = [disk(store / "mlartifacts", store / "mlflow.db")], []
+    sizes, seconds, errors = [disk(store / "mlartifacts", store / "mlflow.db")], [], []
     for folder in models:
         rid = client.create_run(exp).info.run_id
         ledger = json.loads((folder / "taskvec.json").read_text())
         t0 = time.perf_counter()
-        weights, per_run = MODES[mode]
-        registry.register_model(client, rid, folder, name=MODEL, tags=registry.ledger_tags(ledger), vectors=[] if per_run else vecs, weights=weights)
+        weights, per_run, compress = MODES[mode]
+        rec = registry.register_model(client, rid, folder, name=MODEL, tags=registry.ledger_tags(ledger), vectors=[] if per_run else vecs, weights=weights, compress=compress)
+        if compress:
+            errors.append(json.loads(client.get_model_version(MODEL, rec["version"]).tags["taskvec.compression"])["max_abs_weight_error"])
         for vec in vecs if per_run else []:  # main's register_model: every version's run logged its vectors under vectors/
             client.log_artifact(rid, str(vec), "vectors")
         seconds.append(time.perf_counter() - t0)
         client.set_terminated(rid, "FINISHED")
         sizes.append(disk(store / "mlartifacts", store / "mlflow.db"))
-    return {"uri": uri, "disk": sizes, "register_s": seconds}
+    return {"uri": uri, "disk": sizes, "register_s": seconds, "max_abs_weight_error": errors}
 
 
 def load_once(uri: str, cache: Path, *, cold: bool) -> dict:
@@ -176,10 +182,18 @@ def load_times(uris: dict[str, str], cache: Path, repeats: int) -> dict:
     return {mode: {f"load_{kind}": {k: statistics.median(r[k] for r in runs[(mode, kind)]) for k in runs[(mode, kind)][0]} for kind in ("cold", "warm")} for mode in uris}
 
 
+def value(get, row: dict) -> float:
+    """A table cell; NaN where the mode was not measured (load times of the compressed modes, or ``--repeats 0``)."""
+    try:
+        return float(get(row))
+    except KeyError:
+        return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "registry")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="load-time rounds (0: disk and registration only)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work.resolve()
@@ -196,15 +210,17 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         reg = register_all(work, mode, models, [t1, t2])
         d = reg["disk"]
-        res[mode] = {"first_version_bytes": d[1] - d[0], "additional_version_bytes": [d[2] - d[1], d[3] - d[2]], "register_s": reg["register_s"]}
-        uris[mode] = reg["uri"]
-    for mode, times in load_times(uris, cache / "load", args.repeats).items():
+        res[mode] = {"first_version_bytes": d[1] - d[0], "additional_version_bytes": [d[2] - d[1], d[3] - d[2]], "register_s": reg["register_s"], "max_abs_weight_error": reg["max_abs_weight_error"]}
+        if mode in TIMED:
+            uris[mode] = reg["uri"]
+    for mode, times in (load_times(uris, cache / "load", args.repeats) if args.repeats else {}).items():
         res[mode].update(times)
     res["loadavg_end"] = os.getloadavg()
     mb = 1e6
     print(f"model weights {weights / mb:.1f} MB; vectors {res['vector_bytes'][0] / mb:.1f} + {res['vector_bytes'][1] / mb:.1f} MB; load average {res['loadavg'][0]:.1f} → {res['loadavg_end'][0]:.1f}")
     print("main = full weights + vectors logged again per version (before); full = full weights, vectors stored once; thin = the default now")
-    print(f"{'':34} {'main':>10} {'full':>10} {'thin':>10} {'thin/main':>10}")
+    print("thin-bf16 / thin-top10 / thin-top3 = register.compress {dtype: bfloat16, density: null / 0.1 / 0.03} (random vectors: their errors say nothing of accuracy)")
+    print(f"{'':34} " + " ".join(f"{m:>10}" for m in MODES) + f" {'thin/main':>10}")
     rows = [
         ("disk, first version (MB)", lambda r: r["first_version_bytes"] / mb),
         ("disk, v2 = rollback (MB)", lambda r: r["additional_version_bytes"][0] / mb),
@@ -215,8 +231,13 @@ def main() -> None:
         ("load + first predict, warm (s)", lambda r: r["load_warm"]["total"]),
     ]
     for label, get in rows:
-        a, b, c = (get(res[m]) for m in MODES)
-        print(f"{label:34} {a:10.3f} {b:10.3f} {c:10.3f} {c / a if a else float('nan'):10.3f}")
+        vals = [value(get, res[m]) for m in MODES]
+        a, c = vals[0], vals[2]
+        print(f"{label:34} " + " ".join(f"{v:10.3f}" for v in vals) + f" {c / a if a else float('nan'):10.3f}")
+    print(f"{'max |θ̂ − θ| recorded, v1':34} " + " ".join(f"{res[m]['max_abs_weight_error'][0]:10.2e}" if res[m]["max_abs_weight_error"] else f"{'0':>10}" for m in MODES))
+    for m in MODES:
+        if MODES[m][2]:
+            print(f"  {m}: a version with two new vectors adds {res[m]['first_version_bytes'] / weights:.1%} of the model's weights")
     per_version = max(res["thin"]["additional_version_bytes"]) / weights
     res["goal"] = {"thin_additional_version_over_model": per_version, "target": 0.10, "met": per_version <= 0.10}
     print(f"goal: thin disk per additional version / model weights = {per_version:.4f} (target ≤ 0.10): {'met' if per_version <= 0.10 else 'FAILED'}")

@@ -132,17 +132,38 @@ class ExtractSection(_Strict):
     exclude: list[str] = Field(default_factory=list)
 
 
+class CompressSpec(_Strict):
+    """How a thin version stores its vectors lossy (``register.compress``; null = exact).
+
+    ``dtype``: the stored entries' dtype; ``density``: the top-k (by
+    magnitude) kept fraction of each tensor in (0, 1], TIES's trim (null =
+    keep every entry). The version then serves base + Σλτ̂; the manifest
+    records each vector's error and the measured max |θ̂ − θ|.
+    """
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    density: float | None = Field(default=None, gt=0, le=1)
+
+
 class RegisterSection(_Strict):
     """``weights``: ``thin`` registers the ledger + content-addressed vectors (materialised on load), ``full`` the whole folder.
 
     ``log_vectors``: store the vectors (once each, in the vector store) with a
     ``full`` version too, so ``taskvec reproduce`` works from MLflow alone; a
-    ``thin`` version always stores them.
+    ``thin`` version always stores them. ``compress`` (thin only): store them
+    compressed instead (:class:`CompressSpec`); the exact vectors stay in DVC.
     """
 
     alias: str = "challenger"
     weights: Literal["thin", "full"] = "thin"
     log_vectors: bool = True
+    compress: CompressSpec | None = None
+
+    @model_validator(mode="after")
+    def _compress_needs_thin(self) -> "RegisterSection":
+        if self.compress is not None and self.weights != "thin":
+            raise ValueError("register.compress stores a thin version's vectors; it needs register.weights: thin")
+        return self
     description: str = "Task-arithmetic edit of the base model, built by the taskvec edit pipeline."
 
 

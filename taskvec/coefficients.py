@@ -113,14 +113,20 @@ def coordinate_search(
     return CoordinateResult(x, fx, path, exhausted)
 
 
-def suite_evaluator(suite, taus: Sequence[Mapping], split: str, tasks: Sequence[str]) -> Callable[[Point], dict[str, float]]:
-    """``λ tuple -> accuracies`` of θ_base + Σ_t λ_t·τ_t on a :class:`taskvec.suite.Suite` (weights restored after each)."""
+def suite_evaluator(suite, taus: Sequence[Mapping], split: str, tasks: Sequence[str], measure: Callable[[], dict[str, float]] | None = None) -> Callable[[Point], dict[str, float]]:
+    """``λ tuple -> metrics`` of θ_base + Σ_t λ_t·τ_t on a :class:`taskvec.suite.Suite` (weights restored after each).
+
+    ``measure`` (e.g. a :class:`taskvec.search_run.SuiteMetrics`, which adds
+    each control's paired standard error, so the control constraint is
+    checked on its upper bound) scores the edited encoder; by default its
+    accuracies on ``split``/``tasks``.
+    """
     from taskvec.search_run import compose
 
     def evaluate(point: Point) -> dict[str, float]:
         with suite.editor(compose(list(zip(taus, point, strict=True)))) as editor:
             editor.apply(1.0)
-            return suite.accuracies(split, tasks)
+            return measure() if measure is not None else suite.accuracies(split, tasks)
 
     return evaluate
 

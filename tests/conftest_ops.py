@@ -271,7 +271,7 @@ def edits(tmp_path_factory):
     return Edits(tmp_path_factory.mktemp("ops-edits"))
 
 
-def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | None = None, vectors: list[Path] = (), description: str = "test edit", weights: str = "thin") -> str:
+def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | None = None, vectors: list[Path] = (), description: str = "test edit", weights: str = "thin", compress: dict | None = None) -> str:
     """Register ``folder`` the pipeline's way (:func:`pipeline.ops.registry.register_model`) in a run of ``taskvec-test``; returns the version."""
     from mlflow.exceptions import MlflowException
 
@@ -288,7 +288,7 @@ def register_folder(ops, model: str, folder: Path, *, tags: dict[str, str] | Non
         exp_id = exp.experiment_id
     rid = client.create_run(exp_id).info.run_id
     ledger = json.loads((Path(folder) / "taskvec.json").read_text())
-    rec = registry.register_model(client, rid, folder, name=model, tags={**registry.ledger_tags(ledger), **(tags or {})}, vectors=list(vectors), version_description=description, weights=weights)
+    rec = registry.register_model(client, rid, folder, name=model, tags={**registry.ledger_tags(ledger), **(tags or {})}, vectors=list(vectors), version_description=description, weights=weights, compress=compress)
     client.set_terminated(rid, "FINISHED")
     return rec["version"]
 

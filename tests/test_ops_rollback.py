@@ -58,6 +58,33 @@ def test_rollback_of_champion_edit(ops, edits, model_name, tmp_path):
     assert back.to_version == v
 
 
+def test_rollback_of_a_compressed_version(ops, edits, model_name, tmp_path):
+    """A version serving base + Σλτ̂ rolls back from the exact weights its ledger describes; the new version is compressed like params says."""
+    folder = edits.build([("t1", 0.5), ("bad", 0.5)])
+    spec = {"dtype": "bfloat16", "density": 0.5}
+    v = register_folder(ops, model_name, folder, vectors=[edits.vectors["t1"], edits.vectors["bad"]], compress=spec)
+    _champion(ops, model_name, v)
+    params = tmp_path / "params.yaml"
+    params.write_text("register:\n  compress: {dtype: bfloat16, density: 0.5}\n")
+    res = rollback(ops, model_name, edits.sha["bad"], approver="oncall", reason="bad edit", params_file=params, evaluator=fake_evaluate, search_dirs=[edits.vectors["t1"].parent])
+    assert res.check.ok and res.check.max_abs_diff < 1e-5  # θ − λτ from the exact weights, not the served θ̂
+    mv = ops.client.get_model_version(model_name, res.new_version)
+    comp = json.loads(mv.tags["taskvec.compression"])
+    assert comp["spec"] == spec and comp["max_abs_weight_error"] > 0
+    assert [e["vector_sha256"] for e in json.loads(mv.tags["taskvec.ledger"])["edits"]] == [edits.sha["t1"]]
+    from taskvec.io import TensorSource
+
+    served = P.download_version(mv, tmp_path / "dl", ops.client.tracking_uri)
+    with TensorSource(served) as s:
+        assert s.content_hash() == comp["output_hash"] != mv.tags["taskvec.output_hash"]
+    # a bad compress spec in params is refused before anything is registered
+    params.write_text("register:\n  compress: {density: 2}\n")
+    before = _snapshot(ops, model_name)
+    with pytest.raises(TaskvecError, match="register.compress"):
+        rollback(ops, model_name, edits.sha["t1"], params_file=params, evaluator=fake_evaluate, search_dirs=[edits.vectors["t1"].parent])
+    assert _snapshot(ops, model_name) == before
+
+
 def test_rollback_to_base_and_of_non_champion(ops, edits, model_name, tmp_path):
     v1 = register_edit(ops, model_name, edits, [("t2", 0.5)])
     _champion(ops, model_name, v1)

@@ -47,6 +47,30 @@ def test_per_task_lambdas_reach_best_json_and_the_ledger(composed):
     assert [e["lambda"] for e in edits] == [round(lam, 10) for lam in best["lambdas"]]
 
 
+@pytest.mark.parametrize("strategy", ["per_task", "adamerging"])
+def test_learned_strategies_check_controls_with_their_uncertainty(composed, monkeypatch, strategy):
+    """Every learned candidate is scored by the step's SuiteMetrics (control accuracy + paired SE of its drop), like golden/grid."""
+    from pipeline.steps import search
+    from taskvec.search import drop_se_key
+    from taskvec.search_run import SuiteMetrics
+
+    seen: list[dict] = []
+    real = SuiteMetrics.__call__
+
+    def spy(self):
+        out = real(self)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(SuiteMetrics, "__call__", spy)
+    data = yaml.safe_load(composed.read_text())
+    data["search"] |= {"strategy": strategy, "max_evals": 4, "adamerging": {"steps": 2, "batch_size": 4}}
+    data["edit"]["forget"] = []
+    composed.write_text(yaml.safe_dump(data, sort_keys=False))
+    search.main(composed)
+    assert len(seen) >= (2 if strategy == "per_task" else 1) and all(drop_se_key("spam") in m and m[drop_se_key("spam")] >= 0 for m in seen)
+
+
 def test_adamerging_writes_scaled_vectors_that_the_model_is_built_from(composed):
     from pipeline.steps import evaluate, search
     from taskvec.adamerging import group_of

@@ -90,6 +90,9 @@ def register(app: typer.Typer) -> None:
             verdict = "OK: rebuilt weights match the ledger and the registered artifact" if rep["ok"] else "MISMATCH"
             typer.echo(f"{rep['model']} version {rep['version']}: {verdict}")
             typer.echo(f"  ledger     {rep['ledger_output_hash']}\n  rebuilt    {rep['rebuilt_hash']}\n  registered {rep['registered_hash']}")
+            if rep.get("served"):
+                sv = rep["served"]
+                typer.echo(f"  served     {sv['hash']} (compressed {sv['spec']}: recorded {sv['recorded'][:12]}, max |θ̂ − θ| {sv['max_abs_weight_error']:.3e})")
         if not rep["ok"]:
             raise typer.Exit(1)
 

@@ -19,6 +19,12 @@ model card) and :data:`MANIFEST`, which names
 * the files taken from the base unchanged (path → sha256) and the output
   content hash the weights must have.
 
+A version registered with ``register.compress`` stores each vector
+compressed (``stored_sha256``: its top-k / bf16 copy, with its error) and
+serves base + Σλτ̂: its ``output_hash`` is that model's, and
+``compression`` records the ledger's exact output hash and the measured
+max |θ̂ − θ| (the recorded error bound).
+
 :func:`complete_weights` turns it into weights: vectors are fetched once into
 the local cache (``$TASKVEC_CACHE_DIR/vectors``, checked by sha256), base +
 Σλτ is materialised once per output hash (``$TASKVEC_CACHE_DIR/models``,
@@ -179,8 +185,9 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
         raise TaskvecError(f"{folder} is not a thin version (no {MANIFEST})")
     ledger = json.loads((folder / LEDGER).read_text())
     want = man["output_hash"]
-    if ledger.get("output_hash") != want:
-        raise TaskvecError(f"{folder}: ledger output hash {str(ledger.get('output_hash'))[:12]} differs from the manifest's {want[:12]}; refusing to materialise")
+    exact = (man.get("compression") or {}).get("exact_output_hash", want)  # a compressed version serves base + Σλτ̂
+    if ledger.get("output_hash") != exact:
+        raise TaskvecError(f"{folder}: ledger output hash {str(ledger.get('output_hash'))[:12]} differs from the manifest's {exact[:12]}; refusing to materialise")
     models = cache_root() / "models"
     entry = models / want
     if entry.is_dir():
@@ -201,7 +208,7 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
             return resolve(sha)
         if sha not in refs:
             raise TaskvecError(f"thin version {folder} does not say where vector {sha[:12]} is stored")
-        return fetch_vector(sha, refs[sha]["uri"], tracking_uri)
+        return fetch_vector(refs[sha].get("stored_sha256", sha), refs[sha]["uri"], tracking_uri)
 
     base = man["base"]
     with tempfile.TemporaryDirectory(prefix="taskvec-thin-", dir=models) as scratch:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -301,7 +302,7 @@ def _fluent_uri(uri: str) -> Iterator[None]:
                     os.environ[k] = v
 
 
-def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: str, tags: dict[str, str], description: str = "", alias: str | None = None, vectors: list[Path] = (), version_description: str | None = None, weights: str = "thin") -> dict:
+def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: str, tags: dict[str, str], description: str = "", alias: str | None = None, vectors: list[Path] = (), version_description: str | None = None, weights: str = "thin", compress: dict | None = None) -> dict:
     """Log ``model_dir`` as the serving pyfunc in run ``run_id`` (same store as ``client``), register a new version.
 
     The one registration path: the register step and rollback both use it, so
@@ -310,6 +311,10 @@ def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: s
     content-addressed store (once each); ``weights="thin"`` logs the thin
     version (every ledger vector must be given or already stored, and the
     version must materialise to its output hash), ``"full"`` the whole folder.
+    ``compress`` (``register.compress``, thin only) stores compressed copies
+    of the given vectors instead (:func:`pipeline.ops.store.compress_vectors`)
+    and records the served model's hash and max |θ̂ − θ| (tag
+    ``taskvec.compression``); the exact vectors are not uploaded.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -323,15 +328,26 @@ def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: s
     if not ledger_file.is_file():
         raise TaskvecError(f"{model_dir} has no edit ledger (taskvec.json); nothing registered")
     ledger = json.loads(ledger_file.read_text())
-    with _fluent_uri(client.tracking_uri):
-        refs = store.put_vectors(client, client.get_run(run_id).info.experiment_id, list(vectors), ledger_shas(ledger) if weights == "thin" else [])
-    tags = {**tags, store.WEIGHTS_TAG: weights, **({store.VECTORS_TAG: _dump({s: r["uri"] for s, r in refs.items()})} if refs else {})}
+    if compress is not None and weights != "thin":
+        raise TaskvecError("register.compress stores a thin version's vectors; it needs weights: thin")
     with tempfile.TemporaryDirectory(prefix="taskvec-code-") as code:
+        files, packed, compression = list(vectors), None, None
+        if compress is not None:
+            packed, compression = _compressed(model_dir, ledger, list(vectors), dict(compress), Path(code))
+            files = [packed[s]["file"] for s in ledger_shas(ledger)]
+        with _fluent_uri(client.tracking_uri):
+            refs = store.put_vectors(client, client.get_run(run_id).info.experiment_id, files, ledger_shas(ledger) if weights == "thin" and packed is None else [])
+        if packed is not None:  # the version's refs are keyed by the exact vectors (the ledger's), pointing at the stored copies
+            refs = {s: {**refs[v["stored_sha256"]], "stored_sha256": v["stored_sha256"], "compression": v["compression"]} for s, v in packed.items() if s in ledger_shas(ledger)}
+            tags = {**tags, store.COMPRESSION_TAG: _dump({**compression, "vectors": {s: r["uri"] for s, r in refs.items()}})}
+        else:
+            tags = {**tags, **({store.VECTORS_TAG: _dump({s: r["uri"] for s, r in refs.items()})} if refs else {})}
+        tags[store.WEIGHTS_TAG] = weights
         artifact = model_dir
         if weights == "thin":
             artifact = Path(code) / "thin" / model_dir.name
-            store.stage_thin(model_dir, refs, artifact)
-            store.verify_thin(artifact, list(vectors), client.tracking_uri)
+            store.stage_thin(model_dir, refs, artifact, compression)
+            store.verify_thin(artifact, files, client.tracking_uri)
         code_paths = serving.code_paths(Path(code) / "code")
         with _fluent_uri(client.tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
@@ -358,9 +374,22 @@ def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: s
     return {"model": name, "version": str(mv.version), "alias": alias, "model_uri": f"models:/{name}/{mv.version}", "source": info.model_uri, "run_id": run_id, "model_id": info.model_id, "weights": weights}
 
 
-def register(tracker: tracking.Tracker, step: tracking.StepRun, model_dir: str | os.PathLike, *, name: str, alias: str, tags: dict[str, str], vectors: list[Path], description: str, weights: str = "thin") -> dict:
+def _compressed(model_dir: Path, ledger: dict, vectors: list[Path], spec: dict, work: Path) -> tuple[dict, dict]:
+    """Compress the ledger's vectors and materialise base + Σλτ̂ once: ``(packed, compression)`` for :func:`store.stage_thin`."""
+    packed = store.compress_vectors(vectors, spec, work / "compressed")
+    missing = [s[:12] for s in ledger_shas(ledger) if s not in packed]
+    if missing:
+        raise TaskvecError(f"register.compress compresses the exact vectors, so every vector of the ledger must be given; missing {', '.join(missing)}")
+    served = work / "served"
+    got = materialise(ledger["base_model"], ledger["edits"], lambda s: packed[s]["file"], served, base_hash=ledger["base_hash"])
+    compression = {"spec": spec, "output_hash": got["output_hash"], "max_abs_weight_error": store.weight_error(model_dir, served)}
+    shutil.rmtree(served, ignore_errors=True)
+    return packed, compression
+
+
+def register(tracker: tracking.Tracker, step: tracking.StepRun, model_dir: str | os.PathLike, *, name: str, alias: str, tags: dict[str, str], vectors: list[Path], description: str, weights: str = "thin", compress: dict | None = None) -> dict:
     """The register step's call: :func:`register_model` in ``step``'s run, then set ``alias``."""
-    return register_model(tracker.client, step.run_id, model_dir, name=name, alias=alias, tags=tags, vectors=vectors, description=description, weights=weights)
+    return register_model(tracker.client, step.run_id, model_dir, name=name, alias=alias, tags=tags, vectors=vectors, description=description, weights=weights, compress=compress)
 
 
 # ---------------------------------------------------------------------------
@@ -433,18 +462,27 @@ def reproduce(p, model: str, version: str, *, workdir: str | os.PathLike | None 
         tmp = Path(tmp)
         folder = download_version(mv, tmp / "registered", client.tracking_uri, thin_ok=False)
         manifest = read_manifest(folder)
+        compression = (manifest or {}).get("compression")
         if manifest is not None:  # a thin version registers no weights, only the hash they must have
-            registered_hash = manifest["output_hash"]
+            registered_hash = compression["exact_output_hash"] if compression else manifest["output_hash"]
         else:
             with TensorSource(folder) as src:
                 registered_hash = src.content_hash(use_cache=False)
         resolve = VectorResolver(client, mv, tmp, search_dirs=[p.root / P.OUTPUTS / "vectors", p.root / P.OUTPUTS / "edit"])
         rebuilt = materialise(ledger["base_model"], ledger["edits"], resolve, tmp / "rebuilt", base_hash=ledger["base_hash"])
         rebuilt_hash = rebuilt["output_hash"]
+        served = None
+        if compression:  # and the weights it serves: base + Σλτ̂ from the stored (compressed) vectors
+            from pipeline.ops.materialise import fetch_vector
+
+            refs = manifest["vectors"]
+            got = materialise(ledger["base_model"], ledger["edits"], lambda s: fetch_vector(refs[s]["stored_sha256"], refs[s]["uri"], client.tracking_uri), tmp / "served", base_hash=ledger["base_hash"])
+            served = {"hash": got["output_hash"], "recorded": manifest["output_hash"], "spec": compression["spec"], "max_abs_weight_error": compression["max_abs_weight_error"]}
     return {
         "model": model,
         "version": str(mv.version),
-        "ok": rebuilt_hash == ledger["output_hash"] == registered_hash,
+        "ok": rebuilt_hash == ledger["output_hash"] == registered_hash and (served is None or served["hash"] == served["recorded"]),
+        "served": served,
         "ledger_output_hash": ledger["output_hash"],
         "rebuilt_hash": rebuilt_hash,
         "registered_hash": registered_hash,

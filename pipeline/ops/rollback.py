@@ -285,8 +285,7 @@ def _experiment_for(client, mv) -> str:
         return client.get_experiment_by_name(ROLLBACK_EXPERIMENT).experiment_id
 
 
-def default_weights(params_file: str | os.PathLike | None = None) -> str:
-    """``register.weights`` of the params file (``thin`` when there is none): rollback registers like the register step."""
+def _register_section(params_file: str | os.PathLike | None) -> dict:
     import yaml
 
     path = Path(params_file or os.environ.get("TASKVEC_PARAMS", "params.yaml"))
@@ -294,10 +293,32 @@ def default_weights(params_file: str | os.PathLike | None = None) -> str:
         raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
     except (OSError, yaml.YAMLError):
         raw = {}
-    return str(((raw or {}).get("register") or {}).get("weights") or "thin")
+    section = (raw or {}).get("register") if isinstance(raw, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
-def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[str, str], vectors: list[Path], metrics: dict[str, float], description: str, weights: str = "thin") -> dict:
+def default_weights(params_file: str | os.PathLike | None = None) -> str:
+    """``register.weights`` of the params file (``thin`` when there is none): rollback registers like the register step."""
+    return str(_register_section(params_file).get("weights") or "thin")
+
+
+def default_compress(params_file: str | os.PathLike | None = None) -> dict | None:
+    """``register.compress`` of the params file (validated; None when unset): a thin rollback version stores its vectors like the register step."""
+    from pydantic import ValidationError
+
+    from pipeline.params import CompressSpec
+
+    spec = _register_section(params_file).get("compress")
+    if spec is None:
+        return None
+    try:
+        return CompressSpec.model_validate(spec).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise TaskvecError(f"params register.compress: {'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}") from None
+
+
+def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[str, str], vectors: list[Path], metrics: dict[str, float], description: str, weights: str = "thin", compress: dict | None = None) -> dict:
     """A run in the source version's experiment, then :func:`pipeline.ops.registry.register_model` in it."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
@@ -308,7 +329,7 @@ def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[s
     try:
         for k, v in metrics.items():
             client.log_metric(rid, k, float(v))
-        rec = registry.register_model(client, rid, folder, name=model, tags=tags, vectors=vectors, version_description=description, weights=weights)
+        rec = registry.register_model(client, rid, folder, name=model, tags=tags, vectors=vectors, version_description=description, weights=weights, compress=compress)
         client.set_terminated(rid, "FINISHED")
     except BaseException:
         client.set_terminated(rid, "FAILED")
@@ -361,6 +382,7 @@ def rollback(
     weights = weights or default_weights(params_file)
     if weights not in ("thin", "full"):
         raise TaskvecError(f"unknown weights mode {weights!r}: use thin or full")
+    compress = default_compress(params_file) if weights == "thin" else None
 
     tmp_owner = workdir is None
     work = Path(tempfile.mkdtemp(prefix="taskvec-rollback-")) if workdir is None else Path(workdir)
@@ -368,7 +390,11 @@ def rollback(
     try:
         resolve = registry.VectorResolver(ops.client, mv, work, vectors, search_dirs if search_dirs is not None else default_search_dirs())
         vec = resolve(removed["vector_sha256"])
-        edited = registry.download_version(mv, work / "edited", ops.client.tracking_uri)
+        if registry.store.COMPRESSION_TAG in (mv.tags or {}):  # it serves base + Σλτ̂: roll back the exact weights its ledger describes
+            edited = work / "edited"
+            registry.materialise(ledger["base_model"], ledger["edits"], resolve, edited, base_hash=ledger["base_hash"])
+        else:
+            edited = registry.download_version(mv, work / "edited", ops.client.tracking_uri)
         with TensorSource(edited) as s:
             if s.content_hash() != ledger.get("output_hash"):
                 raise TaskvecError(f"{model} version {src_version}: weights do not match the ledger's output_hash; refusing to roll back")
@@ -407,7 +433,7 @@ def rollback(
         metrics = {"rollback_max_abs_diff": check.max_abs_diff, "rollback_max_ulps": check.max_ulps, **{f"accuracy.{t}": a for t, a in accuracy.items()}}
         rec = register_version(
             ops, model, out, source=mv, tags=tags, metrics=metrics,
-            vectors=sorted({file_sha256(p): p for p in vec_files}.values()), weights=weights,
+            vectors=sorted({file_sha256(p): p for p in vec_files}.values()), weights=weights, compress=compress,
             description=f"Version {src_version} with edit {removed['vector_sha256'][:12]} (λ={removed['lambda']:g}) rolled back: base + remaining edits.",
         )
         new_version = rec["version"]

@@ -83,13 +83,78 @@ def _weight_files(folder: Path, ledger: dict) -> set[str]:
     return names | {n for n in INDEXES if (folder / n).is_file()}
 
 
-def stage_thin(model_dir: str | os.PathLike, refs: dict[str, dict], dst: str | os.PathLike) -> dict:
+COMPRESSION_TAG = "taskvec.compression"
+
+
+def compress_vectors(files: list[Path], spec: dict, workdir: str | os.PathLike) -> dict[str, dict]:
+    """Compressed copies of ``files`` for the store: ``{exact sha256: {"file", "stored_sha256", "compression"}}``.
+
+    ``spec`` is ``register.compress`` (``dtype``: the stored entries' dtype,
+    ``density``: the top-k kept fraction per tensor, or None). Compression is
+    deterministic (magnitude top-k, round to nearest), so the same vector
+    and spec always give the same stored file — a later version (a rollback,
+    a re-tuned λ) reuses it in the store. ``compression`` records the spec
+    and the error of each vector: ``max_abs_error`` (max |τ − τ̂|) and
+    ``relative_l2_error`` (‖τ − τ̂‖ / ‖τ‖).
+    """
+    import torch
+
+    from taskvec.compress import compress
+    from taskvec.io import file_sha256
+
+    out: dict[str, dict] = {}
+    for f in files:
+        sha = file_sha256(f)
+        if sha in out:
+            continue
+        dst = Path(workdir) / sha / Path(f).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        got = compress(f, dst, density=spec.get("density"), dtype=getattr(torch, spec.get("dtype") or "float32"))
+        out[sha] = {
+            "file": dst,
+            "stored_sha256": got["sha256"],
+            "compression": {
+                "dtype": got["dtype"],
+                "density": spec.get("density"),
+                "kept_fraction": got["kept_fraction"],
+                "max_abs_error": got["max_abs_error"],
+                "relative_l2_error": got["relative_l2_error"],
+                "exact_bytes": got["input_bytes"],
+                "stored_bytes": got["output_bytes"],
+            },
+        }
+    return out
+
+
+def weight_error(exact: str | os.PathLike, served: str | os.PathLike) -> float:
+    """max |θ_served − θ_exact| over every tensor of two model folders (same names and shapes), in float32."""
+    from taskvec.io import TensorSource
+
+    worst = 0.0
+    with TensorSource(exact) as a, TensorSource(served) as b:
+        if sorted(a.names()) != sorted(b.names()):
+            raise TaskvecError(f"{served} and {exact} hold different tensors")
+        for name in a.names():
+            x, y = a.read_float32(name), b.read_float32(name)
+            if x.shape != y.shape:
+                raise TaskvecError(f"tensor {name}: shape {tuple(y.shape)} in {served}, {tuple(x.shape)} in {exact}")
+            if x.numel():
+                worst = max(worst, float((x - y).abs().max()))
+    return worst
+
+
+def stage_thin(model_dir: str | os.PathLike, refs: dict[str, dict], dst: str | os.PathLike, compression: dict | None = None) -> dict:
     """Write the thin version of ``model_dir`` to ``dst``; returns its manifest.
 
     Kept: the ledger and every file that is not a weight file and not byte
     for byte the base's (``heads/``, the model card). The manifest records the
     base (id, content hash, how it resolves), the vectors' store URIs, the
-    base files left out (path → sha256) and the output hash.
+    base files left out (path → sha256) and the output hash. With
+    ``compression`` (``{"spec", "output_hash", "max_abs_weight_error"}``,
+    from :func:`compress_vectors` and a materialisation of the compressed
+    vectors) the version serves base + Σλτ̂: each vector's ref names its
+    stored (compressed) file and error, ``output_hash`` is the served
+    weights' hash and ``compression.exact_output_hash`` the ledger's.
     """
     from taskvec.io import OFFLINE_MODELS, file_sha256, resolve_model
 
@@ -121,6 +186,13 @@ def stage_thin(model_dir: str | os.PathLike, refs: dict[str, dict], dst: str | o
         "from_base": from_base,
         "output_hash": ledger["output_hash"],
     }
+    if compression is not None:
+        manifest["output_hash"] = compression["output_hash"]
+        manifest["compression"] = {
+            "spec": compression["spec"],
+            "exact_output_hash": ledger["output_hash"],
+            "max_abs_weight_error": compression["max_abs_weight_error"],
+        }
     (dst / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -133,7 +205,12 @@ def verify_thin(staged: str | os.PathLike, files: list[Path], tracking_uri: str 
 
     local = {file_sha256(p): Path(p) for p in files}
     refs = (read_manifest(staged) or {}).get("vectors", {})
-    materialised(staged, tracking_uri, resolve=lambda sha: local.get(sha) or fetch_vector(sha, refs[sha]["uri"], tracking_uri))
+
+    def resolve(sha: str) -> Path:
+        stored = refs[sha].get("stored_sha256", sha)  # a compressed version serves its stored copies
+        return local.get(stored) or fetch_vector(stored, refs[sha]["uri"], tracking_uri)
+
+    materialised(staged, tracking_uri, resolve=resolve)
 
 
 def base_requirements(ledger: dict) -> list[str]:

@@ -81,11 +81,12 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS, *, flow_run_id: str 
         if own_parent:
             log_summary(tracker, parent, p, metrics, digests)
         with tracker.run("register", parent=parent, tags={"taskvec.step": "register", "taskvec.worker": executor()}) as step:
-            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "weights": p.register.weights, "tracking_uri": uri(p, tracker.safe_uri)})
+            step.params({"registered_model": p.mlflow.registered_model, "alias": p.register.alias, "weights": p.register.weights, "compress": json.dumps(p.register.compress.model_dump() if p.register.compress else None), "tracking_uri": uri(p, tracker.safe_uri)})
             step.metrics(metrics["summary"])
             result = registry.register(
                 tracker, step, model,
                 name=p.mlflow.registered_model, alias=p.register.alias, tags=tags, vectors=vectors, description=p.register.description, weights=p.register.weights,
+                compress=p.register.compress.model_dump() if p.register.compress else None,
             )
         status = "FINISHED"
     finally:

@@ -126,7 +126,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
             if p.search.strategy in ("per_task", "adamerging"):  # learned coefficients: pipeline/steps/search_coeffs.py
                 from pipeline.steps.search_coeffs import learned_search
 
-                found, extra, scaled = learned_search(p, suite, objective, out)
+                found, extra, scaled = learned_search(p, suite, objective, out, measure)
             else:
                 found = search_lambda(cached, objective, p.search)
         except NoFeasibleLambda:

@@ -51,8 +51,13 @@ def _inputs(p: P.PipelineParams, suite) -> tuple[list[dict], list[dict]]:
     return inputs, taus
 
 
-def learned_search(p: P.PipelineParams, suite, objective, out: Path):
-    """Run ``p.search.strategy`` (per_task | adamerging); returns (SearchResult, extra best.json fields, files to write)."""
+def learned_search(p: P.PipelineParams, suite, objective, out: Path, measure):
+    """Run ``p.search.strategy`` (per_task | adamerging); returns (SearchResult, extra best.json fields, files to write).
+
+    ``measure`` is the search step's :class:`taskvec.search_run.SuiteMetrics`:
+    every candidate is scored with it, so the control constraint holds on the
+    upper bound of each control's drop, as in the golden and grid searches.
+    """
     from taskvec.coefficients import per_task_search, suite_evaluator
 
     if p.edit.method != "sum":
@@ -61,12 +66,12 @@ def learned_search(p: P.PipelineParams, suite, objective, out: Path):
     labels = [f"{'+' if float(i['sign']) > 0 else '-'}{i['task']}" for i in inputs]
     tasks = list(suite.heads)
     if p.search.strategy == "per_task":
-        found = per_task_search(suite_evaluator(suite, taus, p.search.split, tasks), len(taus), objective, p.search, labels=labels)
+        found = per_task_search(suite_evaluator(suite, taus, p.search.split, tasks, measure), len(taus), objective, p.search, labels=labels)
         return found, {"lambdas": [found.details["lambdas"][label] for label in labels]}, {}
-    return _adamerging(p, suite, objective, inputs, taus, labels, out)
+    return _adamerging(p, suite, objective, inputs, taus, labels, out, measure)
 
 
-def _adamerging(p, suite, objective, inputs, taus, labels, out: Path):
+def _adamerging(p, suite, objective, inputs, taus, labels, out: Path, measure):
     from taskvec.adamerging import adamerge_suite, edit_delta, group_of
     from taskvec.search import SearchResult, search_lambda
     from taskvec.search_run import compose
@@ -78,11 +83,11 @@ def _adamerging(p, suite, objective, inputs, taus, labels, out: Path):
     res = adamerge_suite(suite, taus, tasks, spec, split=p.search.split, labels=labels)
     with suite.editor(edit_delta(taus, res.coefficients, res.groups, spec.granularity)) as editor:
         editor.apply(1.0)
-        metrics = suite.accuracies()
+        metrics = measure()
     record = res.to_dict()
     if not objective.feasible(metrics):
         with suite.editor(compose([(t, 1.0) for t in taus])) as editor:
-            found = search_lambda(lambda lam: (editor.apply(lam), suite.accuracies())[1], objective, p.search.model_copy(update={"strategy": "golden"}))
+            found = search_lambda(lambda lam: (editor.apply(lam), measure())[1], objective, p.search.model_copy(update={"strategy": "golden"}))
         found.details["adamerging"] = record | {"feasible": False, "metrics": metrics}
         found.details["note"] = "the AdaMerging coefficients break a control floor; fell back to one golden-section λ"
         return found, {"lambdas": [found.best_lambda] * len(taus), "adamerging": found.details["adamerging"], "note": found.details["note"]}, {}
