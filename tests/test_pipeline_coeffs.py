@@ -106,3 +106,4 @@ def test_learned_strategies_refuse_non_linear_merges(composed):
     composed.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(TaskvecError, match="search.strategy per_task needs edit.method: sum"):
         search.main(composed)
+

@@ -997,6 +997,8 @@ case("params-unknown-merge-method", "edit.method: unknown merge method 'mean': c
 case("params-ties-k-above-100", "edit.density: density must be the kept fraction in (0, 1] (k% / 100), got 50.0", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: ties\n  density: 50\n"))
 case("params-dare-p-1", "edit.drop: DARE drop probability p must be in [0, 1), got 1.0", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [toy]\n  method: dare\n  drop: 1.0\n"))
 case("params-edit-unknown-task", "task 'nope' is used by the edit plan", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [nope]\n"))
+case("params-compress-density-above-1", "register.compress.density: Input should be less than or equal to 1", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [toy]\nregister:\n  compress: {density: 10}\n"))
+case("params-compress-full-weights", "register.compress stores a thin version's vectors; it needs register.weights: thin", lambda ctx: _pipeline_params(ctx, "edit:\n  learn: [toy]\nregister:\n  weights: full\n  compress: {dtype: float16}\n"))
 @case(
     "params-lambda-max-infinite",
     "lambda_max",

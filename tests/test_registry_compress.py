@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from taskvec.errors import TaskvecError
+from tests.conftest_pipeline import pipeline_env, tiny_project  # noqa: F401 - fixtures
 from tests.conftest_tasks import make_model
+from tests.test_pipeline_coeffs import composed  # noqa: F401 - fixture: a tiny project fine-tuned, extracted and composed
 
 SPEC = {"dtype": "bfloat16", "density": 0.25}
 
@@ -172,3 +174,27 @@ def test_compression_refusals_register_nothing(store, tmp_path):
         with pytest.raises(ValueError):
             RegisterSection.model_validate(bad)
     assert RegisterSection.model_validate({"compress": {"density": 0.1}}).compress.dtype == "bfloat16"
+
+
+def test_register_step_stores_compressed_vectors_when_params_say_so(composed):
+    """``register.compress`` in params.yaml reaches the registry: the version serves base + Σλτ̂ and says so."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from pipeline.steps import evaluate, register, search
+
+    data = yaml.safe_load(composed.read_text())
+    data["register"] = {**(data.get("register") or {}), "compress": {"dtype": "bfloat16", "density": 0.5}}
+    data["search"] |= {"lambda_min": 0.5}  # a real edit (λ ≠ 0), so compression changes the served weights
+    composed.write_text(yaml.safe_dump(data, sort_keys=False))
+    search.main(composed)
+    evaluate.main(composed)
+    rec = register.main(composed)
+    uri = f"sqlite:///{composed.parent / 'mlflow.db'}"
+    mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(rec["model"], rec["version"])
+    comp = json.loads(mv.tags["taskvec.compression"])
+    assert comp["spec"] == {"dtype": "bfloat16", "density": 0.5} and "taskvec.vectors" not in mv.tags
+    ledger = json.loads(mv.tags["taskvec.ledger"])
+    assert set(comp["vectors"]) == {i["vector_sha256"] for e in ledger["edits"] for i in e.get("merge", [e])}
+    assert all(float(e["lambda"]) >= 0.5 for e in ledger["edits"])
+    assert comp["output_hash"] != ledger["output_hash"] == mv.tags["taskvec.output_hash"] and comp["max_abs_weight_error"] > 0
