@@ -145,3 +145,13 @@ def test_merge_with_unit_weights_sum_equals_plain_sum():
     assert torch.allclose(merged["w"], torch.tensor([1.5, -1.0, 0.0]))
     ties = merge_vectors(taus, MethodSpec(name="t", method="ties", density=1.0), seed=0)
     assert torch.allclose(ties["w"], torch.tensor([0.75, -2.0, 0.0]))
+
+
+def test_committed_paper_json_is_a_complete_multi_seed_run_that_validates():
+    """benchmarks/results/paper.json (`make paper`) holds ≥ 3 seeds, whole test sets up to 2,000 rows, and matches the schema."""
+    paper = json.loads((REPO / "benchmarks" / "results" / "paper.json").read_text())
+    jsonschema.validate(paper, json.loads((REPO / "benchmarks" / "results" / "paper.schema.json").read_text()))
+    assert paper["complete"] is True and len(paper["seeds"]) >= 3 and not paper["budget"]["quick"]
+    assert paper["budget"]["rows"]["test"] == 2000
+    add = paper["addition"]["methods"]
+    assert set(add) >= {"sum", "ties", "dare", "dare_ties"} and all(0 < m["mean_normalized"] <= 1.2 and "mean_normalized_ci95" in m for m in add.values())
