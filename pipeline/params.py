@@ -158,13 +158,13 @@ class RegisterSection(_Strict):
     weights: Literal["thin", "full"] = "thin"
     log_vectors: bool = True
     compress: CompressSpec | None = None
+    description: str = "Task-arithmetic edit of the base model, built by the taskvec edit pipeline."
 
     @model_validator(mode="after")
     def _compress_needs_thin(self) -> "RegisterSection":
         if self.compress is not None and self.weights != "thin":
             raise ValueError("register.compress stores a thin version's vectors; it needs register.weights: thin")
         return self
-    description: str = "Task-arithmetic edit of the base model, built by the taskvec edit pipeline."
 
 
 class MlflowSection(_Strict):

@@ -161,6 +161,25 @@ def fetch_vector(sha: str, uri: str, tracking_uri: str | None = None) -> Path:
     return cached
 
 
+def fetch_stored(refs: dict, sha: str, tracking_uri: str | None = None) -> Path:
+    """The stored file of ledger vector ``sha`` per a thin manifest's ``refs``: its compressed copy
+    (``stored_sha256``) for a ``register.compress`` version, else the vector itself."""
+    return fetch_vector(refs[sha].get("stored_sha256", sha), refs[sha]["uri"], tracking_uri)
+
+
+def cache_model(built: Path, output_hash: str) -> Path:
+    """Publish ``built`` (a model folder under ``cache_root()/models``, hashing to ``output_hash``) as its cache entry; returns the entry."""
+    models = cache_root() / "models"
+    entry = models / output_hash
+    try:
+        os.replace(built, entry)
+    except OSError:  # built concurrently by another process: the same bits, keep theirs
+        if not entry.is_dir():
+            raise
+    _prune(models, entry)
+    return entry
+
+
 def read_manifest(folder: str | os.PathLike) -> dict | None:
     """The thin manifest of a version folder, or None for a full one."""
     path = Path(folder) / MANIFEST
@@ -208,7 +227,7 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
             return resolve(sha)
         if sha not in refs:
             raise TaskvecError(f"thin version {folder} does not say where vector {sha[:12]} is stored")
-        return fetch_vector(refs[sha].get("stored_sha256", sha), refs[sha]["uri"], tracking_uri)
+        return fetch_stored(refs, sha, tracking_uri)
 
     base = man["base"]
     with tempfile.TemporaryDirectory(prefix="taskvec-thin-", dir=models) as scratch:
@@ -216,13 +235,7 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
         got = materialise(base["model"], ledger["edits"], fetch, out, base_hash=base["content_hash"])
         if got["output_hash"] != want:
             raise TaskvecError(f"materialised weights have content hash {got['output_hash'][:12]}, the version records {want[:12]}: a vector, the base or the ledger was altered; refusing to load")
-        try:
-            os.replace(out, entry)
-        except OSError:  # built concurrently by another process: the same bits, keep theirs
-            if not entry.is_dir():
-                raise
-    _prune(models, entry)
-    return entry
+        return cache_model(out, want)
 
 
 def complete_weights(folder: str | os.PathLike, tracking_uri: str | None = None) -> Path:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -330,15 +329,16 @@ def register_model(client, run_id: str, model_dir: str | os.PathLike, *, name: s
     ledger = json.loads(ledger_file.read_text())
     if compress is not None and weights != "thin":
         raise TaskvecError("register.compress stores a thin version's vectors; it needs weights: thin")
+    shas = ledger_shas(ledger)
     with tempfile.TemporaryDirectory(prefix="taskvec-code-") as code:
         files, packed, compression = list(vectors), None, None
         if compress is not None:
             packed, compression = _compressed(model_dir, ledger, list(vectors), dict(compress), Path(code))
-            files = [packed[s]["file"] for s in ledger_shas(ledger)]
+            files = [packed[s]["file"] for s in shas]
         with _fluent_uri(client.tracking_uri):
-            refs = store.put_vectors(client, client.get_run(run_id).info.experiment_id, files, ledger_shas(ledger) if weights == "thin" and packed is None else [])
+            refs = store.put_vectors(client, client.get_run(run_id).info.experiment_id, files, shas if weights == "thin" and packed is None else [])
         if packed is not None:  # the version's refs are keyed by the exact vectors (the ledger's), pointing at the stored copies
-            refs = {s: {**refs[v["stored_sha256"]], "stored_sha256": v["stored_sha256"], "compression": v["compression"]} for s, v in packed.items() if s in ledger_shas(ledger)}
+            refs = {s: {**refs[packed[s]["stored_sha256"]], "stored_sha256": packed[s]["stored_sha256"], "compression": packed[s]["compression"]} for s in shas}
             tags = {**tags, store.COMPRESSION_TAG: _dump({**compression, "vectors": {s: r["uri"] for s, r in refs.items()}})}
         else:
             tags = {**tags, **({store.VECTORS_TAG: _dump({s: r["uri"] for s, r in refs.items()})} if refs else {})}
@@ -380,10 +380,16 @@ def _compressed(model_dir: Path, ledger: dict, vectors: list[Path], spec: dict, 
     missing = [s[:12] for s in ledger_shas(ledger) if s not in packed]
     if missing:
         raise TaskvecError(f"register.compress compresses the exact vectors, so every vector of the ledger must be given; missing {', '.join(missing)}")
-    served = work / "served"
-    got = materialise(ledger["base_model"], ledger["edits"], lambda s: packed[s]["file"], served, base_hash=ledger["base_hash"])
-    compression = {"spec": spec, "output_hash": got["output_hash"], "max_abs_weight_error": store.weight_error(model_dir, served)}
-    shutil.rmtree(served, ignore_errors=True)
+    from pipeline.ops.materialise import cache_model, cache_root
+
+    models = cache_root() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    # built once, into the load cache: the registration's verify_thin then finds it there (a hash check, not a second build)
+    with tempfile.TemporaryDirectory(prefix="taskvec-served-", dir=models) as scratch:
+        served = Path(scratch) / "model"
+        got = materialise(ledger["base_model"], ledger["edits"], lambda s: packed[s]["file"], served, base_hash=ledger["base_hash"])
+        compression = {"spec": spec, "output_hash": got["output_hash"], "max_abs_weight_error": store.weight_error(model_dir, served)}
+        cache_model(served, got["output_hash"])
     return packed, compression
 
 
@@ -473,10 +479,10 @@ def reproduce(p, model: str, version: str, *, workdir: str | os.PathLike | None 
         rebuilt_hash = rebuilt["output_hash"]
         served = None
         if compression:  # and the weights it serves: base + Σλτ̂ from the stored (compressed) vectors
-            from pipeline.ops.materialise import fetch_vector
+            from pipeline.ops.materialise import fetch_stored
 
             refs = manifest["vectors"]
-            got = materialise(ledger["base_model"], ledger["edits"], lambda s: fetch_vector(refs[s]["stored_sha256"], refs[s]["uri"], client.tracking_uri), tmp / "served", base_hash=ledger["base_hash"])
+            got = materialise(ledger["base_model"], ledger["edits"], lambda s: fetch_stored(refs, s, client.tracking_uri), tmp / "served", base_hash=ledger["base_hash"])
             served = {"hash": got["output_hash"], "recorded": manifest["output_hash"], "spec": compression["spec"], "max_abs_weight_error": compression["max_abs_weight_error"]}
     return {
         "model": model,

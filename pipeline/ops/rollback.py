@@ -304,18 +304,11 @@ def default_weights(params_file: str | os.PathLike | None = None) -> str:
 
 def default_compress(params_file: str | os.PathLike | None = None) -> dict | None:
     """``register.compress`` of the params file (validated; None when unset): a thin rollback version stores its vectors like the register step."""
-    from pydantic import ValidationError
-
     from pipeline.params import CompressSpec
+    from taskvec.config import parse_params
 
     spec = _register_section(params_file).get("compress")
-    if spec is None:
-        return None
-    try:
-        return CompressSpec.model_validate(spec).model_dump()
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise TaskvecError(f"params register.compress: {'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}") from None
+    return None if spec is None else parse_params(spec, source="params register.compress", model=CompressSpec).model_dump()
 
 
 def register_version(ops: Ops, model: str, folder: Path, *, source, tags: dict[str, str], vectors: list[Path], metrics: dict[str, float], description: str, weights: str = "thin", compress: dict | None = None) -> dict:
