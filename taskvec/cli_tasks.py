@@ -30,6 +30,8 @@ def _load_params(ctx: typer.Context, path: Path, overrides: list[str] | None = N
     from taskvec.config import Params, load_params
 
     model = (ctx.find_root().obj or {}).get("params_model") or Params
+    if not isinstance(model, type):  # a loader, so that commands which read no params file skip the schema's import
+        model = model()
     return load_params(path, model=model, overrides=overrides)
 
 

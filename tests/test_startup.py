@@ -9,6 +9,7 @@ cost of each command is measured by ``benchmarks/bench_startup.py``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -20,8 +21,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "datasets", "prefect")
 PROBE = (
-    "import atexit, sys\n"
-    f"atexit.register(lambda: print('\\nloaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr))\n"
+    "import atexit, gc, sys\n"
+    # registered before main(), so it runs after the CLI's own exit handlers (last in, first out)
+    f"atexit.register(lambda: print('\\nfrozen:', gc.get_freeze_count(), '\\nloaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr))\n"
     "sys.argv = ['taskvec'] + sys.argv[1:]\n"
     "from pipeline.cli import main\n"
     "main()\n"
@@ -83,6 +85,21 @@ def test_inspect_statistics_do_import_torch(vector):
     proc, loaded = taskvec("inspect", vector)
     assert proc.returncode == 0, proc.stderr
     assert "torch" in loaded and "‖τ‖" in proc.stdout
+
+
+def test_exit_skips_the_shutdown_collection_over_torch(vector):
+    """The CLI freezes every object at exit, so the interpreter's final collection does not walk torch's objects."""
+    proc, loaded = taskvec("inspect", vector)
+    assert proc.returncode == 0 and "torch" in loaded, proc.stderr
+    frozen = int(proc.stderr.rsplit("\nfrozen:", 1)[1].split()[0])
+    assert frozen > 50_000, frozen  # torch alone leaves ~10^5 tracked objects
+    # in process nothing is frozen while the command runs: only the exit handler does it
+    from pipeline.cli import main
+
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--header", str(vector)])
+    assert exc.value.code == 0 and gc.get_freeze_count() == 0
 
 
 def test_lineage_imports_no_torch(tmp_path):

@@ -18,12 +18,17 @@ import typer
 from taskvec.cli import build_app, run_app
 
 
+def _params_model():
+    from pipeline.params import PipelineParams  # pydantic schemas: 0.1 s, paid only by commands that read params
+
+    return PipelineParams
+
+
 def build() -> typer.Typer:
     from benchmarks.paper import cli as paper
     from pipeline.cli import deploy, ops, run
-    from pipeline.params import PipelineParams
 
-    app = build_app(params_model=PipelineParams)
+    app = build_app(params_model=_params_model)
     for group in (run, ops, deploy, paper):
         group.register(app)
     return app
