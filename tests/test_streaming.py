@@ -101,6 +101,25 @@ def test_commands_give_the_same_bits_in_tiny_chunks(tiny_models, whole, tmp_path
             assert TensorSource(folder).content_hash(use_cache=False) == sha
 
 
+def test_commands_give_the_same_bits_in_tiny_blocks(tiny_models, whole, tmp_path, monkeypatch):
+    """The arithmetic runs in blocks within each chunk (cache-sized); any blocking gives the same bits."""
+    monkeypatch.setattr(streaming, "BLOCK_ELEMS", 7)  # every tensor computed 7 elements at a time, chunks unchanged
+    calls = []
+    real = streaming.stream_tensor
+
+    def spy(sink, name, code, shape, dtype, produce):
+        def counted(start, stop, out):
+            calls.append(stop - start)
+            return produce(start, stop, out)
+
+        return real(sink, name, code, shape, dtype, counted)
+
+    monkeypatch.setattr(streaming, "stream_tensor", spy)
+    monkeypatch.setattr(engine, "stream_tensor", spy)
+    assert _outputs(tiny_models, tmp_path) == whole
+    assert calls and max(calls) == 7  # the blocks really were 7 elements
+
+
 def test_cold_hash_cache_apply_hashes_the_base_while_streaming(tiny_models, whole, tmp_path, monkeypatch, tiny_chunks):
     base, ft1, _ = tiny_models
     engine.extract(base, ft1, tmp_path / "v.safetensors")
