@@ -282,8 +282,6 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
     """
     from typer._click import exceptions as click_exc
 
-    from taskvec.io import user_path
-
     # At exit (after every other atexit handler: they run last-in first-out),
     # move every live object to the permanent generation, so the interpreter's
     # shutdown collection does not walk torch's ~10^5 objects: 0.2 s off every
@@ -313,6 +311,8 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as exc:  # disk full, permission denied…: still one line, naming the user's path
+        from taskvec.io import user_path
+
         where = f": {user_path(exc.filename)}" if exc.filename else ""
         _error(f"{exc.strerror or exc}{where}", 2)
     except UnicodeError as exc:  # e.g. a file name that is not valid UTF-8 reached an encoder

@@ -193,6 +193,15 @@ def _(ctx):
     return _extract(ctx, ctx.base, ctx.model("ft", w))
 
 
+def _merge_with_env(ctx: Ctx, **env: str) -> Invocation:
+    """``taskvec merge`` in a fresh process (the chunk and block sizes are read at import) with ``env``."""
+    out = ctx.tmp / "m"
+    argv = [str(Path(sys.executable).with_name("taskvec")), "merge", str(ctx.base), f"{ctx.ft1}:1", "-o", str(out), "-q"]
+    return Invocation(argv=argv, outputs=[out], timeout=120, env=env)
+
+
+case("merge-block-size-not-positive", "TASKVEC_BLOCK_ELEMS='0': expected a positive integer", lambda ctx: _merge_with_env(ctx, TASKVEC_BLOCK_ELEMS="0"))
+case("merge-chunk-size-not-a-number", "TASKVEC_CHUNK_BYTES='4MB': expected a positive integer", lambda ctx: _merge_with_env(ctx, TASKVEC_CHUNK_BYTES="4MB"))
 case("apply-base-hash-differs", "differs from the hash", lambda ctx: _apply(ctx, ctx.ft2, ctx.v1))
 @case("apply-vector-shape-differs-from-base", "has shape [120, 32] in vector")
 def _(ctx):

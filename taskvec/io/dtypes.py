@@ -95,7 +95,21 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 #: Bytes of one streamed chunk (float32 elements × 4): tensors are read, computed and written in
 #: flat slices of this size, so memory does not grow with the largest tensor. ``TASKVEC_CHUNK_BYTES`` overrides.
-CHUNK_BYTES = int(os.environ.get("TASKVEC_CHUNK_BYTES", str(4 << 20)))
+def env_size(name: str, default: int) -> int:
+    """A positive integer from environment variable ``name`` (``default`` when unset); anything else is refused in one line."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise TaskvecError(f"{name}={raw!r}: expected a positive integer")
+    return value
+
+
+CHUNK_BYTES = env_size("TASKVEC_CHUNK_BYTES", 4 << 20)
 
 
 def chunk_ranges(numel: int, itemsize: int = 4, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
