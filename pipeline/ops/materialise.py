@@ -38,11 +38,12 @@ need nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from taskvec.errors import TaskvecError
@@ -161,15 +162,33 @@ def fetch_vector(sha: str, uri: str, tracking_uri: str | None = None) -> Path:
     return cached
 
 
+def stored_sha(refs: dict, sha: str) -> str:
+    """The sha256 of the file a thin manifest's ``refs`` store for ledger vector ``sha``: its compressed
+    copy (``stored_sha256``) for a ``register.compress`` version, else the vector itself."""
+    return refs[sha].get("stored_sha256", sha)
+
+
 def fetch_stored(refs: dict, sha: str, tracking_uri: str | None = None) -> Path:
-    """The stored file of ledger vector ``sha`` per a thin manifest's ``refs``: its compressed copy
-    (``stored_sha256``) for a ``register.compress`` version, else the vector itself."""
-    return fetch_vector(refs[sha].get("stored_sha256", sha), refs[sha]["uri"], tracking_uri)
+    """The stored file of ledger vector ``sha`` (see :func:`stored_sha`), from the cache or its store."""
+    return fetch_vector(stored_sha(refs, sha), refs[sha]["uri"], tracking_uri)
+
+
+def _models_dir() -> Path:
+    return cache_root() / "models"
+
+
+@contextlib.contextmanager
+def model_scratch(prefix: str) -> Iterator[Path]:
+    """A folder path to build a model at, inside the load cache (so :func:`cache_model`'s rename is atomic); removed after."""
+    models = _models_dir()
+    models.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=models) as scratch:
+        yield Path(scratch) / "model"
 
 
 def cache_model(built: Path, output_hash: str) -> Path:
-    """Publish ``built`` (a model folder under ``cache_root()/models``, hashing to ``output_hash``) as its cache entry; returns the entry."""
-    models = cache_root() / "models"
+    """Publish ``built`` (a model folder from :func:`model_scratch`, hashing to ``output_hash``) as its cache entry; returns the entry."""
+    models = _models_dir()
     entry = models / output_hash
     try:
         os.replace(built, entry)
@@ -207,8 +226,7 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
     exact = (man.get("compression") or {}).get("exact_output_hash", want)  # a compressed version serves base + Σλτ̂
     if ledger.get("output_hash") != exact:
         raise TaskvecError(f"{folder}: ledger output hash {str(ledger.get('output_hash'))[:12]} differs from the manifest's {exact[:12]}; refusing to materialise")
-    models = cache_root() / "models"
-    entry = models / want
+    entry = _models_dir() / want
     if entry.is_dir():
         try:
             with TensorSource(entry) as src:
@@ -219,7 +237,6 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
             os.utime(entry)
             return entry
         shutil.rmtree(entry, ignore_errors=True)
-    models.mkdir(parents=True, exist_ok=True)
     refs = man.get("vectors", {})
 
     def fetch(sha: str) -> Path:
@@ -230,8 +247,7 @@ def materialised(folder: str | os.PathLike, tracking_uri: str | None = None, res
         return fetch_stored(refs, sha, tracking_uri)
 
     base = man["base"]
-    with tempfile.TemporaryDirectory(prefix="taskvec-thin-", dir=models) as scratch:
-        out = Path(scratch) / "model"
+    with model_scratch("taskvec-thin-") as out:
         got = materialise(base["model"], ledger["edits"], fetch, out, base_hash=base["content_hash"])
         if got["output_hash"] != want:
             raise TaskvecError(f"materialised weights have content hash {got['output_hash'][:12]}, the version records {want[:12]}: a vector, the base or the ledger was altered; refusing to load")

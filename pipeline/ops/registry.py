@@ -380,13 +380,10 @@ def _compressed(model_dir: Path, ledger: dict, vectors: list[Path], spec: dict, 
     missing = [s[:12] for s in ledger_shas(ledger) if s not in packed]
     if missing:
         raise TaskvecError(f"register.compress compresses the exact vectors, so every vector of the ledger must be given; missing {', '.join(missing)}")
-    from pipeline.ops.materialise import cache_model, cache_root
+    from pipeline.ops.materialise import cache_model, model_scratch
 
-    models = cache_root() / "models"
-    models.mkdir(parents=True, exist_ok=True)
     # built once, into the load cache: the registration's verify_thin then finds it there (a hash check, not a second build)
-    with tempfile.TemporaryDirectory(prefix="taskvec-served-", dir=models) as scratch:
-        served = Path(scratch) / "model"
+    with model_scratch("taskvec-served-") as served:
         got = materialise(ledger["base_model"], ledger["edits"], lambda s: packed[s]["file"], served, base_hash=ledger["base_hash"])
         compression = {"spec": spec, "output_hash": got["output_hash"], "max_abs_weight_error": store.weight_error(model_dir, served)}
         cache_model(served, got["output_hash"])

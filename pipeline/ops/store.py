@@ -201,12 +201,12 @@ def verify_thin(staged: str | os.PathLike, files: list[Path], tracking_uri: str 
     """Materialise a staged thin version (given files first, else the store) into the cache: it must give its output hash."""
     from taskvec.io import file_sha256
 
-    from pipeline.ops.materialise import fetch_stored, materialised, read_manifest
+    from pipeline.ops.materialise import fetch_stored, materialised, read_manifest, stored_sha
 
     local = {file_sha256(p): Path(p) for p in files}
     refs = (read_manifest(staged) or {}).get("vectors", {})
     # a compressed version serves its stored copies: look those up by their own sha256
-    materialised(staged, tracking_uri, resolve=lambda sha: local.get(refs[sha].get("stored_sha256", sha)) or fetch_stored(refs, sha, tracking_uri))
+    materialised(staged, tracking_uri, resolve=lambda sha: local.get(stored_sha(refs, sha)) or fetch_stored(refs, sha, tracking_uri))
 
 
 def base_requirements(ledger: dict) -> list[str]:

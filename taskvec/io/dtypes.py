@@ -93,8 +93,6 @@ def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
-#: Bytes of one streamed chunk (float32 elements × 4): tensors are read, computed and written in
-#: flat slices of this size, so memory does not grow with the largest tensor. ``TASKVEC_CHUNK_BYTES`` overrides.
 def env_size(name: str, default: int) -> int:
     """A positive integer from environment variable ``name`` (``default`` when unset); anything else is refused in one line."""
     raw = os.environ.get(name)
@@ -109,6 +107,8 @@ def env_size(name: str, default: int) -> int:
     return value
 
 
+#: Bytes of one streamed chunk (float32 elements × 4): tensors are read, computed and written in
+#: flat slices of this size, so memory does not grow with the largest tensor. ``TASKVEC_CHUNK_BYTES`` overrides.
 CHUNK_BYTES = env_size("TASKVEC_CHUNK_BYTES", 4 << 20)
 
 
