@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from taskvec import methods
-from taskvec.config import MergeSpec, Params, _Strict, load_params, merge_option
+from taskvec.config import MergeSpec, Params, _Strict, control_splits_conflict, load_params, merge_option
 from taskvec.errors import TaskvecError
 
 DEFAULT_PARAMS = "params.yaml"
@@ -268,6 +268,9 @@ class PipelineParams(_RegisterField):
         for name in plan.eval_tasks():
             if self.tasks[name].kind != "classification":
                 raise ValueError(f"task {name!r} is evaluated (learn/forget/control/target) but is an mlm task")
+        conflict = control_splits_conflict(self.search, plan.control, plan.vector_tasks())
+        if conflict:
+            raise ValueError(conflict)
         return self
 
     # -- paths -------------------------------------------------------------

@@ -36,8 +36,11 @@ def rel(p, path: str | os.PathLike) -> str:
 
 def lineage(p, data: dict) -> dict:
     """A data-lineage dict (one split, or ``{task: lineage}``) with every ``origin`` made project-relative."""
-    if "origin" in data and isinstance(data.get("origin"), str):
-        return {**data, "origin": rel(p, data["origin"])}
+    origin = data.get("origin")
+    if isinstance(origin, str):
+        return {**data, "origin": rel(p, origin)}
+    if isinstance(origin, list):  # rows of several splits (taskvec.data.load_rows)
+        return {**data, "origin": [rel(p, o) for o in origin]}
     return {k: lineage(p, v) if isinstance(v, dict) else v for k, v in data.items()}
 
 

@@ -38,7 +38,7 @@ import codecs
 import contextlib
 import csv
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +58,14 @@ class Split:
     digest: str
     origin: str
     rows_total: int
+    origins: tuple[str, ...] = ()  # the splits' origins, when these rows come from several (load_rows)
 
     def lineage(self) -> dict[str, object]:
-        """JSON-able description of where these rows came from."""
+        """JSON-able description of where these rows came from (``origin``: a list for rows of several splits)."""
         return {
             "task": self.task,
             "split": self.name,
-            "origin": self.origin,
+            "origin": list(self.origins) if self.origins else self.origin,
             "sha256": self.digest,
             "rows_total": self.rows_total,
             "rows_used": len(self.dataset),
@@ -236,6 +237,36 @@ def load_split(
     if caps and min(caps) < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(min(caps)))
     return Split(spec.name, split, dataset, digest, origin, len(raw))
+
+
+def load_rows(
+    spec: TaskSpec,
+    data_dir: str | Path,
+    splits: Sequence[str],
+    *,
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> Split:
+    """The rows of several splits of ``spec`` as one :class:`Split` (e.g. a control task scored on validation + train).
+
+    One split is :func:`load_split`. Several are each loaded whole (up to
+    their ``spec.max_rows``), concatenated in the order given, then capped to
+    ``max_rows`` by the same seeded shuffle. The result is named
+    ``"validation+train"``; its digest is the sha256 of the splits' digests,
+    so lineage still pins every byte.
+    """
+    names = list(dict.fromkeys(splits))
+    if not names:
+        raise TaskvecError(f"task {spec.name}: no split given to load rows from")
+    if len(names) == 1:
+        return load_split(spec, data_dir, names[0], max_rows=max_rows, seed=seed)
+    parts = [load_split(spec, data_dir, name, seed=seed) for name in names]
+    dataset = datasets.concatenate_datasets([part.dataset for part in parts])
+    if max_rows is not None and max_rows < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(max_rows))
+    digest = hashlib.sha256("\0".join(part.digest for part in parts).encode()).hexdigest()
+    origins = tuple(part.origin for part in parts)
+    return Split(spec.name, "+".join(names), dataset, digest, " + ".join(origins), sum(part.rows_total for part in parts), origins)
 
 
 def load_task(

@@ -49,10 +49,12 @@ class SuiteMetrics:
 
     Construct it while the suite holds the *base* weights: it records which
     control rows the base gets right. :attr:`base` holds the base accuracies.
+    Controls are scored on eval set ``control_split`` (default ``split``; see :func:`control_sets`).
     """
 
-    def __init__(self, suite: Suite, split: str | None, tasks: Sequence[str], controls: Sequence[str] = ()):
+    def __init__(self, suite: Suite, split: str | None, tasks: Sequence[str], controls: Sequence[str] = (), *, control_split: str | None = None):
         self.suite, self.split = suite, suite._split(split)
+        self.control_split = suite._split(control_split or self.split)
         self.controls = list(dict.fromkeys(controls))
         self.tasks = [t for t in dict.fromkeys(tasks) if t not in self.controls]
         self._base_correct = {c: self._correct(c) for c in self.controls}
@@ -63,7 +65,7 @@ class SuiteMetrics:
         return {**self.base, **{drop_se_key(c): 0.0 for c in self.controls}}
 
     def _correct(self, control: str) -> np.ndarray:
-        evalset = self.suite.sets[self.split][control]
+        evalset = self.suite.sets[self.control_split][control]
         return predict(self.suite.models[control], evalset, place=self.suite.policy.batch) == evalset.labels
 
     def __call__(self) -> dict[str, float]:
@@ -76,9 +78,22 @@ class SuiteMetrics:
         return out
 
 
-def control_rows(spec: SearchSpec, controls: Sequence[str], split: str | None = None) -> dict[str, dict[str, int | None]]:
-    """``Suite.load(task_rows=...)`` giving the controls ``search.control_rows`` rows of the search split."""
-    return {split or spec.split: {c: spec.control_rows for c in controls}}
+CONTROL_SET = "control"
+
+
+def control_sets(spec: SearchSpec, controls: Sequence[str], split: str | None = None) -> tuple[str, dict]:
+    """Where a search scores its controls: ``(eval-set key, Suite.load keyword arguments)``.
+
+    Without ``search.control_splits`` the controls get ``search.control_rows``
+    rows of the search split (key: that split). With it they get that many
+    rows of those splits, as eval set ``"control"``, apart from any target's
+    validation rows (a benchmark's control may be another experiment's target).
+    """
+    split = split or spec.split
+    rows = {c: spec.control_rows for c in controls}
+    if not spec.control_splits or not controls:
+        return split, {"task_rows": {split: rows}}
+    return CONTROL_SET, {"task_rows": {CONTROL_SET: rows}, "task_splits": {CONTROL_SET: {c: tuple(spec.control_splits) for c in controls}}}
 
 
 def search_suite(
@@ -92,6 +107,7 @@ def search_suite(
     reference: Mapping[str, float] | None = None,
     sign: float = 1.0,
     split: str | None = None,
+    control_split: str | None = None,
     strategy: str | None = None,
     progress: bool = False,
 ) -> SearchResult:
@@ -100,11 +116,12 @@ def search_suite(
     ``addition`` needs ``reference`` (each task's fine-tuned accuracy);
     controls (required for ``negation``, optional for ``addition``) are held
     to ``spec.max_control_drop`` points against the base, with their paired
-    uncertainty (:class:`SuiteMetrics`); the suite must hold the base weights.
+    uncertainty (:class:`SuiteMetrics`, on eval set ``control_split``: see
+    :func:`control_sets`); the suite must hold the base weights.
     """
     total = spec.grid_points if (strategy or spec.strategy) == "grid" else spec.max_evals
     signed = {k: sign * v for k, v in tau.items()}
-    measure = SuiteMetrics(suite, split, tasks, controls)
+    measure = SuiteMetrics(suite, split, tasks, controls, control_split=control_split)
     with suite.editor(signed) as editor, tqdm(total=total, desc="λ search", unit="eval", disable=not progress) as bar:
 
         def evaluate(lam: float) -> dict[str, float]:
@@ -149,13 +166,14 @@ def run_search(
         if kind != "classification":
             raise TaskvecError(f"task {name} is an {kind} task; the search scores classification tasks only")
     spec = params.search
-    suite = Suite.load(base, [*tasks, *controls], params, splits=(spec.split,), task_rows=control_rows(spec, controls))
+    where, sets = control_sets(spec, controls)
+    suite = Suite.load(base, [*tasks, *controls], params, splits=(spec.split,), **sets)
     tau = compose(vectors)
     if objective == "addition" and reference is None:
         reference = {task: suite.at(tensors, weight, tasks=[task])[task] for task, (tensors, weight) in zip(tasks, vectors, strict=True)}
     sign = 1.0 if objective == "addition" else -1.0
-    result = search_suite(suite, tau, objective, tasks, controls=controls, reference=reference, sign=sign, strategy=strategy, spec=spec, progress=progress)
-    result.details["data"] = suite.lineage(spec.split)
+    result = search_suite(suite, tau, objective, tasks, controls=controls, reference=reference, sign=sign, control_split=where, strategy=strategy, spec=spec, progress=progress)
+    result.details["data"] = suite.lineage(spec.split) | suite.lineage(where)
     result.details["device"] = str(device_of(suite.encoder))
     return result
 

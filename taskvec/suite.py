@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from taskvec.config import Params, TaskSpec
-from taskvec.data import load_split
+from taskvec.data import load_rows, load_split
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.evaluate import EvalSet, score
 from taskvec.heads import EncoderClassifier, Head, build_head, load_encoder, load_head
@@ -252,6 +252,7 @@ class Suite:
         splits: Sequence[str] = ("validation",),
         max_rows: Mapping[str, int | None] | None = None,
         task_rows: Mapping[str, Mapping[str, int | None]] | None = None,
+        task_splits: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
         dtype: torch.dtype | None = None,
         heads: Literal["build", "resolve"] = "build",
         head_paths: Mapping[str, str | Path] | None = None,
@@ -262,6 +263,10 @@ class Suite:
         ``max_rows[split]`` (when not None) overrides ``params.eval.max_rows.<split>``;
         ``task_rows[split][task]`` overrides both for one task (``None``: every row),
         e.g. more validation rows for the control tasks of a λ search;
+        ``task_splits[key][task]`` loads those splits' rows (:func:`taskvec.data.load_rows`,
+        capped by ``task_rows[key][task]``) as eval set ``key`` of that task; a
+        ``key`` not in ``splits`` holds only the tasks named (e.g. ``"control"``:
+        a control scored on validation + train rows, apart from the targets' validation);
         ``dtype=None`` keeps the checkpoint's dtype; ``heads``: see the module docstring.
         """
         policy = device()
@@ -277,7 +282,16 @@ class Suite:
             data[split] = {
                 name: load_split(spec, params.data_root(), split, max_rows=per_task[name] if name in per_task else cap, seed=params.eval.seed)
                 for name, spec in specs.items()
+                if name not in (task_splits or {}).get(split, {})
             }
+        for key, by_task in (task_splits or {}).items():
+            per_task = (task_rows or {}).get(key, {})
+            for name, sources in by_task.items():
+                if name not in specs:
+                    raise TaskvecError(f"task {name} has rows in eval set {key!r} but is not one of the suite's tasks")
+                data.setdefault(key, {})[name] = load_rows(
+                    specs[name], params.data_root(), sources, max_rows=per_task[name] if name in per_task else params.eval.max_rows.get(key), seed=params.eval.seed
+                )
         encoder, tokenizer, path = load_encoder(model, dtype=dtype)
         policy.place(encoder)
         length = params.eval.max_length

@@ -106,3 +106,41 @@ def data_dir(tmp_path) -> Path:
 @pytest.fixture
 def params(data_dir, tiny_model):
     return task_params(data_dir, tiny_model)
+
+
+def negation_search(base: Path, data_dir: Path, tmp_path: Path, capsys, *args: str) -> dict:
+    """`taskvec search` negating a perturbed copy of ``base``'s vector on ``senti`` with control ``ctrl``
+    (a mirror the caller wrote under ``data_dir``), 8 validation rows per target; returns search.json."""
+    import json
+
+    import yaml
+
+    from pipeline.cli import main as cli_main
+    from taskvec import engine
+    from tests.conftest import perturb
+
+    cls = {"labels": LABELS, "descriptions": ["bad", "good"]}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({
+        "base": str(base), "data_dir": str(data_dir),
+        "tasks": {"senti": {"source": "senti", **cls}, "ctrl": {"source": "ctrl", **cls}},
+        "eval": {"batch_size": 8, "max_length": 16, "max_rows": {"validation": 8}},
+    }))
+    engine.extract(base, perturb(base, tmp_path / "ft", seed=3, scale=0.5), tmp_path / "v.safetensors")
+    out = tmp_path / "forget"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["search", str(base), "--vector", str(tmp_path / "v.safetensors"), "--objective", "negation", "--task", "senti", "--control", "ctrl",
+                  "--strategy", "grid", "-o", str(out), "-p", str(params_file), "-q", *args])
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    return json.loads((out / "search.json").read_text())
+
+
+def assert_bound_rule(saved: dict, control: str, limit: float) -> None:
+    """Every evaluation's feasibility in a search.json is the control rule recomputed: drop + z·se ≤ limit points."""
+    from statistics import NormalDist
+
+    base = saved["evaluations"][0]["metrics"]
+    z = NormalDist().inv_cdf(saved["constraint"]["confidence"])
+    for e in saved["evaluations"]:
+        m = e["metrics"]
+        assert e["feasible"] == (100 * (base[control] - m[control]) + z * 100 * m[f"{control}/drop_se"] <= limit + 1e-9), e

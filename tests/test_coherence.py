@@ -97,6 +97,7 @@ def portable_project(root: Path) -> Path:
     params["data_dir"] = "data"
     for t in params["tasks"]:
         params["tasks"][t]["source"] = f"example/{t}"  # resolved through data_dir/<task>, like stanfordnlp/sst2
+    params.setdefault("search", {})["control_splits"] = ["validation", "train"]  # as the shipped params.yaml: the control's rows name two files
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -137,7 +138,8 @@ def test_outputs_are_byte_identical_in_two_checkouts_and_name_no_absolute_path(p
     with VectorFile(a / "outputs" / "vectors" / "senti.safetensors") as vf:
         assert set(vf.recipe) == {"op", "finetuned_hash", "include", "exclude"} and len(vf.recipe["finetuned_hash"]) == 64
     best = json.loads(fa["search/best.json"])
-    assert "seconds" not in best and {d["origin"] for d in best["data"].values()} == {"data/senti/validation.csv", "data/topic/validation.csv", "data/spam/validation.csv"}
+    assert "seconds" not in best and {t: d["origin"] for t, d in best["data"].items()} == {
+        "senti": "data/senti/validation.csv", "topic": "data/topic/validation.csv", "spam": ["data/spam/validation.csv", "data/spam/train.csv"]}
     manifest = json.loads(fa["finetuned/senti/finetune.json"])
     assert "seconds" not in manifest and "base_path" not in manifest and manifest["data"]["origin"] == "data/senti/train.csv"
     compose = json.loads(fa["edit/compose.json"])

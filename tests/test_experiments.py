@@ -96,6 +96,31 @@ def test_benchmark_command_writes_a_paper_json_that_validates_against_the_schema
         cli_main(["benchmark", "--config", str(config), "--out", str(out), "--aggregate", "-S", "eval.max_rows.test=12"])
     again = json.loads((out / "paper.json").read_text())
     assert again["negation"] == paper["negation"] and again["addition"] == paper["addition"]
+    # --update: re-run negation alone (its control on validation + train rows); addition and analogy are kept, with their run's budget
+    partial = ["-S", "bench.addition=null", "-S", "bench.analogy=null", "-S", "eval.max_rows.test=12", "-S", "search.control_splits=[validation, train]"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["benchmark", "--config", str(config), "--out", str(tmp_path / "neg"), "--paper-json", str(committed), "--update", *partial])
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    merged, rerun = json.loads(committed.read_text()), json.loads((tmp_path / "neg" / "paper.json").read_text())
+    jsonschema.validate(merged, schema)
+    assert merged["negation"] == rerun["negation"] != paper["negation"]
+    assert merged["addition"] == paper["addition"] and merged["analogy"] == paper["analogy"]
+    assert merged["kept"] == {name: {"budget": paper["budget"], "seconds_per_seed": paper["seconds_per_seed"], "device": paper["device"]} for name in ("addition", "analogy")}
+    assert merged["budget"]["search"]["control_splits"] == ["validation", "train"] and merged["complete"] is True
+    control = json.loads((tmp_path / "neg" / "seed-0" / "results.json").read_text())["meta"]["data"]["control"]["ctrl"]
+    assert control["split"] == "validation+train" and control["rows_used"] == 64
+    assert {"negation/senti", "addition/sum", "analogy"} & set(merged["goals"]) >= {"negation/senti", "addition/sum"}
+    # refused in one line, the committed file untouched: no --paper-json, other seeds, nothing to keep
+    before = committed.read_text()
+    for args, message in (
+        ([], "give --paper-json"),
+        (["--paper-json", str(committed), "-S", "bench.seeds=[0, 1]"], "run the same seeds"),
+        (["--paper-json", str(tmp_path / "nothing.json")], "no summary to update"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["benchmark", "--config", str(config), "--out", str(tmp_path / "neg"), "--aggregate", "--update", *partial, *args])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert committed.read_text() == before
 
 
 def test_benchmark_writes_table_json_and_plots(bench_params, tmp_path):

@@ -262,35 +262,11 @@ def test_addition_with_a_control_task(spec):
 def test_search_command_applies_max_control_drop_with_the_paired_bound(tiny_model, data_dir, tmp_path, capsys):
     """`taskvec search --max-control-drop`: every evaluation's feasibility is the bound rule recomputed from search.json,
     on the control's own row cap (search.control_rows)."""
-    import yaml
-
-    from pipeline.cli import main as cli_main
-    from tests.conftest_tasks import LABELS, write_mirror
+    from tests.conftest_tasks import assert_bound_rule, negation_search, write_mirror
 
     write_mirror(data_dir / "ctrl", sizes=(16, 40, 8), seed=50)
-    cls = {"labels": LABELS, "descriptions": ["bad", "good"]}
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump({
-        "base": str(tiny_model), "data_dir": str(data_dir),
-        "tasks": {"senti": {"source": "senti", **cls}, "ctrl": {"source": "ctrl", **cls}},
-        "eval": {"batch_size": 8, "max_length": 16, "max_rows": {"validation": 8}},
-    }))
-    from taskvec import engine
-    from tests.conftest import perturb
-
-    engine.extract(tiny_model, perturb(tiny_model, tmp_path / "ft", seed=3, scale=0.5), tmp_path / "v.safetensors")
-    out = tmp_path / "forget"
-    with pytest.raises(SystemExit) as exc:
-        cli_main(["search", str(tiny_model), "--vector", str(tmp_path / "v.safetensors"), "--objective", "negation", "--task", "senti", "--control", "ctrl",
-                  "--max-control-drop", "0.5", "--strategy", "grid", "-o", str(out), "-p", str(params_file), "-S", "search.control_rows=32", "-q"])
-    assert exc.value.code in (0, None), capsys.readouterr().err
-    saved = json.loads((out / "search.json").read_text())
+    saved = negation_search(tiny_model, data_dir, tmp_path, capsys, "--max-control-drop", "0.5", "-S", "search.control_rows=32")
     assert saved["constraint"]["max_control_drop"] == 0.5
     assert saved["data"]["ctrl"]["rows_used"] == 32 and saved["data"]["senti"]["rows_used"] == 8  # controls get their own cap
-    base = saved["evaluations"][0]["metrics"]
-    z = NormalDist().inv_cdf(0.95)
-    for e in saved["evaluations"]:
-        m = e["metrics"]
-        bound = 100 * (base["ctrl"] - m["ctrl"]) + z * 100 * m["ctrl/drop_se"]
-        assert e["feasible"] == (bound <= 0.5 + 1e-9), e
+    assert_bound_rule(saved, "ctrl", 0.5)
     assert saved["best_lambda"] in [e["lambda"] for e in saved["evaluations"] if e["feasible"]]

@@ -21,6 +21,7 @@ def benchmark(
     quick: Annotated[bool, typer.Option("--quick", help="Smoke-test budgets (a few minutes; numbers not meaningful).")] = False,
     paper_json: Annotated[Optional[Path], typer.Option("--paper-json", help="Also write the summary (means over seeds ± 95% intervals) here, e.g. benchmarks/results/paper.json.")] = None,
     aggregate: Annotated[bool, typer.Option("--aggregate", help="Run nothing: summarise the seed runs already under OUT/seed-<s>/.")] = False,
+    update: Annotated[bool, typer.Option("--update", help="Keep the experiments this run leaves out (e.g. -S bench.addition=null) from the existing --paper-json.")] = False,
     set_param: Annotated[Optional[list[str]], typer.Option("--set-param", "-S", metavar="KEY.PATH=VALUE", help="Override a config value (repeatable), e.g. -S bench.seeds=[0,1,2] -S eval.max_rows.test=500; the file is not modified.")] = None,
 ) -> None:
     """Fine-tune (cached), build task vectors and regenerate the negation / addition / analogy table.
@@ -38,7 +39,7 @@ def benchmark(
     def log(msg: str) -> None:
         typer.echo(f"[{time.perf_counter() - started:7.1f}s] {msg}")
 
-    run_benchmark(config, out, quick=quick, overrides=set_param, paper_json=paper_json, aggregate_only=aggregate, log=log)
+    run_benchmark(config, out, quick=quick, overrides=set_param, paper_json=paper_json, aggregate_only=aggregate, update=update, log=log)
     typer.echo((out / "results.md").read_text())
 
 

@@ -81,6 +81,7 @@ def run_benchmark(
     overrides: list[str] | None = None,
     paper_json: str | Path | None = None,
     aggregate_only: bool = False,
+    update: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the configured experiments once per seed of ``bench.seeds`` and summarise them.
@@ -92,9 +93,14 @@ def run_benchmark(
     copy of ``paper.json`` (``make paper`` commits ``benchmarks/results/paper.json``).
     ``aggregate_only`` runs nothing: it summarises the seeds' ``out/seed-<s>/results.json``
     (e.g. after running the seeds as separate processes with ``-S bench.seeds=[s]``).
+    ``update`` (needs ``paper_json``) re-runs part of it: the experiments this run
+    leaves out (e.g. ``-S bench.addition=null``) keep their results from the
+    existing ``paper_json`` (:func:`merge_sections`), which must be over the same seeds.
     Returns ``{"seeds": {seed: results}, "paper": summary}``.
     """
     started = time.perf_counter()
+    if update and paper_json is None:
+        raise TaskvecError("--update keeps the other experiments of an existing --paper-json: give --paper-json")
     params = params or load_experiment_params(config, overrides=overrides)
     if quick:
         params = quick_params(params)
@@ -123,9 +129,11 @@ def run_benchmark(
         "seconds_per_seed": {seed: r["meta"]["seconds"] for seed, r in runs.items()},
         "device": next(iter(runs.values()))["meta"]["device"],
     }
+    if update:
+        paper = merge_sections(paper, Path(paper_json))
     paper["goals"] = goals(paper, max_control_drop=params.search.max_control_drop)
-    missing = [name for name in ("negation", "addition", "analogy") if name not in paper]
-    paper["complete"] = len(runs) >= 3 and not missing and not quick
+    missing = [name for name in SECTIONS if name not in paper]
+    paper["complete"] = len(runs) >= 3 and not missing and not quick and not any((k.get("budget") or {}).get("quick", True) for k in paper.get("kept", {}).values())
     if not paper["complete"]:
         paper["note"] = f"partial result: {len(runs)} seed(s){', without ' + ', '.join(missing) if missing else ''}{', --quick budget' if quick else ''}; budget below"
     means = mean_tree([{k: v for k, v in r.items() if k != "meta"} for r in runs.values()])
@@ -141,6 +149,34 @@ def run_benchmark(
             tmp.write_text(content)
     plot_bars(means, out)
     return {"seeds": runs, "paper": paper}
+
+
+SECTIONS = ("negation", "addition", "analogy")
+
+
+def merge_sections(paper: dict, previous_path: Path) -> dict:
+    """``paper`` plus the experiments it lacks, taken from the summary at ``previous_path``.
+
+    Each kept experiment is named under ``kept`` with the budget, time and
+    device of the run that produced it (so the file says which numbers came
+    from which run); the seeds must be the same. Refused in one line when
+    the file is missing, unreadable, over other seeds, or has nothing to keep.
+    """
+    try:
+        previous = json.loads(previous_path.read_text())
+    except FileNotFoundError:
+        raise TaskvecError(f"--update: no summary to update at {previous_path}") from None
+    except (OSError, ValueError) as exc:
+        raise TaskvecError(f"--update: cannot read {previous_path}: {exc}") from None
+    if not isinstance(previous, dict) or sorted(previous.get("seeds") or []) != sorted(paper["seeds"]):
+        seeds = previous.get("seeds") if isinstance(previous, dict) else None
+        raise TaskvecError(f"--update: {previous_path} is over seeds {seeds}, this run over {paper['seeds']}: run the same seeds")
+    kept = [name for name in SECTIONS if name not in paper and name in previous]
+    if not kept:
+        raise TaskvecError(f"--update: this run has every experiment {previous_path} has; write it without --update")
+    earlier = previous.get("kept") or {}
+    own = {key: previous.get(key) for key in ("budget", "seconds_per_seed", "device")}
+    return paper | {name: previous[name] for name in kept} | {"kept": {name: earlier.get(name, own) for name in kept}}
 
 
 def budget(params: ExperimentParams, *, quick: bool, overrides: list[str] | None) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.paper.spec import ExperimentParams, GradientAscentSpec
-from benchmarks.paper.suite import search
+from benchmarks.paper.suite import control_set, search
 from benchmarks.paper.vectors import global_norm, random_like
 from taskvec.data import load_split
 from taskvec.search import ControlConstraint, control_constraint
@@ -91,7 +91,7 @@ def run_negation(suite: Suite, taus: Mapping[str, dict], params: ExperimentParam
     results = {}
     for target in neg.targets:
         tasks = [target, control]
-        measure = SuiteMetrics(suite, "validation", [target], [control])
+        measure = SuiteMetrics(suite, "validation", [target], [control], control_split=control_set(params, [control]))
         constraint = control_constraint([control], measure.base, spec.max_control_drop, confidence=spec.control_confidence)
         base_val, base_test = measure.base, suite.accuracies("test", tasks)
         tau = taus[target]

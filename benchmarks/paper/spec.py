@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from taskvec.config import AdaMergingSpec, MergeMethod, MergeSpec, Params, SearchSpec, TrainSpec, _Strict, load_params
+from taskvec.config import AdaMergingSpec, MergeMethod, MergeSpec, Params, SearchSpec, TrainSpec, _Strict, control_splits_conflict, load_params
 
 
 class GradientAscentSpec(_Strict):
@@ -72,6 +72,7 @@ class QuickSpec(_Strict):
     test_rows: int = 64
     ga_steps: int = 4
     max_evals: int = 4
+    control_rows: int = Field(default=200, ge=1)  # the negation control's rows (the full run: search.control_rows of search.control_splits)
 
 
 class BenchSpec(_Strict):
@@ -94,6 +95,10 @@ class ExperimentParams(Params):
     def _unique_seeds(self) -> ExperimentParams:
         if len(set(self.bench.seeds)) != len(self.bench.seeds):
             raise ValueError(f"bench.seeds must be distinct, got {self.bench.seeds}")
+        neg = self.bench.negation
+        conflict = neg and control_splits_conflict(self.search, [neg.control], neg.targets)
+        if conflict:
+            raise ValueError(conflict)
         return self
 
 
@@ -119,7 +124,7 @@ def quick_params(params: ExperimentParams) -> ExperimentParams:
     p.bench.steps = {}
     p.eval.max_rows.validation = q.validation_rows
     p.eval.max_rows.test = q.test_rows
-    p.search = SearchSpec.model_validate(p.search.model_dump() | {"max_evals": q.max_evals})
+    p.search = SearchSpec.model_validate(p.search.model_dump() | {"max_evals": q.max_evals, "control_rows": q.control_rows})
     if p.bench.addition is not None:
         p.bench.addition.per_task_max_evals = min(p.bench.addition.per_task_max_evals, 2 * q.max_evals)
         p.bench.addition.adamerging.steps = min(p.bench.addition.adamerging.steps, q.ga_steps)

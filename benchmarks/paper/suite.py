@@ -10,17 +10,23 @@ import torch
 
 from benchmarks.paper.spec import ExperimentParams
 from taskvec.search import SearchResult
-from taskvec.search_run import control_rows, search_suite, write_outputs
+from taskvec.search_run import control_sets, search_suite, write_outputs
 from taskvec.suite import Suite
 
 
 def open_suite(params: ExperimentParams, tasks: Sequence[str]) -> Suite:
     """The base encoder loaded once (float32, on the harness's device), each task's frozen base head,
-    validation and test eval sets (the negation control: ``search.control_rows`` validation rows);
-    keeps the base weights for :meth:`Suite.reset`."""
+    validation and test eval sets, and the negation control's rows (``search.control_rows`` rows of
+    ``search.control_splits``, by default validation); keeps the base weights for :meth:`Suite.reset`.
+    :func:`control_set` names the eval set the control's rows are in."""
     controls = [params.bench.negation.control] if params.bench.negation else []
-    rows = control_rows(params.search, controls, "validation")
-    return Suite.load(params.base, tasks, params, splits=("validation", "test"), task_rows=rows, dtype=torch.float32, keep_base=True)
+    _, sets = control_sets(params.search, controls, "validation")
+    return Suite.load(params.base, tasks, params, splits=("validation", "test"), dtype=torch.float32, keep_base=True, **sets)
+
+
+def control_set(params: ExperimentParams, controls: Sequence[str]) -> str:
+    """The eval-set key :func:`open_suite` loaded ``controls``' rows under ("validation" or "control")."""
+    return control_sets(params.search, controls, "validation")[0]
 
 
 def search(
@@ -39,7 +45,7 @@ def search(
 ) -> SearchResult:
     """λ search on VALIDATION with taskvec.search's objectives and golden/grid strategy."""
     started = time.perf_counter()
-    result = search_suite(suite, tau, objective_name, tasks, spec=params.search, controls=controls, reference=reference, sign=sign, split="validation")
+    result = search_suite(suite, tau, objective_name, tasks, spec=params.search, controls=controls, reference=reference, sign=sign, split="validation", control_split=control_set(params, controls))
     if curve_dir is not None:
         write_outputs(result, curve_dir)
     log(f"[search] {label}: λ = {result.best_lambda:g} (val score {result.best_score:.4f}, {len(result.evaluations)} evals, {time.perf_counter() - started:.0f}s)")

@@ -156,7 +156,7 @@ def model_card(p: P.PipelineParams, ledger: dict, metrics: dict, provenance: dic
     plan = p.edit
     recipe = provenance["composition"].get("recipe")
     how = f"λ·{recipe['merge_method']}(τ) (mergekit recipe `{recipe['path']}`)" if recipe else f"{plan.method}(λ·τ)"
-    data_lines = [f"| {t} | {d['split']} | `{d['sha256']}` | {d['rows_used']} / {d['rows_total']} | {d['origin']} |" for t, d in provenance["data"].items()]
+    data_lines = [f"| {t} | {d['split']} | `{d['sha256']}` | {d['rows_used']} / {d['rows_total']} | {' + '.join(d['origin']) if isinstance(d['origin'], list) else d['origin']} |" for t, d in provenance["data"].items()]
     text = f"""---
 library_name: transformers
 base_model: {ledger['base_model']}

@@ -87,7 +87,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
 
     from taskvec.io import atomic_dir
     from taskvec.search import CachedEvaluator, NoFeasibleLambda, search_lambda
-    from taskvec.search_run import SuiteMetrics, control_rows
+    from taskvec.search_run import SuiteMetrics, control_sets
     from taskvec.suite import Suite, write_curve
 
     from pipeline.portable import lineage
@@ -101,9 +101,10 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
     plan = p.edit
     tasks = plan.eval_tasks()
     split = p.search.split
-    suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32, task_rows=control_rows(p.search, plan.control, split))
+    where, sets = control_sets(p.search, plan.control, split)
+    suite = Suite.load(p.base, tasks, p, splits=(split,), dtype=torch.float32, **sets)
     tau = load_tau(vector, suite.encoder)
-    measure = SuiteMetrics(suite, split, tasks, plan.control)
+    measure = SuiteMetrics(suite, split, tasks, plan.control, control_split=where)
     base_acc = measure.base
     ft_acc: dict[str, float] = {}
     for t in plan.target_tasks():
@@ -147,7 +148,7 @@ def main(params_file: str | os.PathLike = P.DEFAULT_PARAMS) -> dict:
         "strategy": p.search.strategy,
         "split": split,
         "vector_sha256": _sha(vector),
-        "data": lineage(p, suite.lineage(split)),
+        "data": lineage(p, suite.lineage(split) | suite.lineage(where)),
     }
     result |= extra
     with atomic_dir(out) as tmp:
