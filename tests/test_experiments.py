@@ -89,7 +89,8 @@ def test_benchmark_command_writes_a_paper_json_that_validates_against_the_schema
     # the analogy's recovered fraction is judged only where every seed defines it (a supervised gain ≠ 0)
     assert ("analogy" in paper["goals"]) == isinstance(paper["analogy"]["recovered_fraction"], float)
     md = (out / "results.md").read_text()
-    assert " ± " in md and "## Goals" in md
+    assert " ± " in md and "## Goals" in md and "(control: ≤ 2000 rows of validation)" in md
+    assert "Wall time per seed 0: " in md and ", 2: " in md  # each seed's run, not the summary's own seconds
     # the summary can be rebuilt from the seed runs without running anything
     (out / "paper.json").unlink()
     with pytest.raises(SystemExit):
@@ -109,6 +110,7 @@ def test_benchmark_command_writes_a_paper_json_that_validates_against_the_schema
     assert merged["budget"]["search"]["control_splits"] == ["validation", "train"] and merged["complete"] is True
     control = json.loads((tmp_path / "neg" / "seed-0" / "results.json").read_text())["meta"]["data"]["control"]["ctrl"]
     assert control["split"] == "validation+train" and control["rows_used"] == 64
+    assert "(control: ≤ 2000 rows of validation + train)" in (tmp_path / "neg" / "results.md").read_text()
     assert {"negation/senti", "addition/sum", "analogy"} & set(merged["goals"]) >= {"negation/senti", "addition/sum"}
     # refused in one line, the committed file untouched: no --paper-json, other seeds, nothing to keep
     before = committed.read_text()

@@ -137,7 +137,7 @@ def run_benchmark(
     if not paper["complete"]:
         paper["note"] = f"partial result: {len(runs)} seed(s){', without ' + ', '.join(missing) if missing else ''}{', --quick budget' if quick else ''}; budget below"
     means = mean_tree([{k: v for k, v in r.items() if k != "meta"} for r in runs.values()])
-    means["meta"] = next(iter(runs.values()))["meta"] | {"seconds": paper["seconds"], "seeds": list(params.bench.seeds)}
+    means["meta"] = next(iter(runs.values()))["meta"] | {"seconds": paper["seconds"], "seconds_per_seed": paper["seconds_per_seed"], "seeds": list(params.bench.seeds)}
     text = json.dumps(paper, indent=2, default=float) + "\n"
     publish = [(out / "paper.json", text), (out / "results.json", json.dumps({"paper": paper, "seeds": runs}, indent=2, default=float) + "\n")]
     publish.append((out / "results.md", render_markdown(means, paper)))

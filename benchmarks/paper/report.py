@@ -33,6 +33,21 @@ def _lam(row: dict) -> str:
     return _ci(row, "lambda", scale=1) if isinstance(lam, float) else str(lam)
 
 
+def _control_rows(meta: dict) -> str:
+    """The negation control's rows: a cap (or all) of which splits."""
+    cap = meta["eval_rows"].get("control_validation")
+    splits = meta["search"].get("control_splits") or ["validation"]
+    return f"{'all' if cap is None else f'≤ {cap}'} rows of {' + '.join(splits)}"
+
+
+def _wall(meta: dict) -> str:
+    """The run's wall time; for a summary of seed runs (``--aggregate``), each seed's."""
+    per_seed = meta.get("seconds_per_seed")
+    if per_seed:
+        return "per seed " + ", ".join(f"{seed}: {sec / 60:.1f} min" for seed, sec in per_seed.items())
+    return f"{meta['seconds'] / 60:.1f} min"
+
+
 def render_markdown(results: dict, paper: dict | None = None) -> str:
     """The results table: every number a mean over seeds ± its 95% t-interval (test accuracy, %)."""
     lines: list[str] = []
@@ -42,10 +57,10 @@ def render_markdown(results: dict, paper: dict | None = None) -> str:
         "# Task arithmetic on all-MiniLM-L6-v2 — paper experiments",
         "",
         f"Base `{meta['base']}`; fine-tunes: {meta['train']['steps']} steps × batch {meta['train']['batch_size']}, lr {meta['train']['lr']:g}, max_length {meta['train']['max_length']}; "
-        f"rows: validation ≤ {meta['eval_rows']['validation']} (control ≤ {meta['eval_rows'].get('control_validation')}), test ≤ {meta['eval_rows']['test']} per task. "
+        f"rows: validation ≤ {meta['eval_rows']['validation']} (control: {_control_rows(meta)}), test ≤ {meta['eval_rows']['test']} per task. "
         f"λ on linspace({meta['search']['lambda_min']:g}, {meta['search']['lambda_max']:g}, {meta['search']['grid_points']}) by {meta['search']['strategy']} search on **validation**; "
         f"all numbers below are **test** accuracy (%), the mean over seeds {seeds} ± the half-width of a 95% Student-t interval over seeds. "
-        f"Wall time {meta['seconds'] / 60:.1f} min{' (--quick smoke budget: numbers are not meaningful)' if meta['quick'] else ''}.",
+        f"Wall time {_wall(meta)}{' (--quick smoke budget: numbers are not meaningful)' if meta['quick'] else ''}.",
         "",
     ]
     if "negation" in results:
