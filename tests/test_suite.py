@@ -256,6 +256,12 @@ def test_benchmark_evaluation_and_gradient_ascent_use_the_policy(bench_params, i
     assert fake.fed["labels"] == spec.steps * len(spec.lrs)  # every training batch's labels came through to()
     assert [p["step"] for p in ga["probes"]] == [0, 2, 3]
     assert all(torch.equal(v, base[k]) for k, v in suite.encoder.state_dict().items())  # reset to the base
+    # lr 0 leaves the weights as they are: no probe beats the base, which is kept and reported without an lr
+    kept = gradient_ascent(suite, bench_params, "senti", "ctrl", spec.model_copy(update={"lrs": [0.0]}), measure, control_constraint(["ctrl"], measure.base, 100.0), 0, log=lambda m: None)
+    assert kept["steps"] == 0 and kept["lr"] is None and kept["validation"]["senti"] == measure.base["senti"]
+    from benchmarks.paper.report import _lam
+
+    assert _lam({"lr": [1e-05, None, 1e-05], "steps": 6.7, "steps_ci95": 1.2}) == "lr 1e-05, – (base kept), 1e-05, 6.7 ± 1.2 steps"
     gen = torch.Generator().manual_seed(0)
     tau = {n: torch.randn(t.shape, generator=gen) * 0.1 for n, t in base.items() if n.startswith("encoder.layer.0")}
     res = search(suite, bench_params, tau, "negation", ["senti"], controls=["ctrl"], sign=-1.0, curve_dir=tmp_path / "curve", log=lambda m: None)

@@ -81,7 +81,7 @@ def gradient_ascent(
     test = suite.accuracies("test", [target, control])
     val = {target: best[0], control: next(p[control] for p in probes if p["step"] == best[1] and p["lr"] == best[2])}
     suite.reset()
-    return {"lr": best[2], "steps": best[1], "validation": val, "test": test, "probes": probes}
+    return {"lr": best[2] if best[1] else None, "steps": best[1], "validation": val, "test": test, "probes": probes}  # lr None: the base was kept
 
 
 def run_negation(suite: Suite, taus: Mapping[str, dict], params: ExperimentParams, out: Path, log) -> dict:

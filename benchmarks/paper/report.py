@@ -24,7 +24,7 @@ def _lam(row: dict) -> str:
     if row.get("steps") is not None:
         lr = row["lr"]
         lr = lr if isinstance(lr, list) else [lr]
-        return f"lr {', '.join(f'{v:g}' for v in lr)}, {_ci(row, 'steps', scale=1)} steps"
+        return f"lr {', '.join('– (base kept)' if v is None else f'{v:g}' for v in lr)}, {_ci(row, 'steps', scale=1)} steps"
     lam = row.get("lambda")
     if lam is None:
         return "–"
