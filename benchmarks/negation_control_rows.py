@@ -7,8 +7,9 @@ bound of its paired drop, scored on agnews' 2,000 validation rows. This
 script fine-tunes τ_sst2 exactly as ``taskvec benchmark`` does for one seed
 (cached under ``--cache``), then, for a few λ, scores the control on
 validation alone and on validation + train (10,001 rows: the negated model
-never trains on agnews, so its train split is held-out data for it) and
-prints the drop and its bound for both. One seed, one command::
+never trains on agnews, so its train split is held-out data for it; the
+benchmark's ``search.control_splits`` eval set) and prints the drop and its
+bound for both. One seed, one command::
 
     .venv/bin/python benchmarks/negation_control_rows.py --seed 0      # ~10 min on 2 CPU cores
 
@@ -21,7 +22,6 @@ validation accuracy is 0.53 (base 0.635, chance 0.5).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -43,16 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from taskvec.search import ControlConstraint, drop_se_key
-    from taskvec.search_run import SuiteMetrics
+    from taskvec.search_run import SuiteMetrics, control_sets
     from taskvec.suite import Suite
 
     params = seed_params(load_experiment_params(args.config), args.seed)
     tau = load_tau(ensure_vector(params, "sst2", args.cache, print))
     control = params.bench.negation.control
-    suite = Suite.load(params.base, ["sst2", control], params, splits=("validation", "train"),
-                       task_rows={"validation": {control: None}, "train": {control: None, "sst2": 1}}, dtype=torch.float32, keep_base=True)
+    # the control on validation alone (as before search.control_splits) and on validation + train (its eval set "control")
+    union = params.search.model_copy(update={"control_splits": ["validation", "train"], "control_rows": None})
+    where, sets = control_sets(union, [control], "validation")
+    sets["task_rows"]["validation"] = {control: None}
+    suite = Suite.load(params.base, ["sst2", control], params, splits=("validation",), dtype=torch.float32, keep_base=True, **sets)
     target = SuiteMetrics(suite, "validation", ["sst2"])
-    parts = {s: SuiteMetrics(suite, s, [], [control]) for s in ("validation", "train")}
+    parts = {"validation": SuiteMetrics(suite, "validation", [], [control]), "validation + train": SuiteMetrics(suite, "validation", [], [control], control_split=where)}
     z = ControlConstraint({}, params.search.max_control_drop, params.search.control_confidence).z
     print(f"base: sst2 {target.base['sst2']:.3f} (validation, {params.eval.max_rows.get('validation')} rows); "
           + ", ".join(f"{control} {s} {m.base[control]:.4f}" for s, m in parts.items()))
@@ -61,14 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             ed.apply(-lam)
             sst2 = target()["sst2"]
             got = {s: m() for s, m in parts.items()}
-        rows = [(len(m._base_correct[control]), m.base[control] - got[s][control], got[s][drop_se_key(control)]) for s, m in parts.items()]
-        n = sum(r[0] for r in rows)
-        drop = sum(k * d for k, d, _ in rows) / n
-        se = math.sqrt(sum((k * e) ** 2 for k, _, e in rows)) / n
-        k, d, e = rows[0]
-        print(f"λ = {lam:g}: sst2 {sst2:.3f} | {control} validation ({k} rows): drop {100 * d:+.2f}, bound {100 * (d + z * e):+.2f}"
-              f" | validation + train ({n} rows): drop {100 * drop:+.2f}, bound {100 * (drop + z * se):+.2f}"
-              f" (limit {params.search.max_control_drop:g})", flush=True)
+        print(f"λ = {lam:g}: sst2 {sst2:.3f} | "
+              + " | ".join(f"{control} {s} ({len(m._base_correct[control])} rows): drop {100 * (m.base[control] - got[s][control]):+.2f}, "
+                           f"bound {100 * (m.base[control] - got[s][control] + z * got[s][drop_se_key(control)]):+.2f}" for s, m in parts.items())
+              + f" (limit {params.search.max_control_drop:g})", flush=True)
     return 0
 
 
