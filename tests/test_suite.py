@@ -270,6 +270,17 @@ def test_benchmark_evaluation_and_gradient_ascent_use_the_policy(bench_params, i
     assert json.loads((tmp_path / "curve" / "search.json").read_text())["best_lambda"] == res.best_lambda
 
 
+def test_a_suite_without_the_negation_control_loads_no_control_rows(bench_params):
+    """benchmarks/bench_analogy.py opens a suite of the analogy's target alone: the negation control's
+    rows of ``search.control_splits`` are not loaded (they were, and Suite.load refused them)."""
+    from benchmarks.paper.suite import open_suite
+
+    bench_params.search.control_splits = ["validation", "train"]
+    assert set(open_suite(bench_params, ["senti", "ctrl"]).sets) == {"validation", "test", "control"}
+    suite = open_suite(bench_params, ["senti"])
+    assert set(suite.sets) == {"validation", "test"} and set(suite.sets["validation"]) == {"senti"}
+
+
 def test_one_curve_writer_both_layouts(tmp_path):
     result = search_lambda(lambda lam: {"b": 0.5, "a": 0.9 - (lam - 0.3) ** 2}, addition_objective(["a"], {"a": 0.9}), SearchSpec())
     csv_path, png_path = write_curve(tmp_path, result, tasks=["a", "b"], score_column="objective", task_prefix="acc/")

@@ -17,9 +17,9 @@ from taskvec.suite import Suite
 def open_suite(params: ExperimentParams, tasks: Sequence[str]) -> Suite:
     """The base encoder loaded once (float32, on the harness's device), each task's frozen base head,
     validation and test eval sets, and the negation control's rows (``search.control_rows`` rows of
-    ``search.control_splits``, by default validation); keeps the base weights for :meth:`Suite.reset`.
+    ``search.control_splits``, by default validation) when the control is one of ``tasks``; keeps the base weights for :meth:`Suite.reset`.
     :func:`control_set` names the eval set the control's rows are in."""
-    controls = [params.bench.negation.control] if params.bench.negation else []
+    controls = [params.bench.negation.control] if params.bench.negation and params.bench.negation.control in tasks else []
     _, sets = control_sets(params.search, controls, "validation")
     return Suite.load(params.base, tasks, params, splits=("validation", "test"), dtype=torch.float32, keep_base=True, **sets)
 
