@@ -157,6 +157,14 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     mlm_probability: float = Field(default=0.15, gt=0, lt=1)
+    # mlm tasks on an encoder that ships no MLM head (all-MiniLM-L6-v2): first fit the fresh head alone,
+    # encoder frozen, for this many steps at mlm_head_lr, so the encoder's steps (and its task vector)
+    # adapt it to the text instead of to a random head; 0 = train everything from the first step
+    mlm_head_steps: int = Field(default=0, ge=0)
+    mlm_head_lr: float = Field(default=1e-3, gt=0)
+    # tied: the MLM decoder is the word-embedding matrix (BERT's layout), so its output-side updates land in
+    # the encoder's embeddings and its task vector; copy: it starts as a copy and is discarded with the head
+    mlm_decoder: Literal["tied", "copy"] = "tied"
     seed: int = 0
     # lora: train a peft LoRA adapter on the encoder (classification tasks; needs taskvec[lora]);
     # the merged encoder is saved as usual and the adapter beside it in adapter/

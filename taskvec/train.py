@@ -13,6 +13,10 @@ so ``taskvec extract BASE FINETUNED`` diffs the two folders directly:
   such as all-MiniLM-L6-v2 ship no MLM head, so transformers initialises one
   (seeded); it is discarded after training. Tensors the MLM model lacks (e.g.
   BERT's pooler) keep the base values, so their task-vector entries are zero.
+  ``train.mlm_decoder: copy`` unties the head's decoder from the word
+  embeddings (a copy, discarded with the head), so the output layer's updates
+  stay out of the vector; ``train.mlm_head_steps`` first fits the fresh head
+  alone (encoder frozen; logged as steps ≤ 0) at ``train.mlm_head_lr``.
 
 Training is seeded (``transformers.set_seed``; data order, masking and head
 init follow ``TrainSpec.seed``) and runs on the harness's device policy
@@ -238,13 +242,29 @@ def _finetune_mlm(base_path: Path, split: Split, train: TrainSpec, tmp: Path, pr
     base_hash = state_hash(encoder)
     if tokenizer.mask_token is None:
         raise TaskvecError(f"cannot fine-tune {base_path} as a masked language model: its tokenizer has no mask token")
-    mlm = AutoModelForMaskedLM.from_pretrained(base_path, dtype=torch.float32)
+    untie = train.mlm_decoder == "copy"
+    mlm = AutoModelForMaskedLM.from_pretrained(base_path, dtype=torch.float32, **({"tie_word_embeddings": False} if untie else {}))
+    if untie:  # the decoder starts as the word embeddings but is its own weight, discarded with the head
+        with torch.no_grad():
+            mlm.get_output_embeddings().weight.copy_(mlm.get_input_embeddings().weight)
     start, base_state = mlm.base_model.state_dict(), encoder.state_dict()
     if any(name not in base_state or not torch.equal(t, base_state[name]) for name, t in start.items()):
         raise TaskvecError(f"the masked-LM model of {base_path} does not start from the base encoder's weights")
     rows = _tokenize(training_rows(split, train), tokenizer, train.max_length)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=train.mlm_probability, seed=train.seed)
-    losses = _run_trainer(mlm, rows, tokenizer, collator, train, tmp, progress)
+    losses = []
+    if train.mlm_head_steps:  # fit the fresh head alone first: the encoder (and the tied decoder) stays frozen
+        head = TrainSpec.model_validate(train.model_dump() | {"steps": train.mlm_head_steps, "lr": train.mlm_head_lr, "weight_decay": 0.0})
+        frozen = [p for p in mlm.base_model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        head_rows = _tokenize(training_rows(split, head), tokenizer, train.max_length)
+        losses = [(step - train.mlm_head_steps, loss) for step, loss in _run_trainer(mlm, head_rows, tokenizer, collator, head, tmp, progress)]
+        for p in frozen:
+            p.requires_grad_(True)
+        if any(not torch.equal(t, base_state[name]) for name, t in mlm.base_model.state_dict().items() if name in base_state):
+            raise TaskvecError("the MLM head warm-up moved encoder weights")  # a tied weight outside base_model would
+    losses += _run_trainer(mlm, rows, tokenizer, collator, train, tmp, progress)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)  # names checked above
     _check_finite(encoder, losses, split.task, train)
     encoder.save_pretrained(tmp, safe_serialization=True)

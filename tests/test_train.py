@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from taskvec.data import load_split
 from taskvec.errors import TaskvecError
 from taskvec.heads import EncoderClassifier, load_encoder, load_head
 from taskvec.train import finetune, training_rows
-from tests.conftest_tasks import data_dir, params, tiny_model, write_csv  # noqa: F401 - fixtures
+from tests.conftest_tasks import data_dir, make_tokenizer, params, tiny_model, write_csv  # noqa: F401 - fixtures
 
 
 def tensors(folder):
@@ -101,3 +102,31 @@ def test_diverging_finetune_is_refused_and_writes_nothing(params, tmp_path):
     assert "task senti: the fine-tune diverged (non-finite weights in" in str(err.value) and "lower train.lr (now 1e+06)" in str(err.value)
     assert "\n" not in str(err.value)
     assert list((tmp_path / "out").iterdir()) == []  # neither the folder nor its temporary sibling
+
+
+def test_mlm_decoder_copy_keeps_the_output_layer_out_of_the_vector(params, tmp_path):
+    """A tied decoder (BERT's layout) moves every word embedding through the output softmax, so the task vector
+    holds the output layer's updates; ``mlm_decoder: copy`` trains a copy that is discarded with the head, and
+    a token that never occurs in the text ([UNK] here) keeps its input embedding up to weight decay."""
+    unk = make_tokenizer().convert_tokens_to_ids("[UNK]")
+    base = tensors(Path(params.base))["embeddings.word_embeddings.weight"][unk]
+
+    def moved(**train):
+        p = params.model_copy(update={"train": params.train.model_copy(update=train)})
+        out = finetune("senti_lm", p, tmp_path / str(train), steps=4, progress=False).out_dir
+        return float((tensors(out)["embeddings.word_embeddings.weight"][unk] - base).abs().max())
+
+    tied, copy = moved(mlm_decoder="tied"), moved(mlm_decoder="copy")
+    assert tied > 1e-3  # Adam steps of ~lr (1e-3) per step on every row
+    assert copy <= 4 * params.train.lr * params.train.weight_decay * float(base.abs().max()) + 1e-7  # decoupled weight decay only
+
+
+def test_mlm_head_warmup_trains_the_head_alone_first(params, tmp_path):
+    p = params.model_copy(update={"train": params.train.model_copy(update={"mlm_head_steps": 3, "mlm_head_lr": 1e-2})})
+    warm = finetune("senti_lm", p, tmp_path / "warm", steps=2, progress=False)
+    cold = finetune("senti_lm", params, tmp_path / "cold", steps=2, progress=False)
+    steps = [step for step, _ in warm.losses]
+    assert steps[0] == -2 and steps[-1] == 2 and all(s <= 0 for s in steps[: steps.index(0) + 1])  # head steps counted up to 0
+    assert warm.manifest["train"]["mlm_head_steps"] == 3
+    a, b = tensors(warm.out_dir), tensors(cold.out_dir)
+    assert not torch.equal(a["encoder.layer.0.attention.self.query.weight"], b["encoder.layer.0.attention.self.query.weight"])
