@@ -182,3 +182,10 @@ def test_committed_paper_json_is_a_complete_multi_seed_run_that_validates():
     assert paper["budget"]["rows"]["test"] == 2000
     add = paper["addition"]["methods"]
     assert set(add) >= {"sum", "ties", "dare", "dare_ties"} and all(0 < m["mean_normalized"] <= 1.2 and "mean_normalized_ci95" in m for m in add.values())
+
+
+def test_the_report_names_per_task_step_budgets():
+    from benchmarks.paper.report import _steps_override
+
+    assert _steps_override({"train_steps_override": {"yelp_lm": 600, "amazon_lm": 600, "sst2": 30}}) == " (sst2: 30 steps) (yelp_lm, amazon_lm: 600 steps)"
+    assert _steps_override({"train_steps_override": {}}) == "" and _steps_override({}) == ""

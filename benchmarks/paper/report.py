@@ -48,6 +48,14 @@ def _wall(meta: dict) -> str:
     return f"{meta['seconds'] / 60:.1f} min"
 
 
+def _steps_override(meta: dict) -> str:
+    """``bench.steps``' per-task budgets, e.g. " (yelp_lm, amazon_lm: 600 steps)"."""
+    by_steps: dict[int, list[str]] = {}
+    for task, steps in (meta.get("train_steps_override") or {}).items():
+        by_steps.setdefault(steps, []).append(task)
+    return "".join(f" ({', '.join(tasks)}: {steps} steps)" for steps, tasks in sorted(by_steps.items()))
+
+
 def render_markdown(results: dict, paper: dict | None = None) -> str:
     """The results table: every number a mean over seeds ± its 95% t-interval (test accuracy, %)."""
     lines: list[str] = []
@@ -56,7 +64,8 @@ def render_markdown(results: dict, paper: dict | None = None) -> str:
     lines += [
         "# Task arithmetic on all-MiniLM-L6-v2 — paper experiments",
         "",
-        f"Base `{meta['base']}`; fine-tunes: {meta['train']['steps']} steps × batch {meta['train']['batch_size']}, lr {meta['train']['lr']:g}, max_length {meta['train']['max_length']}; "
+        f"Base `{meta['base']}`; fine-tunes: {meta['train']['steps']} steps × batch {meta['train']['batch_size']}, lr {meta['train']['lr']:g}, max_length {meta['train']['max_length']}"
+        f"{_steps_override(meta)}; "
         f"rows: validation ≤ {meta['eval_rows']['validation']} (control: {_control_rows(meta)}), test ≤ {meta['eval_rows']['test']} per task. "
         f"λ on linspace({meta['search']['lambda_min']:g}, {meta['search']['lambda_max']:g}, {meta['search']['grid_points']}) by {meta['search']['strategy']} search on **validation**; "
         f"all numbers below are **test** accuracy (%), the mean over seeds {seeds} ± the half-width of a 95% Student-t interval over seeds. "
