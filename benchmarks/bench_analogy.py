@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.paper.spec import load_experiment_params
     from benchmarks.paper.suite import open_suite, search
     from benchmarks.paper.vectors import ensure_vector, global_norm, load_tau
+    from taskvec.inspection import inspect_vectors
 
     started = time.perf_counter()
 
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(params.bench.threads)
     a = params.bench.analogy
     cache = Path(args.out) / "cache"
-    taus = {t: load_tau(ensure_vector(params, t, cache, log)) for t in (a.target, a.source, a.target_lm, a.source_lm)}
+    paths = {t: ensure_vector(params, t, cache, log) for t in (a.target, a.source, a.target_lm, a.source_lm)}
+    taus = {t: load_tau(path) for t, path in paths.items()}
+    lm_cosine = inspect_vectors([paths[a.target_lm], paths[a.source_lm]])["cosine"][0][1]  # the MLM vectors: one value for every mlm variant
     suite = open_suite(params, [a.target])
     t = a.target
     base = suite.accuracies("test", [t])[t]
@@ -74,9 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             diff, how = domain_difference(spec, taus, params, cache, log)
             tau, scale = {k: taus[a.source][k] + diff[k] for k in diff}, how["scale"]
-            lm = [taus[a.target_lm], taus[a.source_lm]] if spec.domain_objective == "mlm" else None
             embeddings = global_norm({k: v for k, v in diff.items() if k.startswith("embeddings.")}) / scale
-            cos = sum(float((lm[0][k].float() * lm[1][k].float()).sum()) for k in lm[0]) / (global_norm(lm[0]) * global_norm(lm[1])) if lm else float("nan")
+            cos = lm_cosine if spec.domain_objective == "mlm" else float("nan")
             norms = f"{how['norm']['difference']:.1f} ({embeddings:.1f}) | {cos:.2f}"
         res = search(suite, params, tau, "addition", [t], reference=ft_val, label=name, log=log)
         test = suite.at(tau, res.best_lambda, "test", [t])[t]
