@@ -247,8 +247,12 @@ def _finetune_mlm(base_path: Path, split: Split, train: TrainSpec, tmp: Path, pr
     if untie:  # the decoder starts as the word embeddings but is its own weight, discarded with the head
         with torch.no_grad():
             mlm.get_output_embeddings().weight.copy_(mlm.get_input_embeddings().weight)
-    start, base_state = mlm.base_model.state_dict(), encoder.state_dict()
-    if any(name not in base_state or not torch.equal(t, base_state[name]) for name, t in start.items()):
+    base_state = encoder.state_dict()
+
+    def moved() -> bool:  # does the MLM model's encoder differ from the base encoder?
+        return any(name not in base_state or not torch.equal(t, base_state[name]) for name, t in mlm.base_model.state_dict().items())
+
+    if moved():
         raise TaskvecError(f"the masked-LM model of {base_path} does not start from the base encoder's weights")
     rows = _tokenize(training_rows(split, train), tokenizer, train.max_length)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=train.mlm_probability, seed=train.seed)
@@ -262,7 +266,7 @@ def _finetune_mlm(base_path: Path, split: Split, train: TrainSpec, tmp: Path, pr
         losses = [(step - train.mlm_head_steps, loss) for step, loss in _run_trainer(mlm, head_rows, tokenizer, collator, head, tmp, progress)]
         for p in frozen:
             p.requires_grad_(True)
-        if any(not torch.equal(t, base_state[name]) for name, t in mlm.base_model.state_dict().items() if name in base_state):
+        if moved():
             raise TaskvecError("the MLM head warm-up moved encoder weights")  # a tied weight outside base_model would
     losses += _run_trainer(mlm, rows, tokenizer, collator, train, tmp, progress)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)  # names checked above
