@@ -15,7 +15,7 @@ from taskvec import algebra
 from taskvec.errors import TaskvecError
 from taskvec.io import check_output
 from taskvec.streaming import progress_bar as _progress
-from taskvec.streaming import single_threaded
+from taskvec.streaming import check_fits, single_threaded
 from taskvec.vector import VectorFile, VectorHeader, VectorWriter, write_sparse_vector
 
 
@@ -74,6 +74,7 @@ def compress(
                         approx = algebra.dare(tau, drop, algebra.tensor_seed(seed, 0, name))
                     else:
                         approx = tau
+                    check_fits(approx, dtype, f"compressed tensor {name!r}", "keep float32: drop --dtype" if drop is None else "keep float32, or use a smaller --drop")
                     approx = approx.to(dtype).to(torch.float32)
                     if writer:
                         writer.write(name, approx)

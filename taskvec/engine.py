@@ -217,7 +217,7 @@ def _extract_stream(b: TensorSource, side, dest: Path, header: VectorHeader, sel
                     base32 = raw if raw.dtype == torch.float32 else scratch_f32(scratch, "base/f32", stop - start).copy_(raw)
                     tau = out if out.dtype == torch.float32 else scratch_f32(scratch, "tau", stop - start)
                     side.tau_into(name, start, stop, base32, tau, scratch)
-                    check_result(tau, name, [("base model", lambda: b.read(name)), *side.causes(name)], "task-vector")
+                    check_result(tau, name, [("base model", lambda: b.read(name)), *side.causes(name)], "task-vector", out.dtype, "store the vector in float32: --dtype float32")
                     return tau
 
                 stream_tensor(sink, name, code, info.shape, header.dtype, produce)
@@ -313,7 +313,7 @@ def combine(
 
                     def produce(start, stop, out, name=name, chunk_of=chunk_of):
                         chunk = chunk_of(start, stop)
-                        check_result(chunk, name, _vector_causes(vfs, name), "combined")
+                        check_result(chunk, name, _vector_causes(vfs, name), "combined", out.dtype, "write it as float32 with --dtype float32, or use smaller λ")
                         return chunk
 
                     stream_tensor(sink, name, code, shape, dtype, produce)

@@ -80,13 +80,36 @@ def check_finite(t: torch.Tensor, what: str, name: str) -> None:
         raise TaskvecError(f"{what} has NaN or Inf values in tensor {name!r}")
 
 
-def check_result(t: torch.Tensor, name: str, inputs: Sequence[tuple[str, Callable[[], torch.Tensor]]], what: str) -> None:
-    """A non-finite result names its cause: the first non-finite input, or an overflow."""
-    if all_finite(t):
+def fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """No NaN/Inf in the float32 ``t``, and none made by rounding it to ``dtype``.
+
+    float32 outputs need only :func:`all_finite`. A float16 output overflows
+    from |x| ≥ 65520 while float32 holds it, so narrower outputs are checked
+    by the extremes: rounding is monotonic, so if the minimum and maximum
+    round to finite values, every element does (one ``aminmax`` pass, which
+    propagates NaN).
+    """
+    if dtype.itemsize >= t.dtype.itemsize or t.numel() == 0:
+        return all_finite(t)
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(torch.stack([lo, hi]).to(dtype)).all())
+
+
+def check_result(t: torch.Tensor, name: str, inputs: Sequence[tuple[str, Callable[[], torch.Tensor]]], what: str, dtype: torch.dtype = torch.float32, fix: str = "use smaller λ") -> None:
+    """A non-finite result names its cause: the first non-finite input, an overflow of float32, or of the output ``dtype`` (``fix`` says what to do)."""
+    if fits(t, dtype):
         return
     for label, read in inputs:
         check_finite(read(), label, name)
+    check_fits(t, dtype, f"{what} tensor {name!r}", fix)
     raise TaskvecError(f"{what} tensor {name!r} overflows float32 (are the λ too large?)")
+
+
+def check_fits(t: torch.Tensor, dtype: torch.dtype, what: str, fix: str) -> None:
+    """Refuse a finite float32 ``t`` whose values are beyond ``dtype``'s range (they would be stored as ±Inf)."""
+    if dtype.itemsize < t.dtype.itemsize and all_finite(t) and not fits(t, dtype):
+        name = str(dtype).removeprefix("torch.")
+        raise TaskvecError(f"{what} does not fit {name}: it reaches {t.abs().max().item():.6g}, beyond {name}'s largest value {torch.finfo(dtype).max:.6g} ({fix})")
 
 
 class WriteBehind:
@@ -275,7 +298,7 @@ class ModelStream:
 
                         def produce(start, stop, out, name=spec.name, compute=compute):
                             new = compute(start, stop, out, self._base32(name, start, stop, out))
-                            check_result(new, name, [("base model", lambda: b.read(name)), *self.causes(name)], "edited")
+                            check_result(new, name, [("base model", lambda: b.read(name)), *self.causes(name)], "edited", out.dtype)
                             return new
 
                     else:

@@ -351,6 +351,52 @@ def _(ctx):
     return _apply(ctx, ctx.base, f"{ctx.copy_vector('huge.safetensors', edit)}:2")
 
 
+def _half_pair(ctx: Ctx, dtype: torch.dtype, base_value: float, ft_value: float) -> tuple[Path, Path]:
+    """The base and first fine-tune cast to ``dtype``, one element of one tensor set to the given values."""
+    out = []
+    for src, name, value in ((ctx.base, "hb", base_value), (ctx.ft1, "hf", ft_value)):
+        w = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ctx.weights(src).items()}
+        key = sorted(k for k, v in w.items() if v.is_floating_point())[3]
+        w[key].view(-1)[0] = value
+        out.append(ctx.model(name, w))
+    return out[0], out[1]
+
+
+def _merge_half(ctx: Ctx, dtype: torch.dtype, base_value: float, ft_value: float, lam: float) -> Invocation:
+    base, ft = _half_pair(ctx, dtype, base_value, ft_value)
+    return Invocation(["merge", str(base), f"{ft}:{lam}", "-o", str(ctx.tmp / "out")], outputs=[ctx.tmp / "out"])
+
+
+# a result float32 holds but the output's dtype cannot (float16's largest value is 65504): stored
+# as Inf before this check. 60000 + 3 x (65000 - 60000) = 75000; bfloat16 overflows only near 3.4e38
+case("merge-result-beyond-float16", "does not fit float16: it reaches 74976", lambda ctx: _merge_half(ctx, torch.float16, 60000.0, 65000.0, 3))
+# 2^127 + 1.999 x 2^126 = 1.9995 x 2^127: below float32's largest value (1.99999994 x 2^127), above the
+# point where bfloat16 rounds to Inf ((2 - 2^-8) x 2^127)
+case("merge-result-beyond-bfloat16", "does not fit bfloat16: it reaches 3.40", lambda ctx: _merge_half(ctx, torch.bfloat16, 2.0**127, 2.0**127 + 2.0**126, 1.999))
+case("extract-vector-beyond-float16", "does not fit float16: it reaches 80000", lambda ctx: _extract(ctx, *_half_pair(ctx, torch.float32, -40000.0, 40000.0), "--dtype", "float16"))
+
+
+@case("combine-result-beyond-float16", "combined tensor")
+def _(ctx):
+    def edit(t, m):
+        k = json.loads(m["taskvec.names"])[0]
+        t[k] = t[k].clone()
+        t[k].view(-1)[0] = 40000.0  # fits float16 alone; 2 x 40000 does not
+
+    return _combine(ctx, f"{ctx.copy_vector('big.safetensors', edit)}:2", extra=["--dtype", "float16"])
+
+
+@case("compress-beyond-float16", "compressed tensor")
+def _(ctx):
+    def edit(t, m):
+        k = json.loads(m["taskvec.names"])[0]
+        t[k] = t[k].clone()
+        t[k].view(-1)[0] = 1e6
+
+    out = ctx.tmp / "s.safetensors"
+    return Invocation(["compress", str(ctx.copy_vector("big.safetensors", edit)), "--dtype", "float16", "-o", str(out)], outputs=[out])
+
+
 case("lambda-beyond-float32", "lambda", lambda ctx: _apply(ctx, ctx.base, f"{ctx.v1}:1e300"))  # finite as a Python float, not as a float32
 @case("empty-vector-file", "empty task vector")
 def _(ctx):

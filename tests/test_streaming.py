@@ -144,3 +144,24 @@ def test_write_error_on_the_writer_thread_reaches_the_caller(tiny_models, tmp_pa
     with pytest.raises(TaskvecError, match="No space left on device"):
         engine.merge(base, [(ft1, 1.0)], tmp_path / "m")
     assert not (tmp_path / "m").exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fits", "overflows"),
+    [
+        # float16's largest value is 65504; halfway to the next power of two (65520) rounds to Inf
+        (torch.float16, 65519.0, 65520.0),
+        # bfloat16's largest is (2 - 2^-7) x 2^127; from (2 - 2^-8) x 2^127 it rounds to Inf
+        (torch.bfloat16, 3.3961e38, 3.3962e38),
+    ],
+)
+def test_fits_is_exactly_whether_rounding_to_the_dtype_stays_finite(dtype, fits, overflows):
+    for sign in (1.0, -1.0):
+        ok = torch.tensor([0.5, sign * fits, 1.0])
+        bad = torch.tensor([0.5, sign * overflows, 1.0])
+        assert torch.isfinite(ok.to(dtype)).all() and streaming.fits(ok, dtype)
+        assert not torch.isfinite(bad.to(dtype)).all() and not streaming.fits(bad, dtype)
+        assert streaming.fits(bad, torch.float32)  # float32 holds it
+    nan = torch.tensor([0.5, float("nan")])
+    assert not streaming.fits(nan, torch.float16) and not streaming.fits(nan, torch.float32)
+    assert streaming.fits(torch.empty(0), torch.float16)
