@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from benchmarks.paper.spec import ExperimentParams
+from benchmarks.paper.stats import ADAMERGING, PER_TASK
 from taskvec.adamerging import adamerge_suite, edit_delta
 from taskvec.coefficients import per_task_search, suite_evaluator
 from taskvec.search import addition_objective
@@ -46,7 +47,7 @@ def run_learned(
             res = per_task_search(suite_evaluator(suite, taus, "validation", tasks), len(taus), objective, spec, labels=list(tasks), start=origin)
             lambdas = res.details["lambdas"]
             test = suite_evaluator(suite, taus, "test", tasks)(tuple(lambdas[t] for t in tasks))
-            out_rows["per-task λ"] = {"lambda": res.best_lambda, "lambdas": lambdas, "validation": res.best_metrics, "test": test}
+            out_rows[PER_TASK] = {"lambda": res.best_lambda, "lambdas": lambdas, "validation": res.best_metrics, "test": test}
             records["per_task"] = res.to_dict()
             log(f"[learned] per-task λ {lambdas} (val score {res.best_score:.4f}, test {test}, {len(res.evaluations)} evals, {time.perf_counter() - started:.0f}s)")
         else:
@@ -55,7 +56,7 @@ def run_learned(
             with suite.editor(edit_delta(taus, res.coefficients, res.groups, spec.granularity)) as editor:
                 editor.apply(1.0)
                 val, test = suite.accuracies("validation", tasks), suite.accuracies("test", tasks)
-            out_rows["AdaMerging (layer-wise)" if spec.granularity == "layer" else "AdaMerging (task-wise)"] = {
+            out_rows[ADAMERGING[spec.granularity]] = {
                 "lambda": float(res.coefficients.mean()),
                 "coefficients": res.table(),
                 "validation": val,
