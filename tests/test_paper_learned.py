@@ -68,15 +68,15 @@ def test_the_learned_coefficients_goal_is_judged_on_the_best_learned_row():
 
 
 def test_the_goals_table_says_a_statement_goal_is_stated():
+    import json
+    from pathlib import Path
+
     from benchmarks.paper.report import render_markdown
 
     paper = {"goals": {
         "addition/best_variant": {"goal": "the best variant's advantage", "method": "ties", "advantage": 0.01, "advantage_ci95": 0.02, "significant": False},
         "addition/learned": {"goal": "learned beat λ by ≥ 2", "method": "per-task λ", "advantage": 0.01, "advantage_ci95": 0.02, "met": False},
     }}
-    import json
-    from pathlib import Path
-
     # a real run's results (the committed seed-2 negation) under the goals above
     results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/negation-control-splits-seed2.json").read_text())
     md = render_markdown(results, paper)

@@ -311,8 +311,11 @@ def _(ctx):
 # Engine: values (NaN/Inf, empty)
 
 
-def _poison(ctx: Ctx, src: Path, name: str, value: float) -> Path:
+def _poison(ctx: Ctx, src: Path, name: str, value: float, dtype: torch.dtype | None = None) -> Path:
+    """A copy of model ``src`` (its floating tensors cast to ``dtype``, if given) with one element set to ``value``."""
     w = ctx.weights(src)
+    if dtype is not None:
+        w = {k: v.to(dtype) if v.is_floating_point() else v for k, v in w.items()}
     key = sorted(k for k, v in w.items() if v.is_floating_point())[3]
     w[key] = w[key].clone()
     w[key].view(-1)[0] = value
@@ -352,14 +355,8 @@ def _(ctx):
 
 
 def _half_pair(ctx: Ctx, dtype: torch.dtype, base_value: float, ft_value: float) -> tuple[Path, Path]:
-    """The base and first fine-tune cast to ``dtype``, one element of one tensor set to the given values."""
-    out = []
-    for src, name, value in ((ctx.base, "hb", base_value), (ctx.ft1, "hf", ft_value)):
-        w = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ctx.weights(src).items()}
-        key = sorted(k for k, v in w.items() if v.is_floating_point())[3]
-        w[key].view(-1)[0] = value
-        out.append(ctx.model(name, w))
-    return out[0], out[1]
+    """The base and first fine-tune cast to ``dtype``, the same element of each set to the given values."""
+    return _poison(ctx, ctx.base, "hb", base_value, dtype), _poison(ctx, ctx.ft1, "hf", ft_value, dtype)
 
 
 def _merge_half(ctx: Ctx, dtype: torch.dtype, base_value: float, ft_value: float, lam: float) -> Invocation:
