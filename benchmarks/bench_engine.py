@@ -207,7 +207,7 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
         f"  - model: {dirs['ft2']}\n    parameters:\n      weight: 1.0\n"
         f"dtype: {dtype}\n"
     )
-    out_mk, out_tv, out_x = runs / "merged-mergekit", runs / "merged-taskvec", runs / "other"
+    out_mk, out_tv, out_tt, out_x = runs / "merged-mergekit", runs / "merged-taskvec", runs / "merged-torch-path", runs / "other"
     inputs = [dirs[k] / "model.safetensors" for k in ("base", "ft1", "ft2")]
     merge = [*tv, "merge", str(dirs["base"]), f"{dirs['ft1']}:1", f"{dirs['ft2']}:1", "-q"]
     core = {
@@ -215,6 +215,7 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
         "floor": [sys.executable, "-c", FLOOR_SNIPPET, str(runs / "floor.out"), "plain", *map(str, inputs)],
         "lean floor": [sys.executable, "-c", FLOOR_SNIPPET, str(runs / "floor.out"), "lean", *map(str, inputs)],
         "taskvec merge": [*merge, "-o", str(out_tv)],
+        "torch path": [*merge, "-o", str(out_tt)],  # the same command without the fused kernel (TASKVEC_KERNELS=0)
         "mergekit": [str(BENCH_VENV / "bin" / "mergekit-yaml"), str(mk_cfg), str(out_mk), "--no-cuda", "--lazy-unpickle", "--no-copy-tokenizer", "--quiet"],
     }
     others = {
@@ -224,7 +225,8 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
         "merge ties": [*merge, "--method", "ties", "--density", "0.2", "-o", str(out_x)],
         "merge dare": [*merge, "--method", "dare", "--drop", "0.5", "--seed", "1", "-o", str(out_x)],
     }
-    cleanup = {"floor": [runs / "floor.out"], "lean floor": [runs / "floor.out"], "taskvec merge": [out_tv], "mergekit": [out_mk], "extract": [v1], "apply": [out_x], "combine ties": [vt], "merge ties": [out_x], "merge dare": [out_x]}
+    envs = {"torch path": {**env, "TASKVEC_KERNELS": "0"}}
+    cleanup = {"floor": [runs / "floor.out"], "lean floor": [runs / "floor.out"], "taskvec merge": [out_tv], "torch path": [out_tt], "mergekit": [out_mk], "extract": [v1], "apply": [out_x], "combine ties": [vt], "merge ties": [out_x], "merge dare": [out_x]}
     working_set = 4 * model["bytes_per_model"]
     available = mem_available()
     disk_bound = working_set > available
@@ -241,11 +243,14 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
         for key in keys[i % len(keys):] + keys[: i % len(keys)]:
             cmd = core[key]
             warm(inputs)
-            s = run_child(cmd, env, cleanup.get(key, []))
+            s = run_child(cmd, envs.get(key, env), cleanup.get(key, []))
             samples[key].append(s)
             print(f"  [{i + 1}/{repeats}] {key:<14} {s['wall_s']:7.2f} s  {s['maxrss'] / MIB:8,.0f} MiB", flush=True)
     diff = compare(out_tv, out_mk)["max_abs_diff"] if check else None
-    for p in (out_tv, out_mk, runs / "floor.out"):
+    torch_diff = compare(out_tv, out_tt)["max_abs_diff"]  # the kernel's bits are the torch path's: 0
+    if torch_diff != 0:
+        raise SystemExit(f"taskvec merge with and without the fused kernel differ by {torch_diff} ({dtype} {size_gb} GB)")
+    for p in (out_tv, out_tt, out_mk, runs / "floor.out"):
         _remove(p)
     for key, cmd in ((k, c) for k, c in others.items() if k.replace(" ", "-") in paths):
         warm(inputs if key != "combine ties" else [v1, v2])
@@ -273,10 +278,13 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
         "ratios": {
             "floor": median["taskvec merge"]["wall_s"] / median["floor"]["wall_s"],
             "lean_floor": median["taskvec merge"]["wall_s"] / median["lean floor"]["wall_s"],
+            "torch_path": median["taskvec merge"]["wall_s"] / median["torch path"]["wall_s"],
+            "torch_path_floor": median["torch path"]["wall_s"] / median["floor"]["wall_s"],
             "mergekit": median["taskvec merge"]["wall_s"] / median["mergekit"]["wall_s"],
             "mergekit_paired": statistics.median(t["wall_s"] / m["wall_s"] for t, m in zip(samples["taskvec merge"], samples["mergekit"])),
         },
         "max_abs_diff_vs_mergekit": diff,
+        "max_abs_diff_vs_torch_path": torch_diff,
     }
     if not keep:
         shutil.rmtree(case_root, ignore_errors=True)
@@ -312,17 +320,19 @@ def render(results: list[dict], meta: dict) -> str:
         "Floor = interpreter with torch + reading the three inputs + writing one model-sized output; "
         "lean floor = the same, exiting as the taskvec CLI does (objects frozen first, no shutdown collection). "
         "Wall = median over the repeats; RSS above baseline = peak RSS minus that of `python -c 'import taskvec.engine, torch'`. "
-        "Bound = 2 × largest tensor (stored bytes) + 300 MB.",
+        "Bound = 2 × largest tensor (stored bytes) + 300 MB. "
+        f"Torch path = the same `taskvec merge` with `TASKVEC_KERNELS=0` (no fused kernel; bit-identical output, checked){'' if meta.get('kernel', True) else ' — the kernel was NOT built, so both rows ran the torch path'}.",
         "",
-        "| model | dtype | largest tensor | floor | lean floor | taskvec merge | mergekit 0.1.5 | taskvec ÷ floor | taskvec ÷ lean floor | taskvec ÷ mergekit | taskvec RSS above baseline | bound | mergekit RSS | max \\|Δ\\| vs mergekit | page cache |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | dtype | largest tensor | floor | lean floor | taskvec merge | torch path | mergekit 0.1.5 | taskvec ÷ floor | taskvec ÷ lean floor | torch path ÷ floor | taskvec ÷ mergekit | taskvec RSS above baseline | bound | mergekit RSS | max \\|Δ\\| vs mergekit | page cache |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         m, model = r["median"], r["model"]
         diff = "—" if r["max_abs_diff_vs_mergekit"] is None else f"{r['max_abs_diff_vs_mergekit']:.3g}"
         lines.append(
             f"{_case(r)} {model['largest_tensor']['bytes'] / MIB:,.1f} MiB | {m['floor']['wall_s']:.2f} s | {_s(m.get('lean floor'))} | "
-            f"{m['taskvec merge']['wall_s']:.2f} s | {m['mergekit']['wall_s']:.2f} s | {r['ratios']['floor']:.2f}× | {_x(r['ratios'].get('lean_floor'))} | {r['ratios']['mergekit']:.2f}× | "
+            f"{m['taskvec merge']['wall_s']:.2f} s | {_s(m.get('torch path'))} | {m['mergekit']['wall_s']:.2f} s | {r['ratios']['floor']:.2f}× | {_x(r['ratios'].get('lean_floor'))} | "
+            f"{_x(r['ratios'].get('torch_path_floor'))} | {r['ratios']['mergekit']:.2f}× | "
             f"{_mib(r['above_baseline']['taskvec merge'])} MiB | {_mib(r['bound'])} MiB | {_mib(m['mergekit']['maxrss'])} MiB | {diff} | "
             f"{'**disk-bound**' if r['disk_bound'] else 'warm'} |"
         )
@@ -378,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         "safetensors": safetensors.__version__, "taskvec": getattr(taskvec, "__version__", "?"),
         **{f"mergekit venv: {k}": v for k, v in ensure_mergekit().items()},
     }
-    meta = {"quick": args.quick, "host": f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem_available() / 1e9:.0f} GB memory available, {platform.system()} {platform.release()}", "versions": versions}
+    from taskvec import kernels
+
+    meta = {"kernel": kernels.built(), "quick": args.quick, "host": f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem_available() / 1e9:.0f} GB memory available, {platform.system()} {platform.release()}", "versions": versions}
     stem = "engine-quick" if args.quick else "engine"
     results = json.loads((OUT / f"{stem}.json").read_text())["results"] if args.append and (OUT / f"{stem}.json").is_file() else []
     for size, dtype in cases:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from taskvec import algebra, methods
+from taskvec import algebra, kernels, methods
 from taskvec.compress import compress
 from taskvec.errors import HomologyError, TaskvecError
 from taskvec.io import (
@@ -389,12 +389,13 @@ def apply(
             chunked = hasattr(options, "chunked")
 
             def make(name: str):
-                if options.method == "sum":  # θ + λ_1 τ_1 + λ_2 τ_2 …, in the output buffer
+                if options.method == "sum":  # ((θ + λ_1 τ_1) + λ_2 τ_2) …, each product rounded, in the output buffer
                     def compute(start, stop, out, acc):
                         for v, lam in zip(vfs, lambdas):
-                            acc.add_(v.read_range_float32(name, start, stop, scratch, "vector"), alpha=lam)
+                            acc.add_(v.read_range_float32(name, start, stop, scratch, "vector").mul_(lam))
                         return acc
 
+                    compute.fused = (kernels.APPLY, vfs, lambdas)  # the same operations in one pass
                     return compute
                 numel = _numel(ref.shape(name))
                 if chunked:
@@ -464,7 +465,7 @@ def merge(
             chunked = hasattr(options, "chunked")
 
             def make(name: str):
-                if options.method == "sum":  # Σ λ_t (θ_t − θ), then + θ (mergekit's order)
+                if options.method == "sum":  # Σ λ_t (θ_t − θ), then + θ (mergekit's order), each product rounded
                     def compute(start, stop, out, tb):
                         if out.dtype == torch.float32:  # the first fine-tune is read into the buffer written
                             acc = srcs[0].read_range_into(name, start, stop, out)
@@ -472,9 +473,10 @@ def merge(
                             acc = srcs[0].read_range_float32(name, start, stop, scratch, "acc")
                         acc.sub_(tb).mul_(lambdas[0])
                         for s, lam in zip(srcs[1:], lambdas[1:]):
-                            acc.add_(s.read_range_float32(name, start, stop, scratch, "ft").sub_(tb), alpha=lam)
+                            acc.add_(s.read_range_float32(name, start, stop, scratch, "ft").sub_(tb).mul_(lam))
                         return acc.add_(tb)
 
+                    compute.fused = (kernels.MERGE, srcs, lambdas)  # the same operations in one pass
                     return compute
                 base_chunk = Memo(lambda s, e: b.read_range_float32(name, s, e, scratch, "base/memo"))
 

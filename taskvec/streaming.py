@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from taskvec import kernels
 from taskvec.errors import TaskvecError
 from taskvec.io import ContentHasher, Scratch, ShardedWriter, TensorSource, TensorSpec, _tensor_bytes, atomic_dir, torch_dtype
 from taskvec.io.dtypes import CHUNK_BYTES, chunk_ranges, env_size
@@ -278,6 +279,37 @@ class ModelStream:
             self.base_hasher.feed(_tensor_bytes(raw))
         return raw if raw.dtype == torch.float32 else scratch_f32(self.scratch, "base/f32", stop - start).copy_(raw)
 
+    def _fused(self, name: str, dtype: torch.dtype, compute):
+        """``produce`` on the fused kernel when ``compute`` declares its sum (``compute.fused``) and every dtype has a kernel; else None.
+
+        The base is read into the output buffer (same dtype), each input into
+        scratch in its stored dtype, and :func:`kernels.combine` writes the
+        result over the base. A result the kernel flags (NaN/Inf, or beyond the
+        output dtype) is recomputed on the torch path, whose check names the cause.
+        """
+        spec = getattr(compute, "fused", None)
+        if spec is None:
+            return None
+        mode, inputs, lambdas = spec
+        if not kernels.supports(dtype, self.b.stored_dtype(name), *(src.stored_dtype(name) for src in inputs)):
+            return None
+        b, scratch = self.b, self.scratch
+        slots = [f"in{t}" for t in range(len(inputs))]
+
+        def produce(start, stop, out):
+            b.read_range_into(name, start, stop, out)
+            if self.base_hasher:
+                self.base_hasher.feed(_tensor_bytes(out))
+            xs = [src.read_range(name, start, stop, scratch, slot) for src, slot in zip(inputs, slots)]
+            if kernels.combine(mode, out, out, xs, lambdas):
+                return None
+            again = scratch.get("retry", out.nbytes)[: out.nbytes].view(out.dtype)  # ``out`` holds garbage now
+            new = compute(start, stop, again, b.read_range_float32(name, start, stop, scratch, "base/retry"))
+            check_result(new, name, [("base model", lambda: b.read(name)), *self.causes(name)], "edited", out.dtype)
+            raise AssertionError(f"the fused kernel refused tensor {name!r} [{start}:{stop}] but the torch path accepts it")
+
+        return produce
+
     def write(self, tmp: Path, max_shard_bytes: int, desc: str, progress: bool) -> tuple[ShardedWriter, str]:
         b = self.b
         names = sorted(b.names())
@@ -295,11 +327,14 @@ class ModelStream:
                         self.base_hasher.begin(spec.name, info.dtype, info.shape)
                     if spec.name in self.covered:
                         compute = self.make(spec.name)
-
-                        def produce(start, stop, out, name=spec.name, compute=compute):
-                            new = compute(start, stop, out, self._base32(name, start, stop, out))
-                            check_result(new, name, [("base model", lambda: b.read(name)), *self.causes(name)], "edited", out.dtype)
-                            return new
+                        fused = self._fused(spec.name, spec.dtype, compute)
+                        if fused:
+                            produce = fused
+                        else:
+                            def produce(start, stop, out, name=spec.name, compute=compute):
+                                new = compute(start, stop, out, self._base32(name, start, stop, out))
+                                check_result(new, name, [("base model", lambda: b.read(name)), *self.causes(name)], "edited", out.dtype)
+                                return new
 
                     else:
 

@@ -152,12 +152,12 @@ class WeightEditor:
 
     @torch.no_grad()
     def apply(self, lam: float) -> None:
-        """Write ``base + lam·τ`` into the module's tensors."""
+        """Write ``base + lam·τ`` into the module's tensors (the product rounded, then the sum: the bits ``taskvec apply`` writes)."""
         for name, target in self._targets.items():
             if target.dtype == torch.float32:  # write straight into the parameter, no temporary
-                torch.add(self._base[name], self._tau[name], alpha=lam, out=target)
+                torch.mul(self._tau[name], lam, out=target).add_(self._base[name])
             else:
-                target.copy_(torch.add(self._base[name], self._tau[name], alpha=lam))
+                target.copy_(torch.mul(self._tau[name], lam).add_(self._base[name]))
         self.lam = float(lam)
 
     @torch.no_grad()

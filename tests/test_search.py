@@ -108,7 +108,7 @@ def test_in_place_edits_restore_the_base_exactly(tiny_model, dtype):
             editor.apply(lam)
             state = encoder.state_dict()
             for name, delta in tau.items():
-                assert torch.equal(state[name], torch.add(before[name].float(), delta, alpha=lam).to(dtype))
+                assert torch.equal(state[name], (before[name].float() + delta * lam).to(dtype))  # the product rounded, then the sum: `taskvec apply`'s bits
             assert torch.equal(state["embeddings.word_embeddings.weight"], before["embeddings.word_embeddings.weight"])
     after = encoder.state_dict()
     assert all(torch.equal(after[name], before[name]) for name in before)
@@ -270,3 +270,29 @@ def test_search_command_applies_max_control_drop_with_the_paired_bound(tiny_mode
     assert saved["data"]["ctrl"]["rows_used"] == 32 and saved["data"]["senti"]["rows_used"] == 8  # controls get their own cap
     assert_bound_rule(saved, "ctrl", 0.5)
     assert saved["best_lambda"] in [e["lambda"] for e in saved["evaluations"] if e["feasible"]]
+
+
+def test_the_searched_edit_has_the_bits_taskvec_apply_writes(tiny_model, tmp_path):
+    """The λ search scores base + λ·τ in memory; the registered model is `taskvec apply`'s: the same bits."""
+    from pipeline.steps.search import load_tau
+    from taskvec import engine
+    from taskvec.io import TensorSource
+    from tests.conftest import perturb
+
+    for dtype in (torch.float32, torch.bfloat16):
+        root = tmp_path / str(dtype)
+        encoder, _, _ = load_encoder(tiny_model)
+        encoder.to(dtype).save_pretrained(root / "base")
+        base = root / "base"
+        ft = perturb(base, root / "ft", 1)
+        engine.extract(base, ft, root / "v.safetensors")
+        engine.apply(base, [(root / "v.safetensors", 0.37)], root / "applied")
+        encoder, _, _ = load_encoder(base)
+        written = TensorSource(root / "applied")
+        with WeightEditor(encoder, load_tau(root / "v.safetensors", encoder)) as editor:
+            editor.apply(0.37)
+            state = encoder.state_dict()
+            names = [n for n in written.names() if n in state]
+            assert len(names) > 10
+            for name in names:
+                assert torch.equal(state[name].view(torch.uint8), written.read(name).view(torch.uint8)), name
