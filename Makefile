@@ -15,7 +15,8 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml taskvec/_kernels.c
+# the C kernel is compiled by the editable install: a changed source re-runs it
+$(VENV)/.installed: pyproject.toml $(wildcard taskvec/_kernels.c)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0

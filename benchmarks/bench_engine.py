@@ -6,6 +6,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.bench_engine                       # 0.3, 1, 3, 6 GB float32 + 1 GB bf16/fp16
     .venv/bin/python -m benchmarks.bench_engine --sizes 0.3 1 --half 1 --repeats 3
     .venv/bin/python -m benchmarks.bench_engine --quick               # 0.1 GB smoke check
+    .venv/bin/python -m benchmarks.bench_engine --sizes --half 3 --big-repeats 3 --paths --no-mergekit   # steadier floor
 
 For every case (a model size and dtype):
 
@@ -191,7 +192,7 @@ def _taskvec_cmd() -> list[str]:
 # One case
 
 
-def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, check: bool, paths: tuple[str, ...] = PATHS) -> dict:
+def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, check: bool, paths: tuple[str, ...] = PATHS, mergekit: bool = True) -> dict:
     case_root = root / f"{dtype}-{size_gb:g}gb"
     model = build_models(case_root, size_gb, dtype)
     dirs = model.pop("dirs")
@@ -218,6 +219,9 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
         "torch path": [*merge, "-o", str(out_tt)],  # the same command without the fused kernel (TASKVEC_KERNELS=0)
         "mergekit": [str(BENCH_VENV / "bin" / "mergekit-yaml"), str(mk_cfg), str(out_mk), "--no-cuda", "--lazy-unpickle", "--no-copy-tokenizer", "--quiet"],
     }
+    if not mergekit:  # --no-mergekit: its 13-20 GB of RSS evicts the page cache the next run starts from
+        del core["mergekit"]
+        check = False
     others = {
         "extract": [*tv, "extract", str(dirs["base"]), str(dirs["ft1"]), "-o", str(v1), "-q"],
         "apply": [*tv, "apply", str(dirs["base"]), str(v1), str(v2), "-o", str(out_x), "-q"],
@@ -280,8 +284,8 @@ def run_case(size_gb: float, dtype: str, repeats: int, root: Path, keep: bool, c
             "lean_floor": median["taskvec merge"]["wall_s"] / median["lean floor"]["wall_s"],
             "torch_path": median["taskvec merge"]["wall_s"] / median["torch path"]["wall_s"],
             "torch_path_floor": median["torch path"]["wall_s"] / median["floor"]["wall_s"],
-            "mergekit": median["taskvec merge"]["wall_s"] / median["mergekit"]["wall_s"],
-            "mergekit_paired": statistics.median(t["wall_s"] / m["wall_s"] for t, m in zip(samples["taskvec merge"], samples["mergekit"])),
+            "mergekit": median["taskvec merge"]["wall_s"] / median["mergekit"]["wall_s"] if mergekit else None,
+            "mergekit_paired": statistics.median(t["wall_s"] / m["wall_s"] for t, m in zip(samples["taskvec merge"], samples["mergekit"])) if mergekit else None,
         },
         "max_abs_diff_vs_mergekit": diff,
         "max_abs_diff_vs_torch_path": torch_diff,
@@ -331,9 +335,9 @@ def render(results: list[dict], meta: dict) -> str:
         diff = "—" if r["max_abs_diff_vs_mergekit"] is None else f"{r['max_abs_diff_vs_mergekit']:.3g}"
         lines.append(
             f"{_case(r)} {model['largest_tensor']['bytes'] / MIB:,.1f} MiB | {m['floor']['wall_s']:.2f} s | {_s(m.get('lean floor'))} | "
-            f"{m['taskvec merge']['wall_s']:.2f} s | {_s(m.get('torch path'))} | {m['mergekit']['wall_s']:.2f} s | {r['ratios']['floor']:.2f}× | {_x(r['ratios'].get('lean_floor'))} | "
-            f"{_x(r['ratios'].get('torch_path_floor'))} | {r['ratios']['mergekit']:.2f}× | "
-            f"{_mib(r['above_baseline']['taskvec merge'])} MiB | {_mib(r['bound'])} MiB | {_mib(m['mergekit']['maxrss'])} MiB | {diff} | "
+            f"{m['taskvec merge']['wall_s']:.2f} s | {_s(m.get('torch path'))} | {_s(m.get('mergekit'))} | {r['ratios']['floor']:.2f}× | {_x(r['ratios'].get('lean_floor'))} | "
+            f"{_x(r['ratios'].get('torch_path_floor'))} | {_x(r['ratios']['mergekit'])} | "
+            f"{_mib(r['above_baseline']['taskvec merge'])} MiB | {_mib(r['bound'])} MiB | {_mib(m['mergekit']['maxrss']) + ' MiB' if 'mergekit' in m else '—'} | {diff} | "
             f"{'**disk-bound**' if r['disk_bound'] else 'warm'} |"
         )
     lines += [
@@ -367,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=Path("/tmp/taskvec-bench"), help="where models are built (deleted after each case)")
     ap.add_argument("--keep", action="store_true", help="keep the models and outputs")
     ap.add_argument("--no-check", action="store_true", help="skip the taskvec-vs-mergekit comparison")
+    ap.add_argument("--no-mergekit", action="store_true", help="leave mergekit out (its 13-20 GB of RSS evicts the page cache: the floor is steadier without it)")
     ap.add_argument("--quick", action="store_true", help="one 0.1 GB float32 case, one repeat")
     ap.add_argument("--paths", nargs="*", choices=PATHS, default=list(PATHS), help="the other paths to run once per case")
     ap.add_argument("--paths-max-gb", type=float, default=None, help="run the other paths only for cases up to this size")
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     versions = {
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "safetensors": safetensors.__version__, "taskvec": getattr(taskvec, "__version__", "?"),
-        **{f"mergekit venv: {k}": v for k, v in ensure_mergekit().items()},
+        **({} if args.no_mergekit else {f"mergekit venv: {k}": v for k, v in ensure_mergekit().items()}),
     }
     from taskvec import kernels
 
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     for size, dtype in cases:
         t0 = time.perf_counter()
         paths = tuple(args.paths) if args.paths_max_gb is None or size <= args.paths_max_gb else ()
-        results.append(run_case(size, dtype, args.big_repeats if size >= 3 else args.repeats, args.root, args.keep, not args.no_check, paths))
+        results.append(run_case(size, dtype, args.big_repeats if size >= 3 else args.repeats, args.root, args.keep, not args.no_check, paths, mergekit=not args.no_mergekit))
         print(f"  case done in {time.perf_counter() - t0:.0f} s", flush=True)
         table = render(results, meta)
         (OUT / f"{stem}.md").write_text(table)

@@ -37,11 +37,11 @@ DVC_FILE = "dvc.yaml"
 
 
 def _module_file(module: str, root: Path) -> Path | None:
-    """The source file of a project module (package ``__init__.py`` or ``.py``), or None."""
+    """The source file of a project module (package ``__init__.py``, ``.py``, or the ``.c`` of a C extension), or None."""
     if module.split(".")[0] not in PACKAGES:
         return None
     base = root.joinpath(*module.split("."))
-    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+    for candidate in (base / "__init__.py", base.with_suffix(".py"), base.with_suffix(".c")):
         if candidate.is_file():
             return candidate
     return None
@@ -59,6 +59,8 @@ _PARSE_LOCK = threading.Lock()
 
 def _imports(path: Path, module: str, root: Path) -> set[str]:
     """Project modules imported anywhere in ``path`` (``module`` is its dotted name)."""
+    if path.suffix == ".c":  # a C extension (taskvec/_kernels.c) imports no project module
+        return set()
     with _PARSE_LOCK:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -105,7 +107,7 @@ def _stamp(root: Path) -> tuple:
     """Changes whenever a project source file changes (keys the closure memo)."""
     out = []
     for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
+        for path in sorted([*(root / package).rglob("*.py"), *(root / package).rglob("*.c")]):
             st = path.stat()
             out.append((path.as_posix(), st.st_mtime_ns, st.st_size, st.st_ctime_ns))
     return tuple(out)
@@ -133,7 +135,7 @@ def code_hash(step: str, root: Path = ROOT) -> str:
 
 
 def _is_code_dep(dep: object) -> bool:
-    return isinstance(dep, str) and dep.endswith(".py") and dep.split("/")[0] in PACKAGES
+    return isinstance(dep, str) and dep.endswith((".py", ".c")) and dep.split("/")[0] in PACKAGES
 
 
 def _stage_deps(stage) -> list:

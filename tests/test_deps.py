@@ -38,6 +38,13 @@ def test_closure_follows_lazy_and_transitive_imports():
         deps.step_code("nope")
 
 
+def test_the_c_kernel_source_is_code_of_every_step_that_applies_a_vector():
+    """The fused kernel computes the weights written: editing its C source must rerun the stages."""
+    for step in ("extract", "register"):
+        assert "taskvec/_kernels.c" in deps.step_code(step)
+    assert "taskvec/_kernels.c" in deps.dvc_code_deps(deps.ROOT / deps.DVC_FILE)["register"]
+
+
 def test_imports_inside_functions_and_relative_imports_count(tmp_path):
     (tmp_path / "pipeline" / "steps").mkdir(parents=True)
     (tmp_path / "taskvec" / "sub").mkdir(parents=True)
