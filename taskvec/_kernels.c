@@ -16,8 +16,9 @@
  * Every operation is one IEEE float32 operation, rounded to nearest even
  * (compiled with -ffp-contract=off: no fused multiply-add, whose single
  * rounding would give other bits than torch's separate multiply and add).
- * Returns (min, max, has_nan) of the float32 results before rounding, for the
- * caller's check that they are finite and fit the output dtype.
+ * Returns True when every float32 result is finite and fits the output dtype
+ * (rounds to a finite value); on False the caller recomputes the block on the
+ * torch path to name the cause.
  * dtype codes: 0 float32, 1 bfloat16, 2 float16. Pointers are addresses
  * (torch's data_ptr()); the GIL is released while the loop runs.
  */

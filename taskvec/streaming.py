@@ -279,6 +279,16 @@ class ModelStream:
             self.base_hasher.feed(_tensor_bytes(raw))
         return raw if raw.dtype == torch.float32 else scratch_f32(self.scratch, "base/f32", stop - start).copy_(raw)
 
+    def _base_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """The base's elements ``[start, stop)`` into ``out`` (its stored dtype), fed to the base's content hash."""
+        self.b.read_range_into(name, start, stop, out)
+        if self.base_hasher:
+            self.base_hasher.feed(_tensor_bytes(out))
+
+    def _check(self, name: str, new: torch.Tensor, dtype: torch.dtype) -> None:
+        """Refuse a result that is not finite or does not fit ``dtype``, naming the input at fault."""
+        check_result(new, name, [("base model", lambda: self.b.read(name)), *self.causes(name)], "edited", dtype)
+
     def _fused(self, name: str, dtype: torch.dtype, compute):
         """``produce`` on the fused kernel when ``compute`` declares its sum (``compute.fused``) and every dtype has a kernel; else None.
 
@@ -297,15 +307,12 @@ class ModelStream:
         slots = [f"in{t}" for t in range(len(inputs))]
 
         def produce(start, stop, out):
-            b.read_range_into(name, start, stop, out)
-            if self.base_hasher:
-                self.base_hasher.feed(_tensor_bytes(out))
+            self._base_into(name, start, stop, out)
             xs = [src.read_range(name, start, stop, scratch, slot) for src, slot in zip(inputs, slots)]
             if kernels.combine(mode, out, out, xs, lambdas):
                 return None
             again = scratch.get("retry", out.nbytes)[: out.nbytes].view(out.dtype)  # ``out`` holds garbage now
-            new = compute(start, stop, again, b.read_range_float32(name, start, stop, scratch, "base/retry"))
-            check_result(new, name, [("base model", lambda: b.read(name)), *self.causes(name)], "edited", out.dtype)
+            self._check(name, compute(start, stop, again, b.read_range_float32(name, start, stop, scratch, "base/retry")), out.dtype)
             raise AssertionError(f"the fused kernel refused tensor {name!r} [{start}:{stop}] but the torch path accepts it")
 
         return produce
@@ -333,15 +340,13 @@ class ModelStream:
                         else:
                             def produce(start, stop, out, name=spec.name, compute=compute):
                                 new = compute(start, stop, out, self._base32(name, start, stop, out))
-                                check_result(new, name, [("base model", lambda: b.read(name)), *self.causes(name)], "edited", out.dtype)
+                                self._check(name, new, out.dtype)
                                 return new
 
                     else:
 
                         def produce(start, stop, out, name=spec.name):
-                            b.read_range_into(name, start, stop, out)
-                            if self.base_hasher:
-                                self.base_hasher.feed(_tensor_bytes(out))
+                            self._base_into(name, start, stop, out)
 
                     stream_tensor(sink, spec.name, info.dtype, info.shape, spec.dtype, produce)
                     bar.update(info.nbytes)
